@@ -1,0 +1,345 @@
+"""Capture: turn a model into torch.fx graph modules, falling back to submodules when the root won't trace.
+
+``capture(model, example_input)`` returns a :class:`Capture`: the captured model (a ``GraphModule`` when the
+root traces, otherwise a copy of the model whose largest traceable submodules are ``GraphModule``\\ s), the
+graph modules by path, the modules that stayed opaque with the tracer's reason, and the leaf modules that
+hide activations. Shapes are recorded on every node (``node.meta['tensor_meta']``, as ``ShapeProp``
+writes them) and the captured model is checked against the original on the probe input.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .activations import activation_kind_of_module
+from .errors import CaptureError
+
+__all__ = ["Capture", "OpaqueModule", "capture", "leaf_reason", "iter_module_tree_activations"]
+
+
+@dataclass(frozen=True)
+class OpaqueModule:
+    """A module whose code graphsparse cannot see as a graph, and why."""
+
+    path: str
+    module_class: str
+    reason: str
+
+
+@dataclass
+class Capture:
+    """The result of :func:`capture`.
+
+    Attributes:
+        model: the captured model; runs like the original.
+        graphs: graph modules by their path in ``model`` ('' is the root), in execution order.
+        opaque: modules that stayed eager (root fallback) or are leaves by policy, with reasons.
+        leaves: paths (in ``model``) of leaf modules called from a graph; activations inside them are
+            reached through the module tree.
+        max_abs_diff: largest |captured − original| output difference on the probe (0.0 when bit-equal).
+        eager_activations: activation modules that run outside any graph, by path, in execution order.
+    """
+
+    model: nn.Module
+    graphs: dict[str, fx.GraphModule]
+    opaque: list[OpaqueModule]
+    leaves: list[str]
+    max_abs_diff: float
+    module_tree_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    module_tree_order: dict[str, int] = field(default_factory=dict)
+    graph_order: dict[str, int] = field(default_factory=dict)
+
+
+def _autograd_function_called(module: nn.Module) -> str | None:
+    """Name of a ``torch.autograd.Function`` the module's own ``forward`` calls, if any."""
+    forward = type(module).forward
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return None
+    scope = getattr(forward, "__globals__", {})
+    for name in code.co_names:
+        obj = scope.get(name)
+        if inspect.isclass(obj) and issubclass(obj, torch.autograd.Function):
+            return obj.__name__
+    return None
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], list[Any]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return (), []
+    return tuple(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+
+
+def leaf_reason(module: nn.Module) -> str | None:
+    """Why ``module`` is kept as a leaf (its code is not traced), or None when it is traced through.
+
+    Activation modules and torch.nn built-ins are leaves too but need no reason: they are ordinary
+    graph nodes.
+    """
+    notrace_modules, _ = _timm_notrace()
+    if notrace_modules and isinstance(module, notrace_modules):
+        return "timm no-trace module"
+    fn = _autograd_function_called(module)
+    if fn is not None:
+        return f"calls autograd.Function {fn}"
+    return None
+
+
+class _CaptureTracer(fx.Tracer):
+    """fx tracer with timm's no-trace registries, activation modules as leaves, autograd.Function leaves."""
+
+    def __init__(self) -> None:
+        notrace_modules, notrace_functions = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(notrace_functions))
+        self.notrace_modules = notrace_modules
+        self.leaf_paths: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if activation_kind_of_module(m) is not None:
+            return True
+        if leaf_reason(m) is not None:
+            if module_qualified_name not in self.leaf_paths:
+                self.leaf_paths.append(module_qualified_name)
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(module: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    tracer = _CaptureTracer()
+    graph = tracer.trace(module)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    return gm, tracer.leaf_paths
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def _is_torch_builtin(module: nn.Module) -> bool:
+    """A torch.nn layer (fx's default leaves); containers such as Sequential are traced."""
+    return type(module).__module__.startswith("torch.nn") and not isinstance(module, nn.Sequential)
+
+
+def _trace_tree(
+    module: nn.Module,
+    path: str,
+    graphs: dict[str, fx.GraphModule],
+    leaves: list[str],
+    opaque: list[OpaqueModule],
+) -> fx.GraphModule | None:
+    """Trace ``module``; when it fails, keep it eager and trace its children instead (in place)."""
+    if activation_kind_of_module(module) is not None or _is_torch_builtin(module):
+        return None
+    reason = leaf_reason(module)
+    if reason is not None:
+        opaque.append(OpaqueModule(path, type(module).__name__, reason))
+        leaves.append(path)
+        return None
+    try:
+        gm, leaf_paths = _trace(module)
+    except Exception as exc:  # any tracer failure means: fall back to the children
+        opaque.append(OpaqueModule(path, type(module).__name__, f"stayed eager: {_first_line(exc)}"))
+        for name, child in list(module.named_children()):
+            child_gm = _trace_tree(child, _join(path, name), graphs, leaves, opaque)
+            if child_gm is not None:
+                setattr(module, name, child_gm)
+        return None
+    graphs[path] = gm
+    for leaf in leaf_paths:
+        leaves.append(_join(path, leaf))
+        leaf_module = gm.get_submodule(leaf)
+        opaque.append(
+            OpaqueModule(_join(path, leaf), type(leaf_module).__name__, leaf_reason(leaf_module) or "")
+        )
+    return gm
+
+
+def iter_module_tree_activations(model: nn.Module, capture: Capture) -> Iterator[tuple[str, nn.Module]]:
+    """Activation modules that no graph calls: inside leaves, or in modules that stayed eager."""
+    called: set[str] = set()
+    for gpath, gm in capture.graphs.items():
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                called.add(_join(gpath, node.target))
+    graph_paths = set(capture.graphs)
+    for path, module in model.named_modules():
+        if path in called or activation_kind_of_module(module) is None:
+            continue
+        # activations owned by a graph module but not called by it (dead code) are not places
+        owner = max((g for g in graph_paths if g == "" or path.startswith(g + ".")), key=len, default=None)
+        inside_leaf = any(path.startswith(leaf + ".") for leaf in capture.leaves)
+        if owner is not None and not inside_leaf:
+            continue
+        yield path, module
+
+
+def _probe(model: nn.Module, example_input: Any) -> Any:
+    with torch.no_grad():
+        return model(example_input)
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _outputs(o)]
+    return []
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    ta, tb = _outputs(a), _outputs(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return float("inf")
+    diff = 0.0
+    for x, y in zip(ta, tb):
+        if torch.equal(x, y):
+            continue
+        both_nan = torch.isnan(x) & torch.isnan(y)
+        d = (x.double() - y.double()).abs().masked_fill(both_nan, 0.0)
+        diff = max(diff, float(d.max()))
+    return diff
+
+
+def capture(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    copy: bool = False,
+    check: bool = True,
+    atol: float = 1e-5,
+) -> Capture:
+    """Capture ``model`` as fx graph modules and record shapes on the probe ``example_input``.
+
+    Args:
+        model: the model (put in eval mode for the probe; its mode is restored afterwards).
+        example_input: a probe input batch, e.g. ``torch.randn(1, 3, 224, 224)``.
+        copy: deep-copy the model first so the capture shares nothing with it (needed before rewriting).
+            When the root does not trace the model is always copied, since submodules are replaced.
+        check: compare the captured model's output with the original's on the probe.
+        atol: largest absolute output difference accepted by the check.
+
+    Raises:
+        CaptureError: when nothing traces, or the captured model's output differs from the original's.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        reference = _probe(model, example_input) if check else None
+        source = copy_module.deepcopy(model) if copy else model
+        graphs: dict[str, fx.GraphModule] = {}
+        leaves: list[str] = []
+        opaque: list[OpaqueModule] = []
+        try:
+            root_gm, leaf_paths = _trace(source)
+            graphs[""] = root_gm
+            captured: nn.Module = root_gm
+            for leaf in leaf_paths:
+                leaves.append(leaf)
+                leaf_module = root_gm.get_submodule(leaf)
+                opaque.append(OpaqueModule(leaf, type(leaf_module).__name__, leaf_reason(leaf_module) or ""))
+        except Exception as exc:
+            if not copy:
+                source = copy_module.deepcopy(model)
+            captured = source
+            opaque.append(OpaqueModule("", type(source).__name__, f"stayed eager: {_first_line(exc)}"))
+            for name, child in list(source.named_children()):
+                child_gm = _trace_tree(child, name, graphs, leaves, opaque)
+                if child_gm is not None:
+                    setattr(source, name, child_gm)
+            if not graphs:
+                raise CaptureError(
+                    f"{type(model).__name__}: neither the model nor any of its submodules could be traced "
+                    f"by torch.fx ({_first_line(exc)}). Hint: register untraceable functions with "
+                    "timm.layers.register_notrace_function."
+                ) from exc
+        captured.eval()
+        result = Capture(captured, graphs, opaque, leaves, 0.0)
+        output = _record_shapes(result, example_input)
+        if check:
+            result.max_abs_diff = _max_abs_diff(reference, output)
+            if result.max_abs_diff > atol:
+                raise CaptureError(
+                    f"{type(model).__name__}: the captured graph does not reproduce the model on the probe "
+                    f"input (max |difference| = {result.max_abs_diff:.3g}). Hint: a module with "
+                    "data-dependent Python control flow was traced on one branch; register it with "
+                    "timm.layers.register_notrace_module."
+                )
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _record_shapes(result: Capture, example_input: torch.Tensor) -> Any:
+    """Run the captured model once: ShapeProp every graph, time-order graphs and module-tree activations."""
+    counter = iter(range(1 << 30))
+    graph_inputs: dict[str, tuple[Any, ...]] = {}
+    handles = []
+
+    def graph_hook(path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if path not in graph_inputs:
+                graph_inputs[path] = args
+                result.graph_order[path] = next(counter)
+
+        return hook
+
+    def activation_hook(path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if path not in result.module_tree_order and args and isinstance(args[0], torch.Tensor):
+                result.module_tree_order[path] = next(counter)
+                result.module_tree_inputs[path] = tuple(args[0].shape)
+
+        return hook
+
+    model = result.model
+    try:
+        if "" in result.graphs:
+            result.graph_order[""] = next(counter)
+            for path, module in iter_module_tree_activations(model, result):
+                handles.append(module.register_forward_pre_hook(activation_hook(path)))
+            with torch.no_grad():
+                output = ShapeProp(result.graphs[""]).propagate(example_input)
+        else:
+            for path, gm in result.graphs.items():
+                handles.append(gm.register_forward_pre_hook(graph_hook(path)))
+            for path, module in iter_module_tree_activations(model, result):
+                handles.append(module.register_forward_pre_hook(activation_hook(path)))
+            output = _probe(model, example_input)
+            for path, gm in result.graphs.items():
+                if path in graph_inputs:
+                    with torch.no_grad():
+                        ShapeProp(gm).propagate(*graph_inputs[path])
+    except Exception as exc:
+        raise CaptureError(
+            f"{type(model).__name__}: the probe input of shape {tuple(example_input.shape)} could not be run "
+            f"through the model ({_first_line(exc)}). Hint: pass the model's real input shape "
+            "(--input-shape 1,3,32,32)."
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    # graphs never called on the probe carry no shapes and no sites
+    result.graphs = {
+        p: g
+        for p, g in sorted(result.graphs.items(), key=lambda kv: result.graph_order.get(kv[0], 1 << 31))
+        if p in result.graph_order
+    }
+    return output

@@ -1,0 +1,296 @@
+"""The MeanSparse operator and the functions that act on every operator of a model.
+
+Per channel ``c`` with mean ``μ_c``, population variance ``σ_c²`` and a threshold factor ``α ≥ 0``::
+
+    y = μ_c   where |x − μ_c| ≤ α·σ_c
+    y = x     elsewhere
+
+``α = 0`` is a bit-exact identity whatever the statistics (``-0.0``, NaN and inf pass through unchanged),
+and so is every channel whose band is empty (``α·σ_c == 0``, e.g. ``σ_c == 0``).
+The statistics are buffers (``mean``, ``var``, ``alpha``) and take effect as soon as they are set; there is
+no hidden "calibrated" flag, so a fresh operator (zeros everywhere) passes its input through.
+
+The forward pass has no Python branching on tensor values, so the module traces with ``torch.fx`` (as a
+``call_module`` under a tracer that keeps it as a leaf), and runs under ``torch.compile`` and
+``torch.export``. With the default ``torch.fx.symbolic_trace`` the module is traced through into one
+``call_function`` node; the backward mode is then fixed at trace time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from graphsparse.errors import PlanError, closest
+
+__all__ = [
+    "BACKWARD_MODES",
+    "OPERATOR_TYPES",
+    "MeanSparse",
+    "operators",
+    "backward_mode",
+    "straight_through",
+    "set_alpha",
+]
+
+BACKWARD_MODES = ("exact", "straight_through")
+"""Valid values of :attr:`MeanSparse.backward_mode`."""
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"unknown backward mode {mode!r}; valid modes: {', '.join(BACKWARD_MODES)}")
+    return mode
+
+
+def _check_alpha(value: float, where: str = "") -> float:
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"alpha{where} must be a number, got {value!r}") from e
+    if not (math.isfinite(alpha) and alpha >= 0.0):
+        raise ValueError(f"alpha{where} must be a finite number >= 0, got {value!r}")
+    return alpha
+
+
+class _StraightThroughWhere(torch.autograd.Function):
+    """``where(|x - mu| <= thr, mu, x)`` with an identity gradient for ``x`` (BPDA)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+        return torch.where((x - mu).abs() <= thr, mu, x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+def _mean_sparse(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    alpha: torch.Tensor,
+    channel_axis: int,
+    straight_through: bool,
+) -> torch.Tensor:
+    """The MeanSparse formula; wrapped for ``torch.fx`` so a traced-through module stays one node."""
+    if x.dim() < 2:
+        raise ValueError(f"MeanSparse expects an input of rank >= 2, got shape {tuple(x.shape)}")
+    axis = channel_axis % x.dim()
+    if x.shape[axis] != mean.shape[0]:
+        raise ValueError(
+            f"MeanSparse has {mean.shape[0]} channels but the input has {x.shape[axis]} along axis "
+            f"{channel_axis} (shape {tuple(x.shape)})"
+        )
+    # The threshold is built on the C-sized vectors: -1 wherever the band is empty (alpha == 0, sigma == 0,
+    # a NaN, or alpha * sigma underflowing in x's dtype), so that the comparison below is never true and
+    # the output is x itself, bit for bit (-0.0 and NaN included).
+    band = (alpha * var.clamp_min(0.0).sqrt()).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    thr = torch.where(band > 0, band, -1.0).reshape(shape)
+    mu = mean.to(x.dtype).reshape(shape)
+    if straight_through:
+        return _StraightThroughWhere.apply(x, mu, thr)
+    return torch.where((x - mu).abs() <= thr, mu, x)
+
+
+torch.fx.wrap("_mean_sparse")
+
+
+class MeanSparse(nn.Module):
+    """Replace values within ``alpha`` standard deviations of their channel mean by that mean.
+
+    Args:
+        channels: number of channels (size of ``mean`` and ``var``).
+        channel_axis: axis of the channel dimension in the input: ``1`` for NCHW features, ``-1`` for
+            channels-last (NHWC) and token (B, L, C) features. Any input rank >= 2 is accepted.
+        alpha: threshold factor, a finite number >= 0. ``0`` makes the operator an exact identity.
+        site_id: id of the site the operator was inserted at (key of :func:`operators`).
+        depth: index of the site along the forward pass (orders :func:`operators`).
+
+    Buffers (all float32, all in the ``state_dict``):
+        mean: per-channel mean, shape ``[channels]``.
+        var: per-channel population variance, shape ``[channels]``.
+        alpha: the threshold factor, a 0-dim tensor. Change it with :func:`set_alpha` or ``op.alpha.fill_``.
+
+    Attributes:
+        backward_mode: ``"exact"`` (true gradient: zero inside the band, identity outside) or
+            ``"straight_through"`` (identity gradient everywhere, BPDA). The forward output is bit-equal
+            in both modes.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    alpha: torch.Tensor
+
+    def __init__(
+        self,
+        channels: int,
+        channel_axis: int = 1,
+        alpha: float = 0.0,
+        *,
+        site_id: str = "",
+        depth: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+            raise ValueError(f"channel_axis must be an int, got {channel_axis!r}")
+        self.channels = channels
+        self.channel_axis = channel_axis
+        self.site_id = str(site_id)
+        self.depth = int(depth)
+        self.backward_mode = "exact"
+        self.register_buffer("mean", torch.zeros(channels, dtype=torch.float32))
+        self.register_buffer("var", torch.zeros(channels, dtype=torch.float32))
+        self.register_buffer("alpha", torch.tensor(_check_alpha(alpha), dtype=torch.float32))
+
+    @property
+    def backward_mode(self) -> str:
+        """``"exact"`` or ``"straight_through"``; setting anything else raises ``ValueError``."""
+        return self._backward_mode
+
+    @backward_mode.setter
+    def backward_mode(self, mode: str) -> None:
+        self._backward_mode = _check_mode(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mean_sparse(
+            x,
+            self.mean,
+            self.var,
+            self.alpha,
+            self.channel_axis,
+            self._backward_mode == "straight_through",
+        )
+
+    def extra_repr(self) -> str:
+        alpha = "?" if self.alpha.is_meta else f"{float(self.alpha):g}"
+        return (
+            f"{self.channels}, channel_axis={self.channel_axis}, alpha={alpha}, "
+            f"backward_mode={self._backward_mode!r}, site_id={self.site_id!r}"
+        )
+
+
+OPERATOR_TYPES: tuple[type[nn.Module], ...] = (MeanSparse,)
+"""Operator classes :func:`operators` collects by default; new operator types (SPARTA) join here."""
+
+
+def operators(
+    model: nn.Module, *, types: tuple[type[nn.Module], ...] | None = None
+) -> OrderedDict[str, MeanSparse]:
+    """Every operator in ``model``, keyed by site id, in forward order.
+
+    Operators are sorted by their ``depth`` attribute; ties keep the module order of
+    ``model.named_modules()``. An operator with an empty ``site_id`` is keyed by its qualified module name.
+    A module reachable under several names is listed once.
+
+    Args:
+        model: any module tree (the model itself may be an operator).
+        types: operator classes to collect; defaults to :data:`OPERATOR_TYPES`.
+
+    Returns:
+        An ordered mapping site id -> operator module.
+
+    Raises:
+        PlanError: two operators share a site id.
+    """
+    types = OPERATOR_TYPES if types is None else tuple(types)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+    found.sort(key=lambda item: getattr(item[1], "depth", 0))  # stable: module order breaks ties
+    result: OrderedDict[str, MeanSparse] = OrderedDict()
+    names: dict[str, str] = {}
+    for name, op in found:
+        key = getattr(op, "site_id", "") or name
+        if key in result:
+            raise PlanError(
+                f"site id {key!r} is used by two operators ({names[key]!r} and {name!r}). "
+                "Hint: give every operator a unique site_id"
+            )
+        result[key] = op
+        names[key] = name
+    return result
+
+
+def _meansparse_ops(model: nn.Module) -> list[MeanSparse]:
+    return list(operators(model, types=(MeanSparse,)).values())
+
+
+@contextmanager
+def backward_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Switch the backward mode of every MeanSparse in ``model`` for the duration of a ``with`` block.
+
+    Each operator's previous mode is restored on exit, also when the block raises.
+
+    Args:
+        model: any module tree.
+        mode: ``"exact"`` or ``"straight_through"``.
+
+    Raises:
+        ValueError: ``mode`` is not a valid backward mode (nothing is changed).
+    """
+    _check_mode(mode)
+    ops = _meansparse_ops(model)
+    previous = [op.backward_mode for op in ops]
+    try:
+        for op in ops:
+            op.backward_mode = mode
+        yield
+    finally:
+        for op, old in zip(ops, previous):
+            op.backward_mode = old
+
+
+@contextmanager
+def straight_through(model: nn.Module) -> Iterator[None]:
+    """Give every MeanSparse in ``model`` an identity gradient (BPDA) inside a ``with`` block.
+
+    Shorthand for ``backward_mode(model, "straight_through")``; previous modes are restored on exit.
+
+    Args:
+        model: any module tree.
+    """
+    with backward_mode(model, "straight_through"):
+        yield
+
+
+def set_alpha(model: nn.Module, value: float | Mapping[str, float]) -> None:
+    """Set the threshold factor of MeanSparse operators in ``model`` (in place).
+
+    Everything is validated before any operator is changed.
+
+    Args:
+        model: any module tree.
+        value: one number for every operator, or a mapping site id -> number for some of them.
+
+    Raises:
+        PlanError: a site id of the mapping names no MeanSparse in ``model``.
+        ValueError: a value is negative, not finite or not a number.
+    """
+    ops = operators(model, types=(MeanSparse,))
+    if isinstance(value, Mapping):
+        updates: list[tuple[MeanSparse, float]] = []
+        for site_id, alpha in value.items():
+            if site_id not in ops:
+                raise PlanError(
+                    f"unknown site id {site_id!r}{closest(site_id, ops)}. "
+                    "Hint: list the ids with graphsparse.ops.operators(model)"
+                )
+            updates.append((ops[site_id], _check_alpha(alpha, f" for site {site_id!r}")))
+    else:
+        alpha = _check_alpha(value)
+        updates = [(op, alpha) for op in ops.values()]
+    with torch.no_grad():
+        for op, alpha in updates:
+            op.alpha.fill_(alpha)
