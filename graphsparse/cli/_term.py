@@ -1,0 +1,36 @@
+"""One place for terminal output: rich tables and summaries on stdout, JSON when asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["console", "print_json", "table"]
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console; no colour under NO_COLOR or CI, wide enough for site ids when not a terminal."""
+    plain = bool(os.environ.get("NO_COLOR") or os.environ.get("CI"))
+    width = None if sys.stdout.isatty() else 160
+    return Console(stderr=stderr, no_color=plain, highlight=False, width=width, soft_wrap=False)
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, nothing else."""
+    click_echo = sys.stdout.write
+    click_echo(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def table(columns: list[str], rows: list[list[Any]], *, title: str | None = None) -> Table:
+    """A rich table with the given header and rows (cells are converted with str)."""
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    return t

@@ -1,0 +1,286 @@
+"""Zoo coverage: one model per timm family (and RobustBench architectures) through capture + site discovery.
+
+For each model: did it trace (root / fallback / failed), activation recall against forward hooks on the
+eager model (every activation module that actually runs), output equivalence of the captured model, and
+capture + site-analysis time. Prints a table and a summary line; ``--json FILE`` writes the rows.
+
+    python tools/zoo_coverage.py                  # every timm family (~10-20 min on 2 cores)
+    python tools/zoo_coverage.py --families resnet,convnext --timing
+    python tools/zoo_coverage.py --timing-only    # resnet50 / convnext_large / swin_large timings
+
+``--timing`` times capture + site analysis against a plain ``torch.fx.symbolic_trace`` + ``ShapeProp`` of
+the same model, side by side in this process (median of 3 after a warm-up), excluding model construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import timm
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from graphsparse.activations import activation_kind_of_module, is_gate_kind  # noqa: E402
+from graphsparse.capture import capture  # noqa: E402
+from graphsparse.sites import sites_of_capture  # noqa: E402
+
+_PREFER = (
+    "test_",
+    "_atto",
+    "_femto",
+    "_pico",
+    "_nano",
+    "_tiny",
+    "_xxs",
+    "_xs",
+    "_small",
+    "_s",
+    "_b0",
+    "18",
+    "_050",
+)
+_MAX_SIDE = 224
+
+
+def pick_model(module: str) -> str | None:
+    names = timm.list_models(module=module)
+    if not names:
+        return None
+    for key in _PREFER:
+        hits = [n for n in names if key in n]
+        if hits:
+            return sorted(hits, key=len)[0]
+    return sorted(names, key=len)[0]
+
+
+def input_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    fixed = cfg.get("fixed_input_size", False)
+    if not fixed:
+        h, w = min(h, _MAX_SIDE), min(w, _MAX_SIDE)
+    return (1, c, h, w)
+
+
+def ground_truth(model: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    ran: set[str] = set()
+    handles = []
+    for path, mod in model.named_modules():
+        kind = activation_kind_of_module(mod)
+        if kind is not None and not is_gate_kind(kind):
+            handles.append(mod.register_forward_hook(lambda m, i, o, p=path: ran.add(p)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def check(name: str, model: torch.nn.Module, x: torch.Tensor) -> dict:
+    row: dict = {
+        "model": name,
+        "traced": "failed",
+        "recall": None,
+        "equal": False,
+        "seconds": None,
+        "sites": 0,
+        "opaque": 0,
+        "reason": "",
+    }
+    truth = ground_truth(model, x)
+    t0 = time.perf_counter()
+    try:
+        cap = capture(model, x)
+        sites = sites_of_capture(cap)
+    except Exception as exc:
+        row["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return row
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    row["traced"] = "root" if "" in cap.graphs else "fallback"
+    row["equal"] = cap.max_abs_diff == 0.0
+    row["max_abs_diff"] = cap.max_abs_diff
+    row["sites"] = len(sites)
+    row["opaque"] = len(cap.opaque)
+    found = {s.module for s in sites if s.op != "add"}
+    missing = sorted(truth - found)
+    row["recall"] = 1.0 if not truth else round(1 - len(missing) / len(truth), 4)
+    if missing:
+        row["reason"] = f"missed {len(missing)}: {', '.join(missing[:3])}"
+    elif not row["equal"]:
+        row["reason"] = f"max |diff| {cap.max_abs_diff:.2g}"
+    return row
+
+
+def timing(names: list[str], repeats: int = 3) -> list[dict]:
+    rows = []
+    for name in names:
+        model = timm.create_model(name).eval()
+        x = torch.randn(*input_shape(model))
+
+        def plain(model=model, x=x):
+            gm = fx.symbolic_trace(model)
+            with torch.no_grad():
+                ShapeProp(gm).propagate(x)
+
+        def ours(model=model, x=x):
+            sites_of_capture(capture(model, x, check=False))
+
+        def ours_checked(model=model, x=x):
+            sites_of_capture(capture(model, x))
+
+        row = {"model": name}
+        for label, fn in (
+            ("plain_fx_shapeprop", plain),
+            ("graphsparse", ours),
+            ("graphsparse_checked", ours_checked),
+        ):
+            fn()
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            row[label] = round(statistics.median(ts), 3)
+        row["ratio"] = round(row["graphsparse"] / row["plain_fx_shapeprop"], 2)
+        rows.append(row)
+        print(
+            f"{name:32s} plain fx+ShapeProp {row['plain_fx_shapeprop']:.3f}s  "
+            f"graphsparse {row['graphsparse']:.3f}s "
+            f"(with equivalence check {row['graphsparse_checked']:.3f}s)  ratio {row['ratio']:.2f}",
+            flush=True,
+        )
+    return rows
+
+
+def robustbench_models() -> list[tuple[str, torch.nn.Module, tuple[int, ...]]]:
+    try:
+        from graphsparse.sources import import_robustbench
+
+        import_robustbench()
+        from robustbench.model_zoo.architectures import dm_wide_resnet as dm
+        from robustbench.model_zoo.architectures import robustarch_wide_resnet as ra
+    except Exception as exc:  # robustbench is optional here
+        print(f"(robustbench architectures skipped: {exc})")
+        return []
+    cifar = (1, 3, 32, 32)
+    return [
+        (
+            "robustbench:DMWideResNet-28-10-Swish",
+            dm.DMWideResNet(depth=28, width=10, activation_fn=dm.Swish),
+            cifar,
+        ),
+        (
+            "robustbench:DMPreActResNet-18-SiLU",
+            dm.DMPreActResNet(depth=18, width=0, activation_fn=torch.nn.SiLU, use_cuda=False),
+            cifar,
+        ),
+        (
+            "robustbench:RaWideResNet-small-SE",
+            ra.NormalizedWideResNet(
+                mean=(0.5, 0.5, 0.5),
+                std=(0.25, 0.25, 0.25),
+                stem_width=16,
+                depth=(2, 2, 2),
+                stage_width=(32, 64, 128),
+                groups=(1, 1, 1),
+                activation_fn=torch.nn.SiLU,
+                se_ratio=0.25,
+                se_activation=torch.nn.ReLU,
+                se_order=2,
+            ),
+            cifar,
+        ),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default="", help="comma-separated timm module names (default: all)")
+    ap.add_argument("--json", default="", help="write rows to this JSON file")
+    ap.add_argument("--timing", action="store_true", help="also time resnet50, convnext_large, swin_large")
+    ap.add_argument("--timing-only", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    if not args.timing_only:
+        families = [f for f in args.families.split(",") if f] or sorted(timm.list_modules())
+        jobs = []
+        for fam in families:
+            name = pick_model(fam)
+            if name is not None:
+                jobs.append((fam, name))
+        print(
+            f"{'family':24s} {'model':40s} {'traced':8s} {'recall':>6s} {'equal':5s} {'secs':>6s} "
+            f"{'sites':>5s}  reason"
+        )
+        for fam, name in jobs:
+            try:
+                model = timm.create_model(name).eval()
+                x = torch.randn(*input_shape(model))
+                row = check(name, model, x)
+            except Exception as exc:
+                row = {
+                    "model": name,
+                    "traced": "build-failed",
+                    "recall": None,
+                    "equal": False,
+                    "seconds": None,
+                    "sites": 0,
+                    "reason": f"{type(exc).__name__}: {str(exc)[:120]}",
+                }
+                if "-v" in sys.argv:
+                    traceback.print_exc()
+            row["family"] = fam
+            rows.append(row)
+            _print_row(row)
+        for name, model, shape in robustbench_models():
+            row = check(name, model.eval(), torch.randn(*shape))
+            row["family"] = "robustbench"
+            rows.append(row)
+            _print_row(row)
+        built = [r for r in rows if r["traced"] != "build-failed"]
+        full = [r for r in built if r["recall"] == 1.0 and r["equal"]]
+        print(
+            f"\nsummary: {len(full)}/{len(built)} families fully covered "
+            f"({100 * len(full) / max(1, len(built)):.1f} %: recall 100 % and outputs equal); "
+            f"{sum(r['traced'] == 'fallback' for r in built)} by fallback; "
+            f"{sum(r['traced'] == 'failed' for r in built)} failed; "
+            f"{len(rows) - len(built)} could not be built here"
+        )
+        misses = [r for r in built if r not in full]
+        if misses:
+            print("not fully covered:")
+            for r in misses:
+                print(f"  {r['family']} ({r['model']}): {r['traced']}, recall {r['recall']}, {r['reason']}")
+    timing_rows = (
+        timing(["resnet50", "convnext_large", "swin_large_patch4_window7_224"])
+        if (args.timing or args.timing_only)
+        else []
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "timing": timing_rows}, indent=1))
+
+
+def _print_row(r: dict) -> None:
+    recall = "-" if r["recall"] is None else f"{100 * r['recall']:.0f}%"
+    secs = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
+    print(
+        f"{r['family'][:24]:24s} {r['model'][:40]:40s} {r['traced']:8s} {recall:>6s} {str(r['equal']):5s} "
+        f"{secs:>6s} {r['sites']:>5d}  {r['reason']}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
