@@ -96,6 +96,12 @@ def leaf_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _operator_types() -> tuple[type, ...]:
+    from .ops.meansparse import OPERATOR_TYPES
+
+    return tuple(OPERATOR_TYPES)
+
+
 class _CaptureTracer(fx.Tracer):
     """fx tracer with timm's no-trace registries, activation modules as leaves, autograd.Function leaves."""
 
@@ -106,7 +112,7 @@ class _CaptureTracer(fx.Tracer):
         self.leaf_paths: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if activation_kind_of_module(m) is not None:
+        if activation_kind_of_module(m) is not None or isinstance(m, _operator_types()):
             return True
         if leaf_reason(m) is not None:
             if module_qualified_name not in self.leaf_paths:

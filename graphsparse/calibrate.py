@@ -1,0 +1,739 @@
+"""Calibration: one pass of data through a rewritten model that fills every operator's statistics.
+
+``calibrate(model, data)`` runs ``data`` through ``model`` in eval mode under ``torch.no_grad``, with every
+operator's ``alpha`` temporarily 0 (so the statistics are those of the base model), and accumulates the
+exact per-channel count, mean and sum of squared deviations (``M2``) of each operator's *input* in float64
+with Chan's parallel update. Nothing but these accumulators is kept, so memory does not grow with the
+data. At the end each operator's ``mean`` and ``var`` (population variance) buffers are replaced by the
+float32 rounding of the float64 results.
+
+The result does not depend on batch size, batch order or the number of processes:
+
+- a pass can be checkpointed (``checkpoint=``) and resumed (``resume=``) with the same final result;
+- under ``torch.distributed`` (``torchrun``; gloo on CPU, NCCL on GPU) each process reads its own shard
+  (:func:`graphsparse.data.make_loader`) and the accumulators of all processes are merged exactly, so
+  every process ends with the same statistics, equal to those of a single-process pass.
+
+The function writes the buffers ``mean`` and ``var`` of every operator and nothing else; ``alpha`` and the
+train/eval mode of every module are restored on exit, also when calibration fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import graphsparse
+from graphsparse.errors import CalibrationError
+from graphsparse.ops import operators
+
+__all__ = [
+    "RunningMoments",
+    "CalibrationState",
+    "CalibrationRecord",
+    "calibrate",
+    "save_state",
+    "load_state",
+]
+
+_CHUNK_ELEMENTS = 1 << 24
+"""Largest number of elements converted to float64 at once (128 MiB); larger batches are folded in
+chunks along the batch axis, which Chan's update makes exact."""
+
+_STATE_FORMAT = "graphsparse.calibration_state"
+_STATE_VERSION = "1"
+
+
+# ------------------------------------------------------------------------------------------- moments
+
+
+class RunningMoments:
+    """Exact per-channel count, mean and M2 (sum of squared deviations), accumulated in float64.
+
+    Batches are folded in with Chan et al.'s parallel formula, so the result is the same (to float64
+    rounding) whatever the batch sizes, their order, or how the data was split between accumulators
+    that are later :meth:`merge`-d.
+
+    Args:
+        channels: number of channels; ``None`` takes it from the first :meth:`update`.
+
+    Attributes:
+        count: number of values seen per channel (the same for every channel), a Python int.
+        mean: float64 tensor ``[channels]``.
+        m2: float64 tensor ``[channels]``; ``m2 / count`` is the population variance.
+    """
+
+    def __init__(self, channels: int | None = None) -> None:
+        if channels is not None and (
+            isinstance(channels, bool) or not isinstance(channels, int) or channels < 1
+        ):
+            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
+        self.channels = channels
+        self.count = 0
+        self.mean = torch.zeros(channels or 0, dtype=torch.float64)
+        self.m2 = torch.zeros(channels or 0, dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        return f"RunningMoments(channels={self.channels}, count={self.count})"
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance ``m2 / count`` (float64); raises ``ValueError`` before any data."""
+        if self.count == 0:
+            raise ValueError("RunningMoments has seen no data; its variance is undefined")
+        return self.m2 / self.count
+
+    def _check_channels(self, channels: int) -> None:
+        if self.channels is None:
+            self.channels = channels
+            self.mean = torch.zeros(channels, dtype=torch.float64, device=self.mean.device)
+            self.m2 = torch.zeros(channels, dtype=torch.float64, device=self.m2.device)
+        elif channels != self.channels:
+            raise ValueError(f"RunningMoments has {self.channels} channels, got {channels}")
+
+    def _fold(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Chan's update with a batch of ``n_b`` values per channel, batch mean and batch M2."""
+        if n_b == 0:
+            return
+        n_a = self.count
+        if n_a == 0:
+            self.mean = mean_b.to(torch.float64).clone()
+            self.m2 = m2_b.to(torch.float64).clone()
+        else:
+            mean_a = self.mean.to(mean_b.device)
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            self.mean = mean_a + delta * (n_b / n)
+            self.m2 = self.m2.to(mean_b.device) + m2_b + delta.square() * (n_a * n_b / n)
+        self.count = n_a + n_b
+
+    def update(self, x: torch.Tensor, channel_axis: int = 1) -> RunningMoments:
+        """Fold in every value of ``x``: one channel per index of ``channel_axis``, all other axes reduced.
+
+        The batch moments are computed in float64 (in chunks of at most 2**24 elements along the first
+        axis), on the device of ``x``; the accumulators move there too.
+
+        Returns:
+            ``self``.
+        """
+        x = x.detach()
+        if x.dim() == 0:
+            raise ValueError("RunningMoments.update needs a tensor with a channel axis, got a scalar")
+        if not -x.dim() <= channel_axis < x.dim():
+            raise ValueError(f"channel_axis {channel_axis} is out of range for shape {tuple(x.shape)}")
+        axis = channel_axis % x.dim()
+        channels = x.shape[axis]
+        self._check_channels(channels)
+        if x.numel() == 0:
+            return self
+        if x.dim() == 1:  # one value per channel
+            self._fold(1, x.to(torch.float64), torch.zeros_like(x, dtype=torch.float64))
+            return self
+        dims = [d for d in range(x.dim()) if d != axis]
+        if axis == 0 or x.numel() <= _CHUNK_ELEMENTS:
+            parts: Iterable[torch.Tensor] = (x,)
+        else:
+            parts = x.split(max(1, _CHUNK_ELEMENTS // x[0].numel()), dim=0)
+        for part in parts:
+            n = part.numel() // channels
+            var, mean = torch.var_mean(part.to(torch.float64), dim=dims, correction=0)
+            self._fold(n, mean, var * n)
+        return self
+
+    def merge(self, other: RunningMoments) -> RunningMoments:
+        """Fold in the accumulators of ``other`` (which is not changed); exact. Returns ``self``."""
+        if other.channels is None or other.count == 0:
+            return self
+        self._check_channels(other.channels)
+        device = self.mean.device if self.count else other.mean.device
+        self._fold(other.count, other.mean.to(device), other.m2.to(device))
+        return self
+
+    def copy(self) -> RunningMoments:
+        """An independent copy."""
+        new = RunningMoments(self.channels)
+        new.count, new.mean, new.m2 = self.count, self.mean.clone(), self.m2.clone()
+        return new
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"count": int64 [1], "mean": float64 [C], "m2": float64 [C]}``, on the CPU."""
+        return {
+            "count": torch.tensor([self.count], dtype=torch.int64),
+            "mean": self.mean.detach().to("cpu", torch.float64).clone(),
+            "m2": self.m2.detach().to("cpu", torch.float64).clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the accumulators by those of :meth:`state_dict`; raises ``ValueError`` if malformed."""
+        problem = _moments_problem(state)
+        if problem:
+            raise ValueError(f"invalid RunningMoments state: {problem}")
+        self.channels = int(state["mean"].numel())
+        self.count = int(state["count"].reshape(-1)[0])
+        self.mean = state["mean"].to(torch.float64).clone()
+        self.m2 = state["m2"].to(torch.float64).clone()
+
+
+def _moments_problem(state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """What is wrong with a RunningMoments state dict ('' when nothing is)."""
+    for key in ("count", "mean", "m2"):
+        if key not in state:
+            return f"key {prefix + key!r} is missing"
+    count, mean, m2 = state["count"], state["mean"], state["m2"]
+    if count.dtype != torch.int64 or count.numel() != 1 or int(count.reshape(-1)[0]) < 0:
+        return f"key {prefix + 'count'!r} must be one int64 >= 0, got {count.dtype} {tuple(count.shape)}"
+    for key, t in (("mean", mean), ("m2", m2)):
+        if t.dtype != torch.float64 or t.dim() != 1 or t.numel() < 1:
+            return f"key {prefix + key!r} must be a non-empty float64 vector, got {t.dtype} {tuple(t.shape)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"key {prefix + key!r} contains NaN or Inf"
+    if mean.shape != m2.shape:
+        return f"keys {prefix + 'mean'!r} and {prefix + 'm2'!r} differ in shape"
+    if bool((m2 < 0).any()):
+        return f"key {prefix + 'm2'!r} has negative values"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class CalibrationState:
+    """Everything a calibration pass has accumulated: enough to resume it or merge it with another.
+
+    Attributes:
+        moments: site id -> :class:`RunningMoments`, in forward order.
+        batches: batches folded in so far.
+        samples: samples (entries along the batch axis) folded in so far.
+        source: description of the data.
+    """
+
+    moments: dict[str, RunningMoments] = field(default_factory=OrderedDict)
+    batches: int = 0
+    samples: int = 0
+    source: str = ""
+
+    def copy(self) -> CalibrationState:
+        """A deep copy."""
+        moments = OrderedDict((k, m.copy()) for k, m in self.moments.items())
+        return CalibrationState(moments, self.batches, self.samples, self.source)
+
+    def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Write the state to a ``.safetensors`` file, atomically (temporary file + ``os.replace``).
+
+        Tensors are ``{site}/count``, ``{site}/mean`` and ``{site}/m2``; the site order, batch and sample
+        counts and source are text metadata.
+        """
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for site, m in self.moments.items():
+            if m.channels is None:
+                raise CalibrationError(f"site {site!r} has no channels yet; nothing to save for it")
+            for key, t in m.state_dict().items():
+                tensors[f"{site}/{key}"] = t.contiguous()
+        metadata = {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "sites": json.dumps(list(self.moments)),
+            "batches": str(int(self.batches)),
+            "samples": str(int(self.samples)),
+            "source": str(self.source),
+        }
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load_state(cls, path: str | os.PathLike[str]) -> CalibrationState:
+        """Read a file written by :meth:`save_state`; raises :class:`CalibrationError` naming the bad key."""
+        from safetensors import safe_open
+
+        where = f"calibration state {str(path)!r}"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CalibrationError(
+                f"{where} could not be read ({type(e).__name__}: {e}). "
+                "Hint: pass a file written by CalibrationState.save_state"
+            ) from e
+        if metadata.get("format") != _STATE_FORMAT:
+            raise CalibrationError(
+                f"{where} is not a calibration state (metadata 'format' is {metadata.get('format')!r}). "
+                "Hint: pass a file written by CalibrationState.save_state"
+            )
+        try:
+            sites = json.loads(metadata["sites"])
+            batches, samples = int(metadata["batches"]), int(metadata["samples"])
+            if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
+                raise ValueError("'sites' is not a list of strings")
+        except (KeyError, ValueError) as e:
+            raise CalibrationError(f"{where} has invalid metadata: {e}") from e
+        moments: dict[str, RunningMoments] = OrderedDict()
+        for site in sites:
+            part = {k: tensors[f"{site}/{k}"] for k in ("count", "mean", "m2") if f"{site}/{k}" in tensors}
+            problem = _moments_problem(part, prefix=f"{site}/")
+            if problem:
+                raise CalibrationError(f"{where}: {problem}. Hint: the file is damaged; calibrate again")
+            m = RunningMoments()
+            m.load_state_dict(part)
+            moments[site] = m
+        extra = sorted(set(tensors) - {f"{s}/{k}" for s in sites for k in ("count", "mean", "m2")})
+        if extra:
+            raise CalibrationError(f"{where} has unexpected key {extra[0]!r}. Hint: the file is damaged")
+        return cls(moments, batches, samples, metadata.get("source", ""))
+
+
+def save_state(state: CalibrationState, path: str | os.PathLike[str]) -> None:
+    """Same as ``state.save_state(path)``."""
+    state.save_state(path)
+
+
+def load_state(path: str | os.PathLike[str]) -> CalibrationState:
+    """Same as ``CalibrationState.load_state(path)``."""
+    return CalibrationState.load_state(path)
+
+
+# -------------------------------------------------------------------------------------------- record
+
+
+@dataclass
+class CalibrationRecord:
+    """What a calibration did; :meth:`to_dict` is JSON-able (stored in artifacts).
+
+    Attributes:
+        samples: samples folded in (all processes, including a resumed part).
+        batches: batches folded in (all processes, including a resumed part).
+        source: description of the data.
+        date: ISO 8601 UTC time at which calibration finished.
+        torch_version: ``torch.__version__``.
+        graphsparse_version: ``graphsparse.__version__``.
+        world_size: number of processes whose statistics were merged.
+        sites: calibrated site ids, in forward order.
+        resumed_batches: batches that came from a resumed state.
+        state: the final (merged) accumulators; not part of :meth:`to_dict`.
+    """
+
+    samples: int
+    batches: int
+    source: str
+    date: str
+    torch_version: str
+    graphsparse_version: str
+    world_size: int = 1
+    sites: list[str] = field(default_factory=list)
+    resumed_batches: int = 0
+    state: CalibrationState | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON types (without :attr:`state`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CalibrationRecord:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)} - {"state"}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------- calibrate
+
+
+def _stat_operators(model: nn.Module) -> OrderedDict[str, nn.Module]:
+    """The operators of ``model`` that carry statistics (``mean``/``var`` buffers), in forward order."""
+    return OrderedDict(
+        (site, op)
+        for site, op in operators(model).items()
+        if isinstance(getattr(op, "mean", None), torch.Tensor)
+        and isinstance(getattr(op, "var", None), torch.Tensor)
+    )
+
+
+def _describe(data: Any) -> str:
+    """A description of ``data`` from the ``source``/``split``/``seed`` of a graphsparse dataset, or ''."""
+    obj = data
+    for _ in range(3):  # DataLoader -> Subset (a shard) -> SplitDataset
+        if isinstance(getattr(obj, "source", None), str):
+            split, seed = getattr(obj, "split", None), getattr(obj, "seed", None)
+            return (
+                obj.source + (f":{split}" if split else "") + (f" (seed {seed})" if seed is not None else "")
+            )
+        obj = getattr(obj, "dataset", None)
+    return ""
+
+
+def _known_total(data: Any, max_samples: int | None) -> int | None:
+    total: int | None = None
+    if isinstance(data, torch.utils.data.DataLoader):
+        try:
+            total = len(data.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    elif isinstance(data, (list, tuple)):
+        total = 0
+        for item in data:
+            x = (
+                item
+                if isinstance(item, torch.Tensor)
+                else item[0]
+                if isinstance(item, (list, tuple))
+                else None
+            )
+            if not isinstance(x, torch.Tensor) or x.dim() == 0:
+                return None if max_samples is None else max_samples
+            total += x.shape[0]
+    if max_samples is not None:
+        total = max_samples if total is None else min(total, max_samples)
+    return total
+
+
+def _inputs(batch: Any, index: int) -> torch.Tensor:
+    x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise CalibrationError(
+            f"batch {index} is a {type(batch).__name__}, not a tensor or an (x, y) pair. "
+            "Hint: pass a DataLoader or any iterable of input tensors or (inputs, labels) pairs"
+        )
+    return x
+
+
+def _pre_hook(moments: RunningMoments, site: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    axis = module.channel_axis
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not -x.dim() <= axis < x.dim():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise CalibrationError(f"site {site!r} received an input of shape {shape} with channel axis {axis}")
+    if x.shape[axis] != moments.channels:
+        raise CalibrationError(
+            f"site {site!r} has {moments.channels} channels but its input has {x.shape[axis]} along axis "
+            f"{axis} (shape {tuple(x.shape)}). Hint: the model changed since the operators were inserted"
+        )
+    moments.update(x, axis)
+
+
+def _first_non_finite(moments: Mapping[str, RunningMoments]) -> str | None:
+    """The first site (forward order) whose accumulators are NaN/Inf, with one device sync."""
+    flags = torch.stack([torch.isfinite(m.mean).all() & torch.isfinite(m.m2).all() for m in moments.values()])
+    bad = (~flags).nonzero().flatten().tolist()
+    return list(moments)[bad[0]] if bad else None
+
+
+def _start_state(
+    ops: Mapping[str, nn.Module], resume: CalibrationState | None, source: str
+) -> CalibrationState:
+    if resume is None:
+        moments = OrderedDict((site, RunningMoments(int(op.mean.numel()))) for site, op in ops.items())
+        return CalibrationState(moments, 0, 0, source)
+    missing = [s for s in ops if s not in resume.moments]
+    extra = [s for s in resume.moments if s not in ops]
+    if missing or extra:
+        what = (
+            f"has no statistics for site {missing[0]!r}" if missing else f"has an unknown site {extra[0]!r}"
+        )
+        raise CalibrationError(
+            f"the resumed calibration state {what}. "
+            "Hint: resume only a state saved for the same rewritten model"
+        )
+    for site, op in ops.items():
+        if resume.moments[site].channels not in (None, int(op.mean.numel())):
+            raise CalibrationError(
+                f"the resumed calibration state has {resume.moments[site].channels} channels at site "
+                f"{site!r}, the model has {op.mean.numel()}. "
+                "Hint: resume only a state saved for the same rewritten model"
+            )
+    state = resume.copy()
+    state.moments = OrderedDict((site, state.moments[site]) for site in ops)
+    if source:
+        state.source = source
+    return state
+
+
+def _local_pass(
+    model: nn.Module,
+    ops: Mapping[str, nn.Module],
+    data: Iterable[Any],
+    state: CalibrationState,
+    *,
+    skip: int,
+    max_batches: int | None,
+    max_samples: int | None,
+    device: torch.device,
+    progress: Callable[[int, int | None], None] | None,
+    total: int | None,
+    checkpoint: Path | None,
+    checkpoint_every: int | None,
+) -> None:
+    modes = [(m, m.training) for m in model.modules()]
+    alphas = [
+        (op, op.alpha.detach().clone())
+        for op in ops.values()
+        if isinstance(getattr(op, "alpha", None), torch.Tensor)
+    ]
+    handles = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            for op, _ in alphas:
+                op.alpha.zero_()
+            for site, op in ops.items():
+                handles.append(op.register_forward_pre_hook(partial(_pre_hook, state.moments[site], site)))
+            if progress is not None:
+                progress(state.samples, total)
+            batches: Iterator[Any] = iter(data)
+            for _ in range(skip):
+                if next(batches, _END) is _END:
+                    return
+            index = skip  # index of the batch in ``data``, as an uninterrupted pass would number it
+            while max_batches is None or state.batches < max_batches:
+                if max_samples is not None and state.samples >= max_samples:
+                    break
+                batch = next(batches, _END)
+                if batch is _END:
+                    break
+                x = _inputs(batch, index)
+                if max_samples is not None:
+                    x = x[: max_samples - state.samples]
+                model(x.to(device, non_blocking=True))
+                site = _first_non_finite(state.moments)
+                if site is not None:
+                    raise CalibrationError(
+                        f"NaN or Inf reached site {site!r} in batch {index} "
+                        "(the first such site in forward order). "
+                        "Hint: check the data of that batch and the weights before that site"
+                    )
+                state.batches += 1
+                state.samples += int(x.shape[0])
+                index += 1
+                if checkpoint is not None and checkpoint_every and state.batches % checkpoint_every == 0:
+                    state.save_state(checkpoint)
+                if progress is not None:
+                    progress(state.samples, total)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for op, alpha in alphas:
+                op.alpha.copy_(alpha)
+        for m, training in modes:
+            m.training = training
+
+
+_END = object()
+
+
+def _dist_context(distributed: bool | None) -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, or ``(0, 1)`` when not distributed."""
+    available = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and not available:
+        raise CalibrationError(
+            "distributed=True but torch.distributed is not initialised. Hint: launch with torchrun and call "
+            "torch.distributed.init_process_group() before calibrate"
+        )
+    if distributed is False or not available:
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree_on_failure(error: BaseException | None, rank: int, world_size: int, comm: torch.device) -> None:
+    """All ranks learn whether any rank failed, so that none is left waiting in a collective."""
+    flags = torch.zeros(world_size, dtype=torch.int64, device=comm)
+    flags[rank] = int(error is not None)
+    torch.distributed.all_reduce(flags)
+    if error is not None:
+        raise error
+    failed = flags.nonzero().flatten().tolist()
+    if failed:
+        raise CalibrationError(
+            f"calibration failed on rank {failed[0]}; this rank stopped too. "
+            f"Hint: see the error of rank {failed[0]}"
+        )
+
+
+def _all_merge(state: CalibrationState, world_size: int, comm: torch.device) -> CalibrationState:
+    """Gather every rank's accumulators (float64) and merge them in rank order: identical on every rank."""
+    sites = list(state.moments)
+    ms = [state.moments[s] for s in sites]
+    counts = torch.tensor(
+        [m.count for m in ms] + [state.batches, state.samples], dtype=torch.int64, device=comm
+    )
+    flat = torch.cat([torch.cat([m.mean.to(comm), m.m2.to(comm)]) for m in ms])
+    all_counts = [torch.empty_like(counts) for _ in range(world_size)]
+    all_flat = [torch.empty_like(flat) for _ in range(world_size)]
+    torch.distributed.all_gather(all_counts, counts)
+    torch.distributed.all_gather(all_flat, flat)
+    merged = CalibrationState(
+        OrderedDict((s, RunningMoments(m.channels)) for s, m in zip(sites, ms)), 0, 0, state.source
+    )
+    for c, v in zip(all_counts, all_flat):
+        c, v = c.cpu().tolist(), v.cpu()
+        offset = 0
+        for i, (site, m) in enumerate(zip(sites, ms)):
+            part = RunningMoments(m.channels)
+            part.count = c[i]
+            part.mean = v[offset : offset + m.channels]
+            part.m2 = v[offset + m.channels : offset + 2 * m.channels]
+            offset += 2 * m.channels
+            merged.moments[site].merge(part)
+        merged.batches += c[-2]
+        merged.samples += c[-1]
+    return merged
+
+
+def _check_limit(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise CalibrationError(f"{name} must be an int >= 0 or None, got {value!r}")
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    device: str | torch.device | None = None,
+    resume: CalibrationState | None = None,
+    skip_batches: int | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    distributed: bool | None = None,
+    source: str = "",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+) -> CalibrationRecord:
+    """Fill the ``mean``/``var`` buffers of every operator of ``model`` from one pass over ``data``.
+
+    Args:
+        model: a rewritten model (with operators, see :func:`graphsparse.ops.operators`).
+        data: any iterable of input tensors or ``(inputs, labels)`` pairs, e.g. a ``DataLoader``
+            (:func:`graphsparse.data.make_loader` for one shard per process).
+        max_batches: stop after this many batches in total (a resumed state's batches count).
+        max_samples: stop after this many samples in total (the last batch is cut to fit).
+        device: where inputs are moved; default the device of the operators' buffers. The model is not
+            moved.
+        resume: a :class:`CalibrationState` to continue from (``record.state`` or a checkpoint read with
+            :func:`load_state`); without it the statistics are replaced, never added to.
+        skip_batches: batches of ``data`` to skip before reading; default ``resume.batches`` when
+            resuming (``data`` restarts from the beginning), else 0.
+        progress: called as ``progress(samples_done, total_or_None)`` after every batch (local counts).
+        distributed: merge statistics across the ranks of ``torch.distributed``; ``None`` (default) does
+            so when a process group is initialised.
+        source: description of the data for the record; default taken from a graphsparse dataset.
+        checkpoint: path of a ``.safetensors`` file to save this process's state to, every
+            ``checkpoint_every`` batches and at the end of the pass. With several processes it must
+            contain ``{rank}``.
+        checkpoint_every: batches between checkpoints (``None``: only at the end).
+
+    Returns:
+        A :class:`CalibrationRecord`; its ``state`` holds the final merged accumulators.
+
+    Raises:
+        CalibrationError: no operators, no data, NaN/Inf at a site (the message names the site and the
+            batch), an operator input that does not match its channel count, a bad resume state, or a
+            failure on another rank.
+    """
+    ops = _stat_operators(model)
+    if not ops:
+        raise CalibrationError(
+            "the model has no operators with statistics to calibrate. "
+            "Hint: rewrite the model first (insert MeanSparse operators with a plan), then calibrate"
+        )
+    _check_limit("max_batches", max_batches)
+    _check_limit("max_samples", max_samples)
+    _check_limit("skip_batches", skip_batches)
+    _check_limit("checkpoint_every", checkpoint_every)
+    rank, world_size = _dist_context(distributed)
+    first = next(iter(ops.values()))
+    device = torch.device(device) if device is not None else first.mean.device
+    state = _start_state(ops, resume, source or _describe(data))
+    resumed = state.batches
+    skip = skip_batches if skip_batches is not None else (resume.batches if resume is not None else 0)
+    ckpt: Path | None = None
+    if checkpoint is not None:
+        if world_size > 1 and "{rank}" not in str(checkpoint):
+            raise CalibrationError(
+                f"checkpoint path {str(checkpoint)!r} is shared by {world_size} processes. "
+                "Hint: put '{rank}' in the path, e.g. 'calib-{rank}.safetensors'"
+            )
+        ckpt = Path(str(checkpoint).replace("{rank}", str(rank)))
+
+    error: BaseException | None = None
+    try:
+        _local_pass(
+            model,
+            ops,
+            data,
+            state,
+            skip=skip,
+            max_batches=max_batches,
+            max_samples=max_samples,
+            device=device,
+            progress=progress,
+            total=_known_total(data, max_samples),
+            checkpoint=ckpt,
+            checkpoint_every=checkpoint_every,
+        )
+        if ckpt is not None:
+            state.save_state(ckpt)
+    except Exception as e:
+        if world_size == 1:
+            raise
+        error = e
+    final = state
+    if world_size > 1:
+        comm = _comm_device(device)
+        _agree_on_failure(error, rank, world_size, comm)
+        final = _all_merge(state, world_size, comm)
+
+    if final.samples == 0 or all(m.count == 0 for m in final.moments.values()):
+        raise CalibrationError(
+            f"no data reached the operators ({final.batches} batches, {final.samples} samples"
+            + (f" after skipping {skip} batches" if skip else "")
+            + "). Hint: check that the data iterable is not empty"
+        )
+    unreached = [s for s, m in final.moments.items() if m.count == 0]
+    if unreached:
+        raise CalibrationError(
+            f"site {unreached[0]!r} received no data during calibration ({len(unreached)} such sites). "
+            "Hint: the operator is not on the model's forward path; remove it or check the rewrite"
+        )
+    with torch.no_grad():
+        for site, op in ops.items():
+            m = final.moments[site]
+            op.mean.copy_(m.mean.to(device=op.mean.device, dtype=torch.float32))
+            op.var.copy_(m.variance.to(device=op.var.device, dtype=torch.float32))
+    return CalibrationRecord(
+        samples=final.samples,
+        batches=final.batches,
+        source=final.source,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        torch_version=torch.__version__,
+        graphsparse_version=graphsparse.__version__,
+        world_size=world_size,
+        sites=list(ops),
+        resumed_batches=resumed,
+        state=final,
+    )

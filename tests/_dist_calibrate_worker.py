@@ -1,0 +1,82 @@
+"""One rank of the distributed calibration test (started twice by tests/test_calibrate.py).
+
+Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment (as torchrun sets them),
+calibrates its shard of the digits train split with gloo and writes, under the directory given as the
+only argument: ``state{rank}.safetensors`` (merged accumulators), ``ops{rank}.safetensors`` (the float32
+operator buffers) and ``record{rank}.json``. With ``GS_NAN_RANK=r`` rank r gets a NaN in its second batch;
+a rank whose calibration fails writes the message to ``error{rank}.txt`` and exits with status 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graphsparse.calibrate import calibrate
+from graphsparse.data import load_dataset, make_loader
+from graphsparse.errors import CalibrationError
+from graphsparse.ops import MeanSparse, operators
+
+BATCH_SIZE = 64
+
+
+class Tokens(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+def build_model() -> nn.Module:
+    """A small conv net with NCHW operators and one (B, L, C) operator; same weights in every process."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        MeanSparse(8, site_id="conv1.act", depth=0),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, stride=2, padding=1),
+        MeanSparse(6, site_id="conv2.act", depth=1),
+        nn.ReLU(),
+        Tokens(),
+        nn.Linear(6, 5),
+        MeanSparse(5, channel_axis=-1, site_id="mlp.act", depth=2),
+        nn.GELU(),
+    )
+
+
+def main(out: Path) -> None:
+    from safetensors.torch import save_file
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model = build_model()
+        dataset = load_dataset("digits", split="train", seed=0)
+        loader = make_loader(dataset, BATCH_SIZE, rank=rank, world_size=world_size)
+        data = list(loader)
+        if os.environ.get("GS_NAN_RANK") == str(rank):
+            data[1][0][0, 0, 0, 0] = float("nan")
+        try:
+            record = calibrate(model, data)
+        except CalibrationError as e:
+            (out / f"error{rank}.txt").write_text(str(e))
+            sys.exit(3)
+        record.state.save_state(out / f"state{rank}.safetensors")
+        buffers = {
+            f"{s}/{k}": getattr(op, k).clone() for s, op in operators(model).items() for k in ("mean", "var")
+        }
+        save_file(buffers, str(out / f"ops{rank}.safetensors"))
+        local = len(loader.dataset)
+        (out / f"record{rank}.json").write_text(json.dumps({**record.to_dict(), "local_samples": local}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
