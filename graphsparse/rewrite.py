@@ -52,8 +52,8 @@ def rewrite_info(model: nn.Module) -> RewriteInfo:
     info = getattr(model, _INFO_ATTR, None)
     if not isinstance(info, RewriteInfo):
         raise PlanError(
-            f"{type(model).__name__} is not a graphsparse-rewritten model. Hint: call graphsparse.rewrite(model, "
-            "rule, example_input) first, or graphsparse.load(artifact)."
+            f"{type(model).__name__} is not a graphsparse-rewritten model. Hint: call "
+            "graphsparse.rewrite(model, rule, example_input) first, or graphsparse.load(artifact)."
         )
     return info
 
@@ -111,8 +111,9 @@ def check_plan(plan: Plan, sites: list[Site]) -> None:
             entry.site.channel_axis,
         ):
             problems.append(
-                f"site {entry.site.id!r} is {site.op} with {site.channels} channels on axis {site.channel_axis}, "
-                f"the plan expects {entry.site.op} with {entry.site.channels} on axis {entry.site.channel_axis}"
+                f"site {entry.site.id!r} is {site.op} with {site.channels} channels on axis "
+                f"{site.channel_axis}, the plan expects {entry.site.op} with {entry.site.channels} on axis "
+                f"{entry.site.channel_axis}"
             )
     if problems:
         raise PlanError(
