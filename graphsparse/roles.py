@@ -189,7 +189,20 @@ class GraphFacts:
         if s_in is None or s_out is None or len(s_in) < 3 or not s_out or s_out[0] != s_in[0]:
             return False
         per_in, per_out = math.prod(s_in[1:]), math.prod(s_out[1:])
-        return per_out < per_in and per_out in (s_in[1], s_in[-1])
+        if per_out < per_in and per_out in (s_in[1], s_in[-1]):
+            return True
+        # on a 1×1 map a global pool keeps the shape: recognise the op itself
+        return per_out == per_in and per_out in (s_in[1], s_in[-1]) and self._is_reduction_op(node)
+
+    def _is_reduction_op(self, node: fx.Node) -> bool:
+        if node.op == "call_method":
+            return node.target in ("mean", "sum", "amax", "max")
+        if node.op == "call_function":
+            return node.target in (torch.mean, torch.sum, torch.amax, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+        mod = self.module(node)
+        return isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or type(mod).__name__.startswith(
+            "SelectAdaptivePool"
+        )
 
     def _find_se_nodes(self) -> set[fx.Node]:
         """Nodes on gating branches: global reduction of T ... → multiplied back onto T."""

@@ -13,9 +13,7 @@ from ._term import console, print_json, table
 @click.command("inspect")
 @click.argument("model")
 @model_options
-@click.option(
-    "--rule", default=None, help="Rule file (name of a built-in or a path): adds action/α/rule columns."
-)
+@click.option("--rule", default=None, help="Rule file (name of a built-in or a path): adds action/α/rule columns.")
 @click.option("--alpha", type=float, default=None, help="Override α of every MeanSparse rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of site objects.")
 def inspect_command(model, arch, allow_modules, input_shape, rule, alpha, as_json):

@@ -1,0 +1,104 @@
+"""Data options shared by calibrate / tune / eval, and a rich progress bar for long passes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["data_options", "open_dataset", "progress_bar", "calibrate_with_progress"]
+
+
+def data_options(default_split: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--data, --split, --seed, --batch-size, --max-samples."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option("--max-samples", type=int, default=None, help="Use at most this many samples.")(fn)
+        fn = click.option("--batch-size", type=int, default=128, show_default=True)(fn)
+        fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split permutation.")(fn)
+        fn = click.option(
+            "--split",
+            default=default_split,
+            show_default=True,
+            type=click.Choice(["train", "val", "test", "all"]),
+            help="Deterministic split of the source (70/10/20 %).",
+        )(fn)
+        fn = click.option(
+            "--data",
+            "data_source",
+            required=True,
+            metavar="SRC",
+            help="mnist5k, digits, a .npz/.safetensors file with x/y, or an image folder.",
+        )(fn)
+        return fn
+
+    return wrap
+
+
+def open_dataset(source: str, split: str, seed: int, model: Any = None, input_shape: tuple[int, ...] = ()):
+    """The split of ``source``; image folders are preprocessed with the model's timm data config.
+
+    With ``input_shape`` (B, C, H, W) the data's channel count is checked against the model's.
+    """
+    from ..data import data_config_transform, load_dataset
+    from ..errors import DataError
+
+    transform = data_config_transform(model) if model is not None and Path(source).is_dir() else None
+    dataset = load_dataset(source, split=split, seed=seed, transform=transform)
+    if len(input_shape) == 4 and len(dataset):
+        sample = tuple(dataset[0][0].shape)
+        if len(sample) != 3 or sample[0] != input_shape[1]:
+            raise DataError(
+                f"data source {source!r} gives images of shape {sample}, but the model takes "
+                f"{input_shape[1]}-channel input {tuple(input_shape[1:])}. Hint: pick data that matches the model."
+            )
+    return dataset
+
+
+def TransferSpeedless():  # noqa: N802 - reads like the other rich columns
+    """'123 items/s' column."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class _Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:,.0f} items/s" if task.speed else "")
+
+    return _Speed()
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A rich progress bar (items/s, ETA) driven by the library's ``progress(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ._term import console
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TransferSpeedless(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def calibrate_with_progress(model, dataset, *, batch_size: int, max_samples: int | None):
+    """Calibrate ``model`` on ``dataset`` with a progress bar; returns the CalibrationRecord."""
+    from ..calibrate import calibrate
+    from ..data import make_loader
+
+    loader = make_loader(dataset, batch_size)
+    with progress_bar("calibrating") as update:
+        return calibrate(model, loader, max_samples=max_samples, progress=update)

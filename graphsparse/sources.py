@@ -1,0 +1,1012 @@
+"""Model sources: turn a spec (``timm:NAME``, ``robustbench:ID``, ``pkg.module:Class``, a file) into a module.
+
+Every model comes back with a :class:`Recipe`: how to rebuild its architecture without pickle, so a
+graphsparse artifact (safetensors) can store the recipe as text and rebuild the base model on load.
+
+Pickled files are loaded safely (DESIGN §5): the globals a pickle wants to import are listed *before*
+anything is unpickled, each one is vetted (classes of trusted packages, plus packages the user names),
+and the file is then read with ``torch.load(weights_only=True)`` allowing exactly those globals.
+Anything else raises :class:`~graphsparse.errors.UnsafePickleError` without executing a byte of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import os
+import pickle
+import pickletools
+import re
+import sys
+import types
+import warnings
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelSourceError, UnsafePickleError, closest
+
+__all__ = [
+    "Recipe",
+    "RECIPE_KINDS",
+    "FILE_SUFFIXES",
+    "TRUSTED_PACKAGES",
+    "load_model",
+    "build_from_recipe",
+    "import_robustbench",
+    "parse_input_shape",
+    "default_input_shape",
+]
+
+RECIPE_KINDS = ("timm", "robustbench", "class", "file")
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+TRUSTED_PACKAGES = ("torch", "torchvision", "timm", "robustbench", "graphsparse")
+
+# Checkpoint dict keys that hold the model or its state dict, in order of preference.
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema", "model_ema", "state_dict_ema")
+# Key prefixes added by wrappers: DistributedDataParallel / DataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# The weights-only unpickler lets an allowed global be *called* (REDUCE) with arguments taken from the
+# file. Allowing every function of a trusted package would therefore re-open code execution:
+# ``torch.hub.load(repo, ...)`` imports and runs a hubconf, ``torch.load`` unpickles another file without
+# weights_only, and so on. Functions are allowed only from the pure tensor-op namespaces below
+# (``torch._C._nn`` is where ``F.gelu`` & co. really live); classes are allowed from trusted packages, and
+# must really be defined there (no re-exports of ``os``/``subprocess`` objects through a trusted module).
+_FUNCTION_PREFIXES = ("torch.nn.functional", "torch._C._nn", "timm.layers")
+# Trusted subpackages whose classes generate/execute code, spawn processes or touch the network or the
+# file system when constructed (fx GraphModule codegen, torch.package importers, DataLoader workers,
+# TCPStore, SummaryWriter, ...). Never needed to rebuild a classifier; allowed only if named explicitly.
+_DENIED_PREFIXES = (
+    "torch.fx",
+    "torch.package",
+    "torch.jit",
+    "torch.hub",
+    "torch.multiprocessing",
+    "torch.distributed",
+    "torch.utils",
+    "torch._dynamo",
+    "torch._inductor",
+    "torch.compiler",
+    "torch.export",
+    "torch.onnx",
+    "torch.profiler",
+    "torch.testing",
+    "torch._C._distributed_c10d",
+    "torchvision.datasets",
+    "torchvision.io",
+    "timm.data",
+    "timm.utils",
+    "timm.models._hub",
+)
+# Options that would make timm download or read weights on its own (hidden network / pickle access).
+_TIMM_FORBIDDEN_KWARGS = (
+    "pretrained",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "checkpoint_path",
+    "cache_dir",
+)
+
+_ROBUSTBENCH_DATASETS = ("cifar10", "cifar100", "imagenet")
+_ROBUSTBENCH_THREATS = ("Linf", "L2", "corruptions", "corruptions_3d")
+_ROBUSTBENCH_INSTALL = (
+    "pip install --no-deps robustbench==1.1.1 (its metadata pins an old timm), then "
+    "pip install 'graphsparse[robustbench]' for the packages its model zoo imports"
+)
+_CLASS_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ACCEPTED_FORMS = (
+    "accepted forms: 'timm:NAME' (e.g. timm:resnet18), 'robustbench:MODEL_ID[@dataset/threat]' "
+    "(e.g. robustbench:Carmon2019Unlabeled@cifar10/Linf), 'pkg.module:Class' (constructor kwargs as "
+    f"options), or a weights file ending in {', '.join(FILE_SUFFIXES)} (state dicts also need --arch)"
+)
+
+
+# ---------------------------------------------------------------------------------------------- Recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to rebuild a base model's architecture without pickle.
+
+    Args:
+        kind: ``timm``, ``robustbench``, ``class`` or ``file``.
+        name: timm architecture name, RobustBench model id, ``pkg.module:Class``, or the file's path.
+        kwargs: JSON-able constructor options (timm ``num_classes``/``in_chans``; RobustBench
+            ``dataset``/``threat_model``; the class's keyword arguments). Normalised through JSON.
+        sha256: for kind ``file``: the hex SHA-256 of the file, checked when it is re-loaded.
+    """
+
+    kind: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in RECIPE_KINDS:
+            raise ModelSourceError(
+                f"recipe kind {self.kind!r} is not one of {', '.join(RECIPE_KINDS)}"
+                f"{closest(self.kind, RECIPE_KINDS)}"
+            )
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ModelSourceError(
+                f"recipe of kind {self.kind!r} needs a non-empty string name, got {self.name!r}"
+            )
+        if not isinstance(self.kwargs, Mapping):
+            raise ModelSourceError(
+                f"recipe {self.kind}:{self.name} kwargs must be a dict, got {type(self.kwargs).__name__}"
+            )
+        object.__setattr__(self, "kwargs", _json_kwargs(self.kwargs, f"recipe {self.kind}:{self.name}"))
+        if not isinstance(self.sha256, str):
+            raise ModelSourceError(f"recipe {self.name!r}: sha256 must be a string")
+        if self.kind == "file":
+            if not _SHA256.match(self.sha256):
+                raise ModelSourceError(
+                    f"file recipe {self.name!r} needs the file's sha256 (64 lowercase hex digits), "
+                    f"got {self.sha256!r}"
+                )
+        elif self.sha256:
+            raise ModelSourceError(
+                f"recipe {self.kind}:{self.name} has a sha256, which only kind 'file' uses"
+            )
+        if self.kind == "class" and not _CLASS_SPEC.match(self.name):
+            raise ModelSourceError(f"class recipe name {self.name!r} must look like 'pkg.module:Class'")
+        if self.kind == "robustbench":
+            _check_robustbench_kwargs(self.name, self.kwargs)
+
+    def spec(self) -> str:
+        """The spec string :func:`load_model` accepts for this recipe (kwargs are separate)."""
+        if self.kind == "timm":
+            return f"timm:{self.name}"
+        if self.kind == "robustbench":
+            return f"robustbench:{self.name}@{self.kwargs['dataset']}/{self.kwargs['threat_model']}"
+        return self.name
+
+    def __str__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in sorted(self.kwargs.items()))
+        return f"{self.spec()} ({options})" if options else self.spec()
+
+    def to_json(self) -> str:
+        """Canonical JSON text (sorted keys), suitable for safetensors string metadata."""
+        data = {"kind": self.kind, "name": self.name, "kwargs": self.kwargs, "sha256": self.sha256}
+        return json.dumps(data, sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        """Parse and validate :meth:`to_json` output; raises ModelSourceError on anything else."""
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ModelSourceError(
+                f"model recipe is not valid JSON ({e}); text starts {str(text)[:80]!r}"
+            ) from e
+        if not isinstance(data, dict):
+            raise ModelSourceError(f"model recipe must be a JSON object, got {type(data).__name__}")
+        fields = ("kind", "name", "kwargs", "sha256")
+        for key in data:
+            if key not in fields:
+                raise ModelSourceError(
+                    f"model recipe has unknown key {key!r}{closest(key, fields)}; "
+                    f"expected {', '.join(fields)}"
+                )
+        for key in ("kind", "name"):
+            if not isinstance(data.get(key), str):
+                raise ModelSourceError(f"model recipe needs a string {key!r}, got {data.get(key)!r}")
+        return cls(data["kind"], data["name"], data.get("kwargs", {}), data.get("sha256", ""))
+
+
+def _json_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise ModelSourceError(f"{where}: option names must be strings, got {bad[0]!r}")
+    try:
+        return json.loads(json.dumps(dict(kwargs), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ModelSourceError(
+            f"{where}: options must be JSON values (str, int, float, bool, None, lists, dicts) so the "
+            f"recipe can be saved as text; {e}"
+        ) from e
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    allow_modules: Sequence[str] = (),
+    **kwargs: Any,
+) -> tuple[nn.Module, Recipe]:
+    """Load a model from a spec and return it in eval mode with its rebuild :class:`Recipe`.
+
+    Args:
+        spec: ``timm:NAME`` (random init), ``robustbench:MODEL_ID[@dataset/threat]`` (weights must be on
+            disk under ``model_dir``, default ``./models``), ``pkg.module:Class``, or a weights file
+            (``.pt .pth .bin .ckpt`` pickles, ``.safetensors``).
+        arch: for files holding a state dict: the architecture, as a ``timm:NAME``,
+            ``robustbench:ID`` or ``pkg.module:Class`` spec.
+        allow_modules: extra packages/modules whose *classes* a pickle may use (``mypkg`` or
+            ``mypkg.models``), or exact global names (``numpy._core.multiarray.scalar``) to allow that
+            one global whatever it is. Only name code you trust.
+        **kwargs: constructor options (timm ``num_classes``..., the class's arguments, the ``arch``'s);
+            for RobustBench, ``model_dir``.
+    """
+    spec_str = os.fspath(spec)
+    allow = _check_allow_modules(allow_modules)
+    if arch is not None and not _looks_like_file(spec_str):
+        raise ModelSourceError(f"arch={arch!r} (--arch) only applies to weights files, not to {spec_str!r}")
+    if _looks_like_file(spec_str):
+        return _load_file(Path(spec_str), arch=arch, allow_modules=allow, kwargs=kwargs)
+    model_dir = kwargs.pop("model_dir", None)
+    recipe = _recipe_for_spec(spec_str, kwargs)
+    if model_dir is not None and recipe.kind != "robustbench":
+        raise ModelSourceError(f"model_dir only applies to robustbench: specs, not {spec_str!r}")
+    if recipe.kind == "robustbench":
+        model = _load_robustbench(recipe, Path(model_dir if model_dir is not None else "./models"))
+    else:
+        model = _build(recipe, trusted=True, allow_modules=allow)
+    return model.eval(), recipe
+
+
+def build_from_recipe(recipe: Recipe, *, allow_modules: Sequence[str] = ()) -> nn.Module:
+    """Rebuild a recipe's architecture (random init; kind ``file`` re-loads the file) in eval mode.
+
+    A recipe may come from an untrusted artifact, so a ``class`` recipe must name a class of a trusted
+    package or of one listed in ``allow_modules`` (nothing else is imported), and a ``file`` recipe's
+    file must still have the recorded sha256.
+    """
+    if not isinstance(recipe, Recipe):
+        raise ModelSourceError(f"build_from_recipe needs a Recipe, got {type(recipe).__name__}")
+    allow = _check_allow_modules(allow_modules)
+    if recipe.kind == "file":
+        path = Path(recipe.name)
+        if not path.is_file():
+            raise ModelSourceError(
+                f"the model file {path} named by the recipe does not exist; restore it or rebuild from a "
+                "different base model"
+            )
+        digest = _sha256(path)
+        if digest != recipe.sha256:
+            raise ModelSourceError(
+                f"the model file {path} changed since the recipe was written (sha256 {digest[:12]}... != "
+                f"recorded {recipe.sha256[:12]}...); restore the original file"
+            )
+        model, _ = _load_file(path, arch=None, allow_modules=allow, kwargs={})
+        return model
+    return _build(recipe, trusted=False, allow_modules=allow).eval()
+
+
+def import_robustbench() -> types.ModuleType:
+    """Import robustbench, aliasing ``autoattack`` to PyPI's ``pyautoattack`` first (DESIGN §6)."""
+    if "autoattack" not in sys.modules:
+        try:
+            import autoattack  # noqa: F401  (the GitHub package, when it is installed)
+        except ImportError:
+            try:
+                import pyautoattack
+            except ImportError:
+                pass  # robustbench's own import below reports what is missing
+            else:
+                sys.modules["autoattack"] = pyautoattack
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # old-timm-path FutureWarnings and pkg_resources warnings
+            import robustbench
+            import robustbench.model_zoo
+            import robustbench.utils  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name == "robustbench":
+            raise ModelSourceError(f"robustbench is not installed; {_ROBUSTBENCH_INSTALL}") from e
+        raise ModelSourceError(
+            f"robustbench could not be imported: module {e.name!r} is missing; {_ROBUSTBENCH_INSTALL} "
+            "(and pip install pyautoattack for 'autoattack')"
+        ) from e
+    except ImportError as e:
+        raise ModelSourceError(f"robustbench could not be imported ({e}); {_ROBUSTBENCH_INSTALL}") from e
+    return robustbench
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """Parse ``"1,3,224,224"`` (also ``1x3x224x224``) into a tuple of positive ints."""
+    parts = [p.strip() for p in re.split(r"[,x×]", str(text).strip().strip("()[]"))]
+    if not parts or any(not p.isdigit() or int(p) <= 0 for p in parts) or len(parts) < 2:
+        raise ModelSourceError(
+            f"input shape {text!r} is not a list of positive integers with a batch dimension; "
+            "write it like 1,3,224,224"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def default_input_shape(model: nn.Module, *, recipe: Recipe | None = None) -> tuple[int, ...]:
+    """A probe input shape: timm's ``pretrained_cfg['input_size']`` with batch 1, 32×32 for RobustBench
+    CIFAR models, else ``(1, C, 224, 224)`` with C read from the first convolution (3 if none)."""
+    in_chans = _in_chans(model)
+    cfg = _timm_cfg(model)
+    if cfg is not None and len(cfg.get("input_size") or ()) == 3:
+        c, h, w = cfg["input_size"]
+        return (1, in_chans or int(c), int(h), int(w))
+    if recipe is not None and recipe.kind == "robustbench":
+        size = 224 if recipe.kwargs.get("dataset") == "imagenet" else 32
+        return (1, in_chans or 3, size, size)
+    if type(model).__module__.startswith("robustbench."):
+        inner = next((m for m in model.modules() if _timm_cfg(m) is not None), None)
+        if inner is not None:
+            return default_input_shape(inner)
+        return (1, in_chans or 3, 32, 32)  # RobustBench's own architectures are the CIFAR ones
+    return (1, in_chans or 3, 224, 224)
+
+
+# ------------------------------------------------------------------------------------------ specs
+
+
+def _looks_like_file(spec: str) -> bool:
+    if spec.startswith(("timm:", "robustbench:")):
+        return False
+    return spec.lower().endswith(FILE_SUFFIXES) or os.path.isfile(spec)
+
+
+def _recipe_for_spec(spec: str, kwargs: Mapping[str, Any], *, role: str = "model") -> Recipe:
+    """A recipe for a non-file spec (timm, robustbench, class)."""
+    if spec.startswith("timm:"):
+        name = spec[len("timm:") :].strip()
+        if not name:
+            raise ModelSourceError(f"{role} spec {spec!r} has no architecture name; write e.g. timm:resnet18")
+        return Recipe("timm", name, _json_kwargs(kwargs, f"{role} {spec!r}"))
+    if spec.startswith("robustbench:"):
+        model_id, dataset, threat = _parse_robustbench(spec)
+        extra = dict(kwargs)
+        if extra:
+            raise ModelSourceError(
+                f"{role} {spec!r}: RobustBench models take no constructor options (got {', '.join(extra)}); "
+                "put dataset and threat model in the spec: robustbench:ID@cifar100/Linf"
+            )
+        return Recipe("robustbench", model_id, {"dataset": dataset, "threat_model": threat})
+    if _CLASS_SPEC.match(spec):
+        return Recipe("class", spec, _json_kwargs(kwargs, f"{role} {spec!r}"))
+    raise ModelSourceError(f"cannot tell what {role} {spec!r} is; {_ACCEPTED_FORMS}")
+
+
+def _parse_robustbench(spec: str) -> tuple[str, str, str]:
+    body = spec[len("robustbench:") :].strip()
+    model_id, _, where = body.partition("@")
+    model_id = model_id.strip()
+    if not model_id:
+        raise ModelSourceError(f"spec {spec!r} has no model id; write e.g. robustbench:Carmon2019Unlabeled")
+    dataset, _, threat = where.partition("/")
+    dataset = _canonical(dataset.strip() or "cifar10", _ROBUSTBENCH_DATASETS, f"spec {spec!r}: dataset")
+    threat = _canonical(threat.strip() or "Linf", _ROBUSTBENCH_THREATS, f"spec {spec!r}: threat model")
+    return model_id, dataset, threat
+
+
+def _canonical(value: str, choices: Sequence[str], where: str) -> str:
+    for choice in choices:
+        if value.lower() == choice.lower():
+            return choice
+    raise ModelSourceError(f"{where} {value!r} is not one of {', '.join(choices)}{closest(value, choices)}")
+
+
+def _check_robustbench_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    keys = ("dataset", "threat_model")
+    if set(kwargs) != set(keys):
+        raise ModelSourceError(
+            f"robustbench recipe {name!r} needs exactly the options dataset and threat_model, got "
+            f"{sorted(kwargs)}"
+        )
+    if kwargs["dataset"] not in _ROBUSTBENCH_DATASETS:
+        raise ModelSourceError(
+            f"robustbench recipe {name!r}: dataset {kwargs['dataset']!r} is not one of "
+            f"{', '.join(_ROBUSTBENCH_DATASETS)}"
+        )
+    if kwargs["threat_model"] not in _ROBUSTBENCH_THREATS:
+        raise ModelSourceError(
+            f"robustbench recipe {name!r}: threat_model {kwargs['threat_model']!r} is not "
+            f"one of {', '.join(_ROBUSTBENCH_THREATS)}"
+        )
+
+
+def _check_allow_modules(allow_modules: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(allow_modules, str):
+        allow_modules = [allow_modules]
+    out = []
+    for entry in allow_modules:
+        if not isinstance(entry, str) or not re.match(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$", entry):
+            raise ModelSourceError(
+                f"allow_modules entry {entry!r} (--allow-module) must be a dotted module or global name "
+                "such as 'mypkg' or 'mypkg.models.Net'"
+            )
+        out.append(entry)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+
+def _build(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str]) -> nn.Module:
+    """Random-init architecture for a timm / robustbench / class recipe."""
+    if recipe.kind == "timm":
+        return _build_timm(recipe.name, recipe.kwargs)
+    if recipe.kind == "robustbench":
+        entry = _robustbench_entry(recipe)
+        missing = [p for p in _torchvision_weights(recipe.name) if not p.is_file()]
+        if recipe.kwargs["dataset"] == "imagenet" and missing:
+            raise ModelSourceError(
+                f"RobustBench's {recipe.name} constructor loads torchvision's pretrained weights, which are "
+                f"not in torch's hub cache ({missing[0]}); graphsparse never downloads: copy the file there"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return entry["model"]()
+    if recipe.kind == "class":
+        return _build_class(recipe, trusted=trusted, allow_modules=allow_modules)
+    raise ModelSourceError(f"recipe kind {recipe.kind!r} does not describe an architecture")
+
+
+def _build_timm(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    import timm
+
+    forbidden = [k for k in kwargs if k in _TIMM_FORBIDDEN_KWARGS]
+    if forbidden:
+        raise ModelSourceError(
+            f"timm:{name}: option {forbidden[0]!r} is not accepted: graphsparse never lets timm download or "
+            f"read weights itself; pass the weights file as the model and --arch timm:{name}"
+        )
+    if not timm.is_model(name):
+        raise ModelSourceError(
+            f"timm has no architecture {name!r}{closest(name, timm.list_models())}; "
+            "list them with timm.list_models('*pattern*')"
+        )
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ModelSourceError(f"timm:{name} does not accept the options {dict(kwargs)}: {e}") from e
+
+
+def _build_class(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str]) -> nn.Module:
+    module_name, _, qualname = recipe.name.partition(":")
+    if not trusted:
+        path, top = f"{module_name}.{qualname}", module_name.split(".")[0]
+        if top not in TRUSTED_PACKAGES and not _user_allowed(path, allow_modules):
+            raise ModelSourceError(
+                f"the recipe wants to import {recipe.name!r}, which is not in a trusted package "
+                f"({', '.join(TRUSTED_PACKAGES)}); nothing was imported. If you trust it, pass "
+                f"--allow-module {top} (Python: allow_modules=[{top!r}])"
+            )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelSourceError(
+            f"cannot import module {module_name!r} for {recipe.name!r}: {e}; "
+            "is it installed or on PYTHONPATH?"
+        ) from e
+    obj: Any = module
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise ModelSourceError(
+                f"{module_name!r} has no attribute {part!r} (in {recipe.name!r}){closest(part, names)}"
+            )
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelSourceError(f"{recipe.name!r} is {obj!r}, not an nn.Module subclass")
+    try:
+        return obj(**recipe.kwargs)
+    except Exception as e:
+        raise ModelSourceError(
+            f"constructing {recipe.name} with {recipe.kwargs} failed: {type(e).__name__}: {e}"
+        ) from e
+
+
+# ------------------------------------------------------------------------------------------ robustbench
+
+
+def _robustbench_entry(recipe: Recipe) -> dict[str, Any]:
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    dataset, threat = recipe.kwargs["dataset"], recipe.kwargs["threat_model"]
+    zoo = model_dicts[BenchmarkDataset(dataset)].get(ThreatModel(threat.replace("_3d", "")), {})
+    if recipe.name not in zoo:
+        raise ModelSourceError(
+            f"RobustBench has no model {recipe.name!r} for {dataset}/{threat}{closest(recipe.name, zoo)}; "
+            "the dataset and threat model go after '@': robustbench:ID@cifar100/Linf"
+        )
+    return zoo[recipe.name]
+
+
+def _torchvision_weights(model_id: str) -> list[Path]:
+    """Cached torchvision files that RobustBench's ImageNet ``Standard_*`` constructors load."""
+    if model_id != "Standard_R50":
+        return []
+    from torchvision.models import ResNet50_Weights
+
+    url = ResNet50_Weights.IMAGENET1K_V1.url
+    return [Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]]
+
+
+def _load_robustbench(recipe: Recipe, model_dir: Path) -> nn.Module:
+    import timm
+
+    entry = _robustbench_entry(recipe)
+    rb_utils = sys.modules["robustbench.utils"]
+    model_id, dataset = recipe.name, recipe.kwargs["dataset"]
+    threat = recipe.kwargs["threat_model"].replace("_3d", "")
+    timm_name = f"{model_id.lower().replace('-', '_')}_{dataset}_{threat.lower()}"
+    if timm.is_model(timm_name):
+        raise ModelSourceError(
+            f"RobustBench distributes {model_id} through the Hugging Face hub as timm model {timm_name!r}, "
+            f"and graphsparse never downloads: load its weights file with --arch timm:{timm_name}"
+        )
+    base = model_dir / dataset / threat / f"{model_id}.pt"
+    gdrive = entry.get("gdrive_id")
+    if isinstance(gdrive, list):
+        needed = [Path(f"{base}_m{i}.pt") for i in range(len(gdrive))]
+    elif dataset == "imagenet" and "Standard" in model_id:
+        needed = _torchvision_weights(model_id)  # its constructor loads torchvision's pretrained weights
+    else:
+        needed = [base]
+    missing = [p for p in needed if not p.is_file()]
+    if missing:
+        raise ModelSourceError(
+            f"RobustBench weights for {model_id} ({dataset}/{threat}) are not on disk: "
+            f"expected {missing[0]}. "
+            "graphsparse never downloads; fetch them with robustbench.utils.load_model on a machine with "
+            "internet and copy the models folder here, or pass model_dir=... (--model-dir)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return rb_utils.load_model(
+                model_name=model_id, dataset=dataset, threat_model=threat, model_dir=str(model_dir)
+            )
+    except Exception as e:
+        raise ModelSourceError(
+            f"RobustBench could not load {model_id} from {model_dir}: {type(e).__name__}: {e}"
+        ) from e
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _load_file(
+    path: Path, *, arch: str | None, allow_modules: Sequence[str], kwargs: Mapping[str, Any]
+) -> tuple[nn.Module, Recipe]:
+    if not path.is_file():
+        raise ModelSourceError(f"model file {path} does not exist{closest(path.name, _siblings(path))}")
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise ModelSourceError(
+            f"model file {path} has suffix {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}"
+        )
+    arch_recipe = None
+    if arch is not None:
+        if _looks_like_file(arch):
+            raise ModelSourceError(
+                f"--arch {arch!r} must be an architecture spec, not a file; {_ACCEPTED_FORMS}"
+            )
+        arch_recipe = _recipe_for_spec(arch, kwargs, role="--arch")
+    elif kwargs:
+        raise ModelSourceError(
+            f"options {', '.join(kwargs)} only apply with an architecture (--arch) "
+            f"when loading the file {path}"
+        )
+
+    if path.suffix.lower() == ".safetensors":
+        obj: Any = _read_safetensors(path)
+    else:
+        obj = _read_pickle(path, allow_modules)
+    obj = _unwrap(obj, path)
+
+    if isinstance(obj, nn.Module) and arch_recipe is None:
+        recipe = _timm_recipe(obj) or Recipe("file", str(path.resolve()), {}, sha256=_sha256(path))
+        return obj.eval(), recipe
+    if arch_recipe is None:
+        example = ", ".join(repr(k) for k in list(obj)[:3])
+        raise ModelSourceError(
+            f"{path} holds a state dict ({len(obj)} tensors, e.g. {example}), not a whole model: say which "
+            "architecture it belongs to with --arch timm:NAME or --arch pkg.module:Class (Python: arch=...)"
+        )
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    model = _build(arch_recipe, trusted=True, allow_modules=allow_modules)
+    _load_state(model, state, path, arch_recipe)
+    return model.eval(), arch_recipe
+
+
+def _siblings(path: Path) -> list[str]:
+    try:
+        return [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        return []
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ModelSourceError(
+            f"{path} is not a readable safetensors file ({e}); is it truncated or corrupt?"
+        ) from e
+
+
+def _unwrap(obj: Any, path: Path) -> nn.Module | dict[str, torch.Tensor]:
+    """A whole module, or a state dict with wrapper prefixes stripped, from whatever the file held."""
+    trail = []
+    for _ in range(4):
+        if isinstance(obj, nn.Module):
+            return obj
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return _strip_prefixes({str(k): v for k, v in obj.items()})
+        if isinstance(obj, Mapping):
+            key = next((k for k in CHECKPOINT_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+            if key is None:
+                keys = ", ".join(repr(k) for k in list(obj)[:8])
+                raise ModelSourceError(
+                    f"{path}{''.join(trail)} is a dict with keys {keys or '(none)'}: "
+                    "neither a state dict (all "
+                    f"values tensors) nor a checkpoint holding one under {', '.join(CHECKPOINT_KEYS)}"
+                )
+            trail.append(f"[{key!r}]")
+            obj = obj[key]
+            continue
+        raise ModelSourceError(
+            f"{path}{''.join(trail)} holds a {type(obj).__name__}, not a model, state dict or checkpoint dict"
+        )
+    raise ModelSourceError(f"{path}{''.join(trail)}: checkpoint dicts nested too deep to find the weights")
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, recipe: Recipe) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+        return
+    except RuntimeError as e:
+        cause = e
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+    parts = [f"{len(missing)} missing: {few(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected: {few(unexpected)}"] if unexpected else []
+    parts += [f"{len(shapes)} with another shape (file vs model): {few(shapes)}"] if shapes else []
+    detail = "; ".join(parts) or str(cause)
+    raise ModelSourceError(
+        f"the weights in {path} do not fit {recipe} ({detail}); check --arch and its options "
+        "(num_classes, in_chans, ...)"
+    ) from cause
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ safe pickle
+
+
+def _read_pickle(path: Path, allow_modules: Sequence[str]) -> Any:
+    """torch.load(weights_only=True) allowing exactly the vetted globals; refuse before executing anything."""
+    wanted = _pickle_globals(path)
+    allowed, refused = _vet_globals(wanted, allow_modules)
+    if refused:
+        raise UnsafePickleError(_refusal_message(path, refused))
+    # exact global names the user allowed also cover types the unpickler meets without a GLOBAL opcode
+    # (e.g. numpy's dtype classes, which only appear while unpickling)
+    for entry in allow_modules:
+        obj = _resolve_global(entry) if "." in entry else None
+        if obj is not None and all(name != entry for _, name in allowed):
+            allowed.append((obj, entry))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ValueError ...
+        detail = str(e)
+        if "WeightsUnpickler error:" in detail:  # drop torch's advice to retry with weights_only=False
+            detail = detail.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n", 1)[0]
+        built = re.search(r"allowlisted via `add_safe_globals`, but got <class '([\w.]+)'>", detail)
+        if built:
+            raise UnsafePickleError(
+                f"refused to load {path}: while unpickling it builds a {built[1]} object, which is not "
+                "allowed; nothing outside the allow list was executed. Only if you trust where the file "
+                "comes from, allow it with "
+                f"--allow-module {built[1]} (Python: allow_modules=[{built[1]!r}])"
+            ) from e
+        if "Unsupported operand" in detail:
+            raise ModelSourceError(
+                f"{path} was written with a pickle protocol above 2, which torch's weights-only loader "
+                f"cannot read ({detail}); re-save it with torch.save's default protocol, or as .safetensors"
+            ) from e
+        if "persistent_load" in detail:
+            raise ModelSourceError(
+                f"{path} is a legacy (pre-zip) torch.save file holding a whole model, which cannot be read "
+                "without running code; where the file is trusted, re-save model.state_dict() with "
+                "torch.save and load it with --arch"
+            ) from e
+        raise ModelSourceError(
+            f"could not read {path} as a torch.save checkpoint ({type(e).__name__}: {detail}); is it "
+            "truncated or corrupt? Re-save it with torch.save, or as .safetensors"
+        ) from e
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Names (``module.qualname``) of the globals the pickle imports, minus torch's built-in safe ones.
+
+    Nothing is unpickled: zip checkpoints are disassembled by torch, other files by pickletools.
+    """
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    try:
+        if is_zip:
+            try:
+                return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            except pickle.UnpicklingError:
+                # torch's scanner knows protocol 2 only; disassemble other protocols ourselves
+                with zipfile.ZipFile(path) as archive:
+                    member = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                    data = archive.read(member)
+                return sorted(_scan_pickles(io.BytesIO(data), path, limit=1) - _torch_safe_globals())
+        with open(path, "rb") as f:
+            # legacy torch.save files are 5 consecutive pickles followed by raw storage bytes
+            return sorted(_scan_pickles(f, path, limit=5) - _torch_safe_globals())
+    except ModelSourceError:
+        raise
+    except Exception as e:  # truncated zip, TorchScript archive, unreadable file
+        raise ModelSourceError(
+            f"could not read {path} as a torch.save checkpoint ({type(e).__name__}: {e}); is it truncated or "
+            "corrupt? Re-save it with torch.save, or as .safetensors"
+        ) from e
+
+
+_STRING_OPS = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_NO_STACK_OPS = {"PROTO", "FRAME", "MEMOIZE", "STOP"} | _PUT_OPS
+
+
+def _scan_pickles(stream: Any, path: Path, *, limit: int) -> set[str]:
+    """Statically list the globals of up to ``limit`` consecutive pickles (GLOBAL, INST, STACK_GLOBAL)."""
+    found: set[str] = set()
+    for index in range(limit):
+        pushed: list[Any] = []  # what each stack-pushing op pushed: a str, or None for anything else
+        memo: dict[Any, Any] = {}
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    module, _, qual = str(arg).partition(" ")
+                    # Python 2 names, mapped as the unpicklers do (``__builtin__.set`` -> ``builtins.set``)
+                    module, qual = NAME_MAPPING.get(
+                        (module, qual), (IMPORT_MAPPING.get(module, module), qual)
+                    )
+                    found.add(f"{module}.{qual}")
+                    pushed.append(None)
+                elif name == "STACK_GLOBAL":
+                    module, qual = pushed[-2:] if len(pushed) >= 2 else (None, None)
+                    if isinstance(module, str) and isinstance(qual, str):
+                        found.add(f"{module}.{qual}")
+                    else:
+                        found.add("<a global whose name is computed while unpickling>")
+                    pushed.append(None)
+                elif name in _STRING_OPS:
+                    pushed.append(arg if isinstance(arg, str) else None)
+                elif name in _GET_OPS:
+                    pushed.append(memo.get(arg))
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif name in _PUT_OPS:
+                    memo[arg] = pushed[-1] if pushed else None
+                elif name not in _NO_STACK_OPS:
+                    pushed.append(None)
+                del pushed[:-2]
+        except ValueError as e:  # not (or no longer) a pickle: truncated, or raw storage bytes
+            if index == 0:
+                raise ModelSourceError(
+                    f"{path} is neither a torch.save zip archive nor a pickle ({e}); "
+                    "is it truncated or corrupt?"
+                ) from e
+            break
+        if not stream.read(1):
+            break
+        stream.seek(-1, io.SEEK_CUR)
+    return found
+
+
+def _torch_safe_globals() -> set[str]:
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
+    except Exception:  # private API moved: vet everything ourselves (stricter, never looser)
+        return set()
+
+
+def _user_allowed(name: str, allow_modules: Iterable[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in allow_modules)
+
+
+def _resolve_global(name: str) -> Any | None:
+    """Import ``a.b.C`` as module ``a.b`` + attribute ``C`` (longest importable module first).
+
+    Attribute chains may pass through classes (nested classes) but not through modules, so
+    ``torch.nn.functional.torch.hub.load`` does not resolve to ``torch.hub.load``.
+    """
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except Exception:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, _MISSING)
+            if obj is _MISSING or isinstance(obj, types.ModuleType):
+                obj = _MISSING
+                break
+        if obj is not _MISSING:
+            return obj
+    return None
+
+
+_MISSING = object()
+
+
+def _vet_globals(
+    names: Sequence[str], allow_modules: Sequence[str]
+) -> tuple[list[tuple[Any, str]], list[tuple[str, str]]]:
+    """Split the pickle's globals into allowed ``(object, name)`` pairs and refused ``(name, reason)``."""
+    allowed: list[tuple[Any, str]] = []
+    refused: list[tuple[str, str]] = []
+    for name in names:
+        if name.startswith("<"):
+            refused.append((name, "cannot be checked statically"))
+            continue
+        top = name.split(".")[0]
+        by_user = _user_allowed(name, allow_modules)
+        exact = name in allow_modules
+        if top not in TRUSTED_PACKAGES and not by_user:
+            refused.append((name, f"package {top!r} is not trusted"))
+            continue
+        if not by_user and any(name == d or name.startswith(d + ".") for d in _DENIED_PREFIXES):
+            refused.append(
+                (name, "its package can run code, spawn processes or touch files/network when built")
+            )
+            continue
+        obj = _resolve_global(name)
+        if obj is None:
+            refused.append((name, "cannot be imported here (missing package, or a path through a module)"))
+            continue
+        if exact:
+            allowed.append((obj, name))
+            continue
+        home = str(getattr(obj, "__module__", None) or "")
+        if isinstance(obj, type):
+            if home.split(".")[0] in TRUSTED_PACKAGES or _user_allowed(home, allow_modules):
+                allowed.append((obj, name))
+            else:
+                refused.append(
+                    (
+                        name,
+                        f"it is really {home}.{getattr(obj, '__qualname__', '?')}, from an untrusted package",
+                    )
+                )
+            continue
+        if callable(obj) and any(
+            _user_allowed(name, [p]) and _user_allowed(home, [p]) for p in _FUNCTION_PREFIXES
+        ):
+            allowed.append((obj, name))
+            continue
+        refused.append(
+            (
+                name,
+                "a function, not a class; pickles may only call functions of torch.nn.functional "
+                "and timm.layers",
+            )
+        )
+    return allowed, refused
+
+
+def _refusal_message(path: Path, refused: list[tuple[str, str]]) -> str:
+    lines = "\n".join(f"  - {name}: {reason}" for name, reason in refused)
+    flags = []
+    for name, reason in refused:
+        top = name.split(".")[0]
+        flag = top if reason.startswith("package") else name
+        if not name.startswith("<") and flag not in flags:
+            flags.append(flag)
+    how = " ".join(f"--allow-module {f}" for f in flags)
+    return (
+        f"refused to load {path}: its pickle imports globals that are not allowed. Nothing in the file was "
+        f"executed.\n{lines}\nOnly if you trust where the file comes from, allow them with {how} "
+        f"(Python: allow_modules={flags!r}), or load the weights as a state dict / .safetensors with --arch."
+    )
+
+
+# ------------------------------------------------------------------------------------------ timm helpers
+
+
+def _timm_cfg(model: nn.Module) -> Mapping[str, Any] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    return cfg if isinstance(cfg, Mapping) else None
+
+
+def _in_chans(model: nn.Module) -> int | None:
+    if isinstance(getattr(model, "in_chans", None), int):  # timm models record it (TResNet's stem sees 16x)
+        return model.in_chans
+    cfg = _timm_cfg(model)
+    first = cfg.get("first_conv") if cfg is not None else None
+    if isinstance(first, str) and first:
+        try:
+            channels = getattr(model.get_submodule(first), "in_channels", None)
+            if isinstance(channels, int):
+                return channels
+        except AttributeError:
+            pass
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return conv.in_channels if conv is not None else None
+
+
+def _timm_recipe(model: nn.Module) -> Recipe | None:
+    """A timm recipe for a whole timm model, if rebuilding it gives the same parameter names and shapes."""
+    cfg = _timm_cfg(model)
+    arch = cfg.get("architecture") if cfg is not None else None
+    if not isinstance(arch, str) or not type(model).__module__.startswith("timm."):
+        return None
+    import timm
+
+    if not timm.is_model(arch):
+        return None
+    kwargs: dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    in_chans = _in_chans(model)
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    recipe = Recipe("timm", arch, kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                rebuilt = timm.create_model(arch, pretrained=False, **kwargs)
+        except Exception:
+            continue
+        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+        return recipe if got == expected else None
+    return None
