@@ -121,9 +121,23 @@ class _CaptureTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(module: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+def _optional_args(module: nn.Module) -> dict[str, Any]:
+    """Keyword arguments of ``forward`` past the input that default to None/bool/number: the root is
+    called with the input alone, so they are traced as their defaults (e.g. ``mask=None``)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and (p.default is None or isinstance(p.default, (bool, int, float)))
+    }
+
+
+def _trace(module: nn.Module, *, root: bool = False) -> tuple[fx.GraphModule, list[str]]:
     tracer = _CaptureTracer()
-    graph = tracer.trace(module)
+    graph = tracer.trace(module, concrete_args=_optional_args(module) or None if root else None)
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     return gm, tracer.leaf_paths
 
@@ -248,49 +262,76 @@ def capture(
     was_training = model.training
     model.eval()
     try:
-        reference = _probe(model, example_input) if check else None
+        reference = _run_original(model, example_input) if check else None
         source = copy_module.deepcopy(model) if copy else model
-        graphs: dict[str, fx.GraphModule] = {}
-        leaves: list[str] = []
-        opaque: list[OpaqueModule] = []
         try:
-            root_gm, leaf_paths = _trace(source)
-            graphs[""] = root_gm
-            captured: nn.Module = root_gm
-            for leaf in leaf_paths:
-                leaves.append(leaf)
-                leaf_module = root_gm.get_submodule(leaf)
-                opaque.append(OpaqueModule(leaf, type(leaf_module).__name__, leaf_reason(leaf_module) or ""))
-        except Exception as exc:
-            if not copy:
-                source = copy_module.deepcopy(model)
-            captured = source
-            opaque.append(OpaqueModule("", type(source).__name__, f"stayed eager: {_first_line(exc)}"))
-            for name, child in list(source.named_children()):
-                child_gm = _trace_tree(child, name, graphs, leaves, opaque)
-                if child_gm is not None:
-                    setattr(source, name, child_gm)
-            if not graphs:
-                raise CaptureError(
-                    f"{type(model).__name__}: neither the model nor any of its submodules could be traced "
-                    f"by torch.fx ({_first_line(exc)}). Hint: register untraceable functions with "
-                    "timm.layers.register_notrace_function."
-                ) from exc
-        captured.eval()
-        result = Capture(captured, graphs, opaque, leaves, 0.0)
-        output = _record_shapes(result, example_input)
-        if check:
-            result.max_abs_diff = _max_abs_diff(reference, output)
-            if result.max_abs_diff > atol:
-                raise CaptureError(
-                    f"{type(model).__name__}: the captured graph does not reproduce the model on the probe "
-                    f"input (max |difference| = {result.max_abs_diff:.3g}). Hint: a module with "
-                    "data-dependent Python control flow was traced on one branch; register it with "
-                    "timm.layers.register_notrace_module."
-                )
+            result = _capture_root(source, example_input, reference, atol)
+        except Exception as exc:  # the root does not trace, does not run as a graph, or differs
+            if isinstance(exc, CaptureError) and reference is None:
+                raise
+            source = copy_module.deepcopy(model)
+            result = _capture_children(source, example_input, reference, atol, exc)
         return result
     finally:
         model.train(was_training)
+
+
+def _run_original(model: nn.Module, example_input: torch.Tensor) -> Any:
+    try:
+        return _probe(model, example_input)
+    except Exception as exc:
+        raise CaptureError(
+            f"{type(model).__name__} does not run on a probe input of shape {tuple(example_input.shape)} "
+            f"({_first_line(exc)}). Hint: pass the model's real input shape (--input-shape 1,3,32,32)."
+        ) from exc
+
+
+def _check_output(result: Capture, model_name: str, reference: Any, output: Any, atol: float) -> Capture:
+    if reference is not None:
+        result.max_abs_diff = _max_abs_diff(reference, output)
+        if result.max_abs_diff > atol:
+            raise CaptureError(
+                f"{model_name}: the captured graph does not reproduce the model on the probe "
+                f"input (max |difference| = {result.max_abs_diff:.3g}). Hint: a module with "
+                "data-dependent Python control flow was traced on one branch; register it with "
+                "timm.layers.register_notrace_module."
+            )
+    return result
+
+
+def _capture_root(source: nn.Module, example_input: torch.Tensor, reference: Any, atol: float) -> Capture:
+    root_gm, leaf_paths = _trace(source, root=True)
+    opaque = []
+    for leaf in leaf_paths:
+        leaf_module = root_gm.get_submodule(leaf)
+        opaque.append(OpaqueModule(leaf, type(leaf_module).__name__, leaf_reason(leaf_module) or ""))
+    root_gm.eval()
+    result = Capture(root_gm, {"": root_gm}, opaque, list(leaf_paths), 0.0)
+    output = _record_shapes(result, example_input)
+    return _check_output(result, type(source).__name__, reference, output, atol)
+
+
+def _capture_children(
+    source: nn.Module, example_input: torch.Tensor, reference: Any, atol: float, root_error: Exception
+) -> Capture:
+    """Keep the root eager and trace the largest traceable submodules instead."""
+    graphs: dict[str, fx.GraphModule] = {}
+    leaves: list[str] = []
+    opaque = [OpaqueModule("", type(source).__name__, f"stayed eager: {_first_line(root_error)}")]
+    for name, child in list(source.named_children()):
+        child_gm = _trace_tree(child, name, graphs, leaves, opaque)
+        if child_gm is not None:
+            setattr(source, name, child_gm)
+    if not graphs:
+        raise CaptureError(
+            f"{type(source).__name__}: neither the model nor any of its submodules could be captured by torch.fx "
+            f"({_first_line(root_error)}). Hint: register untraceable modules with "
+            "timm.layers.register_notrace_module."
+        ) from root_error
+    source.eval()
+    result = Capture(source, graphs, opaque, leaves, 0.0)
+    output = _record_shapes(result, example_input)
+    return _check_output(result, type(source).__name__, reference, output, atol)
 
 
 def _record_shapes(result: Capture, example_input: torch.Tensor) -> Any:

@@ -1,0 +1,72 @@
+"""The CLI as typed: real commands through click's runner, checking output and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import timm
+import torch
+from click.testing import CliRunner
+
+from graphsparse.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_inspect_json_lists_sites_with_the_documented_fields():
+    res = run("inspect", "timm:resnet18", "--input-shape", "1,3,32,32", "--json")
+    assert res.exit_code == 0, res.output
+    sites = json.loads(res.output)
+    assert len(sites) == 17
+    fields = {"id", "op", "role", "channel_axis", "channels", "depth", "stage", "last_in_stage", "module",
+              "module_class", "reached"}
+    assert fields <= set(sites[0])
+    assert sum(s["role"] == "after_addition" for s in sites) == 8
+
+
+def test_inspect_table_with_rule_shows_actions():
+    res = run("inspect", "timm:resnet18", "--input-shape", "1,3,32,32", "--rule", "after_addition")
+    assert res.exit_code == 0, res.output
+    assert "17 sites" in res.output and "plan: " in res.output
+    assert res.output.count("meansparse") >= 8
+
+
+def test_bad_inputs_give_one_line_and_no_traceback():
+    for args, needle in [
+        (("inspect", "timm:resnet_18"), "resnet18"),
+        (("inspect", "timm:resnet18", "--input-shape", "1,x,3"), "input"),
+        (("inspect", "timm:resnet18", "--input-shape", "1,5,32,32"), "input shape"),
+        (("inspect", "timm:resnet18", "--rule", "after_additon"), "after_addition"),
+        (("inspect", "nosuchfile.pt"), "nosuchfile.pt"),
+    ]:
+        res = run(*args)
+        assert res.exit_code == 1, (args, res.output)
+        assert "Traceback" not in res.output and needle in res.output, (args, res.output)
+
+
+def test_rewrite_a_torch_saved_timm_model_as_typed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(timm.create_model("resnet10t"), "model.pt")
+    res = run("rewrite", "model.pt", "--rule", "after_addition", "--input-shape", "1,3,32,32")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "model.after_addition.safetensors"
+    assert out.is_file() and "graphsparse calibrate" in res.output
+
+
+def test_calibrate_updates_the_artifact(tmp_path):
+    import numpy as np
+
+    import graphsparse as gs
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((60, 3, 16, 16), dtype=np.float32), y=rng.integers(0, 10, 60))
+    art = tmp_path / "a.safetensors"
+    res = run("rewrite", "timm:resnet10t", "--rule", "after_addition", "--input-shape", "1,3,16,16", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    res = run("calibrate", str(art), "--data", str(tmp_path / "d.npz"), "--batch-size", "16")
+    assert res.exit_code == 0, res.output
+    model = gs.load(art)
+    assert all(float(op.var.max()) > 0 for op in gs.operators(model).values())
+    assert gs.rewrite_info(model).records["calibration"]["samples"] == 42  # 70 % train split of 60

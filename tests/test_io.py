@@ -1,0 +1,126 @@
+"""Artifacts: save → load round trip, byte-identical files, tampering and truncation refused, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+import graphsparse as gs
+from graphsparse.errors import ArtifactError
+from graphsparse.io import _canonical_safetensors, read_metadata
+from graphsparse.sources import load_model
+
+
+@pytest.fixture(scope="module")
+def rewritten():
+    model, recipe = load_model("timm:resnet10t")
+    x = torch.randn(2, 3, 32, 32)
+    r = gs.rewrite(model, "full", x, recipe=recipe.to_json())
+    g = torch.Generator().manual_seed(0)
+    for op in gs.operators(r).values():
+        op.mean.copy_(torch.randn(op.mean.shape, generator=g))
+        op.var.copy_(torch.rand(op.var.shape, generator=g) + 0.1)
+    gs.set_alpha(r, 0.25)
+    gs.rewrite_info(r).records["tuning"] = {"alpha": 0.25}
+    return r, x
+
+
+def test_round_trip_outputs_plan_and_tensors(rewritten, tmp_path):
+    model, x = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    loaded = gs.load(path)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert gs.rewrite_info(loaded).plan.to_json() == gs.rewrite_info(model).plan.to_json()
+    assert gs.rewrite_info(loaded).records == {"tuning": {"alpha": 0.25}}
+    a, b = model.state_dict(), loaded.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(float(op.alpha) == 0.25 for op in gs.operators(loaded).values())
+    meta = read_metadata(path)
+    assert json.loads(meta["recipe"])["name"] == "resnet10t"
+    assert "after_addition" in meta["plan"] and meta["rules"].startswith("version: 1")
+
+
+def test_same_model_gives_byte_identical_files(rewritten, tmp_path):
+    model, _ = rewritten
+    p1 = gs.save(model, tmp_path / "1.safetensors")
+    p2 = gs.save(gs.load(p1), tmp_path / "2.safetensors")
+    assert p1.read_bytes() == p2.read_bytes()
+
+
+def test_no_pickle_in_the_artifact(rewritten, tmp_path):
+    model, _ = rewritten
+    data = gs.save(model, tmp_path / "a.safetensors").read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    json.loads(data[8 : 8 + header_len])  # a plain JSON header, then raw tensor bytes
+    assert b"\x80\x02" not in data[: 8 + header_len] and b"PK\x03\x04" not in data[:16]
+
+
+def test_tampered_tensor_bytes_are_refused(rewritten, tmp_path):
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="tensors_sha256"):
+        gs.load(path)
+
+
+def test_tampered_metadata_is_refused(rewritten, tmp_path):
+    from safetensors.torch import load_file
+
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    meta = read_metadata(path)
+    tampered = meta["plan"].replace('"action": "meansparse"', '"action": "skip"', 1)
+    assert tampered != meta["plan"]
+    meta["plan"] = tampered
+    path.write_bytes(_canonical_safetensors(load_file(path), meta))
+    with pytest.raises(ArtifactError, match="metadata_sha256"):
+        gs.load(path)
+
+
+def test_truncated_file_is_refused(rewritten, tmp_path):
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(ArtifactError, match="truncated"):
+        gs.load(path)
+
+
+def test_mismatched_base_model_is_refused(rewritten, tmp_path):
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    other = timm.create_model("resnet18")
+    with pytest.raises(ArtifactError, match="does not match"):
+        gs.load(path, base=other)
+
+
+def test_not_an_artifact(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, path)
+    with pytest.raises(ArtifactError, match="not a graphsparse artifact"):
+        gs.load(path)
+
+
+def test_interrupted_save_leaves_previous_file_intact(rewritten, tmp_path, monkeypatch):
+    import graphsparse.io as gio
+
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gio, "_canonical_safetensors", lambda t, m: b"partial" + boom())
+    with pytest.raises(KeyboardInterrupt):
+        gs.save(model, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
