@@ -46,7 +46,10 @@ class Capture:
         leaves: paths (in ``model``) of leaf modules called from a graph; activations inside them are
             reached through the module tree.
         max_abs_diff: largest |captured − original| output difference on the probe (0.0 when bit-equal).
-        eager_activations: activation modules that run outside any graph, by path, in execution order.
+        module_tree_inputs: input shape of every activation module no graph calls (inside leaves, or in
+            modules that stayed eager) that ran on the probe, by path.
+        module_tree_order: the probe's execution counter when each of those activations first ran.
+        graph_order: the probe's execution counter when each graph module first ran.
     """
 
     model: nn.Module

@@ -229,9 +229,8 @@ def _graph_candidates(facts: GraphFacts, gpath: str, gkey: int, cap: Capture) ->
 def _eager_candidates(cap: Capture, add_keys: list[tuple[int, int, int]]) -> list[_Candidate]:
     """Activation modules run outside any graph (in modules that stayed eager)."""
     out = []
-    inside_graph_leaf = [leaf for leaf in cap.leaves]
     for path, shape in cap.module_tree_inputs.items():
-        if any(path.startswith(leaf + ".") for leaf in inside_graph_leaf):
+        if any(path.startswith(leaf + ".") for leaf in cap.leaves):
             continue
         module = cap.model.get_submodule(path)
         kind = activation_kind_of_module(module)
@@ -339,15 +338,14 @@ def _finish(candidates: list[_Candidate]) -> list[Site]:
     sites = []
     for i, (c, st, sid) in enumerate(zip(candidates, stages, ids)):
         layout = _layout(c.shape, c.channel_axis)
-        axis = c.channel_axis if c.channel_axis >= 0 else c.channel_axis
         sites.append(
             Site(
                 id=sid,
                 op=c.op,
                 role=c.role,
                 layout=layout,
-                channel_axis=axis,
-                channels=c.shape[axis],
+                channel_axis=c.channel_axis,
+                channels=c.shape[c.channel_axis],
                 depth=i,
                 stage=st,
                 last_in_stage=lasts.get(st) == i,
