@@ -20,11 +20,21 @@ from .errors import (
     UnsafePickleError,
 )
 from .io import load, read_metadata, save
-from .ops import MeanSparse, backward_mode, operators, set_alpha, straight_through
+from .ops import (
+    MeanSparse,
+    Sparta,
+    backward_mode,
+    freeze_except_sparta,
+    operators,
+    set_alpha,
+    sparta_parameters,
+    straight_through,
+)
 from .plan import Plan, PlanEntry, make_plan
 from .rewrite import apply_plan, rewrite, rewrite_info
 from .rules import RuleSet, builtin_rules, load_rules, parse_rules
 from .sites import Site, find_sites
+from .train import pgd_attack, train
 
 __version__ = "0.1.0"
 
@@ -57,6 +67,11 @@ __all__ = [
     "RuleError",
     "RuleSet",
     "Site",
+    "Sparta",
+    "freeze_except_sparta",
+    "pgd_attack",
+    "sparta_parameters",
+    "train",
     "UnsafePickleError",
     "apply_plan",
     "backward_mode",

@@ -100,9 +100,11 @@ def leaf_reason(module: nn.Module) -> str | None:
 
 
 def _operator_types() -> tuple[type, ...]:
+    """Inserted operators stay leaves when a rewritten model is captured again."""
     from .ops.meansparse import OPERATOR_TYPES
+    from .ops.sparta import SPARTA_TYPES
 
-    return tuple(OPERATOR_TYPES)
+    return tuple(OPERATOR_TYPES) + tuple(SPARTA_TYPES)
 
 
 class _CaptureTracer(fx.Tracer):

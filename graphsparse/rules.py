@@ -77,7 +77,7 @@ ALPHA_KEYS = ("linear", "per_stage", "default")
 POSITIONS = ("first", "last")
 REACHED = ("graph", "module_tree")
 OP_ALIASES = ("add", "activation")
-SPARTA_LAYOUTS = ("nchw", "nhwc")
+SPARTA_LAYOUTS = ("nchw",)
 
 _BUILTIN_DIR = Path(__file__).resolve().parent / "rules"
 _BUILTIN_SOURCE = "graphsparse/rules/{name}.yaml"

@@ -7,5 +7,16 @@ from graphsparse.ops.meansparse import (
     set_alpha,
     straight_through,
 )
+from graphsparse.ops.sparta import SPARTA_TYPES, Sparta, freeze_except_sparta, sparta_parameters
 
-__all__ = ["MeanSparse", "operators", "straight_through", "backward_mode", "set_alpha"]
+__all__ = [
+    "MeanSparse",
+    "SPARTA_TYPES",
+    "Sparta",
+    "backward_mode",
+    "freeze_except_sparta",
+    "operators",
+    "set_alpha",
+    "sparta_parameters",
+    "straight_through",
+]
