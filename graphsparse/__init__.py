@@ -19,6 +19,7 @@ from .errors import (
     RuleError,
     UnsafePickleError,
 )
+from .evaluate import EvalReport, EvaluationError, evaluate
 from .io import load, read_metadata, save
 from .ops import (
     MeanSparse,
@@ -31,10 +32,12 @@ from .ops import (
     straight_through,
 )
 from .plan import Plan, PlanEntry, make_plan
+from .plots import plot_site_histogram, plot_tuning
 from .rewrite import apply_plan, rewrite, rewrite_info
 from .rules import RuleSet, builtin_rules, load_rules, parse_rules
 from .sites import Site, find_sites
 from .train import pgd_attack, train
+from .tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -57,6 +60,13 @@ __all__ = [
     "CalibrationRecord",
     "Capture",
     "CaptureError",
+    "EvalReport",
+    "EvaluationError",
+    "TuneResult",
+    "evaluate",
+    "plot_site_histogram",
+    "plot_tuning",
+    "tune",
     "DataError",
     "GraphsparseError",
     "MeanSparse",

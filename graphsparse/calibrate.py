@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 import graphsparse
+from graphsparse._files import atomic_write
 from graphsparse.errors import CalibrationError
 from graphsparse.ops import operators
 
@@ -251,15 +251,7 @@ class CalibrationState:
             "samples": str(int(self.samples)),
             "source": str(self.source),
         }
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load_state(cls, path: str | os.PathLike[str]) -> CalibrationState:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from ._files import atomic_write
 from .errors import ArtifactError, GraphsparseError
 from .plan import Plan
 from .rewrite import RewriteInfo, apply_plan, rewrite_info
@@ -79,26 +79,6 @@ def _metadata_digest(meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``.
-
-    An interrupted write leaves any previous file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write a rewritten model (weights, operator tensors, plan, recipe, records) to one safetensors file.
 
@@ -124,7 +104,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     meta["tensors_sha256"] = _tensors_digest(tensors)
     meta["metadata_sha256"] = _metadata_digest(meta)
     data = _canonical_safetensors(tensors, meta)
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return atomic_write(path, data)
 
 
 def _canonical_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:

@@ -49,7 +49,8 @@ class RewriteInfo:
 
 def rewrite_info(model: nn.Module) -> RewriteInfo:
     """The :class:`RewriteInfo` of a rewritten model; PlanError if ``model`` was not made by rewrite."""
-    info = getattr(model, _INFO_ATTR, None)
+    info = getattr(model, "meta", {}).get(_INFO_ATTR) if isinstance(model, fx.GraphModule) else None
+    info = info if info is not None else getattr(model, _INFO_ATTR, None)
     if not isinstance(info, RewriteInfo):
         raise PlanError(
             f"{type(model).__name__} is not a graphsparse-rewritten model. Hint: call "
@@ -159,7 +160,11 @@ def apply_plan(
         gm.recompile()
     model = cap.model
     model.eval()
-    setattr(model, _INFO_ATTR, RewriteInfo(plan=plan, input_shape=tuple(input_shape), recipe=recipe))
+    info = RewriteInfo(plan=plan, input_shape=tuple(input_shape), recipe=recipe)
+    if isinstance(model, fx.GraphModule):
+        model.meta[_INFO_ATTR] = info  # GraphModule's deepcopy keeps `meta`, not other attributes
+    else:
+        setattr(model, _INFO_ATTR, info)
     return model
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from graphsparse._files import atomic_write
 from graphsparse.errors import ArtifactError, closest
 
 __all__ = ["NORMS", "SCHEDULES", "EpochRecord", "TrainProgress", "TrainRecord", "pgd_attack", "train"]
@@ -355,15 +355,7 @@ def _save_checkpoint(
         "param_groups": json.dumps(state["param_groups"]),
         "epochs": json.dumps([asdict(e) for e in record.epochs]),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _load_checkpoint(

@@ -4,7 +4,8 @@ import sys
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread per xdist worker: 2 workers x 2 threads on 2 cores oversubscribe badly
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +19,21 @@ def robustbench_archs():
     except ImportError as exc:  # pragma: no cover - CI installs it
         pytest.skip(f"robustbench not installed: {exc}")
     return dm_wide_resnet, robustarch_wide_resnet
+
+
+# --- hypothesis profiles (property tests: tests/test_properties.py) -----------------------------------
+# `ci` (the default): a fixed example budget and a derandomised seed, so CI runs are reproducible and
+# the property suite stays within ~3 minutes on 2 cores. `thorough` for local runs:
+#     pytest tests/test_properties.py --hypothesis-profile=thorough
+# Each property scales the profile's max_examples by its own cost factor.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+settings.register_profile(
+    "ci", max_examples=50, derandomize=True, deadline=None, database=None, print_blob=True,
+    suppress_health_check=_SLOW_OK,
+)
+settings.register_profile(
+    "thorough", max_examples=400, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK,
+)
+settings.load_profile("ci")

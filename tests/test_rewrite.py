@@ -157,3 +157,13 @@ def test_inplace_activation_semantics_are_kept():
     rewritten = gs.rewrite(model, "full", x)
     _randomise_stats(rewritten)
     _assert_identity(model, rewritten, x)
+
+
+def test_deepcopy_keeps_the_rewrite_info():
+    import copy
+
+    rewritten = gs.rewrite(timm.create_model("resnet10t"), "after_addition", torch.randn(1, 3, 32, 32))
+    gs.rewrite_info(rewritten).records["calibration"] = {"samples": 3}
+    clone = copy.deepcopy(rewritten)
+    assert gs.rewrite_info(clone).records == {"calibration": {"samples": 3}}
+    assert gs.rewrite_info(clone).plan.to_json() == gs.rewrite_info(rewritten).plan.to_json()

@@ -14,6 +14,10 @@ The forward pass has no Python branching on tensor values, so the module traces 
 ``call_module`` under a tracer that keeps it as a leaf), and runs under ``torch.compile`` and
 ``torch.export``. With the default ``torch.fx.symbolic_trace`` the module is traced through into one
 ``call_function`` node; the backward mode is then fixed at trace time.
+
+In eager mode large inputs go through a compiled one-pass kernel (:mod:`graphsparse.ops.fast`, bit-equal
+output and gradients); an operator may also apply the activation that follows it (``activation``, set by
+:func:`graphsparse.fuse.fuse_activations`), which the kernel computes in the same pass.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 from torch import nn
 
 from graphsparse.errors import PlanError, closest
+from graphsparse.ops import fast
+from graphsparse.ops.fused import ActivationSpec, apply_activation, check_activation
 
 __all__ = [
     "BACKWARD_MODES",
@@ -81,8 +87,11 @@ def _mean_sparse(
     alpha: torch.Tensor,
     channel_axis: int,
     straight_through: bool,
+    activation: ActivationSpec | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """The MeanSparse formula; wrapped for ``torch.fx`` so a traced-through module stays one node."""
+    """The MeanSparse formula, then ``activation``; wrapped for ``torch.fx`` so a traced-through module
+    stays one node."""
     if x.dim() < 2:
         raise ValueError(f"MeanSparse expects an input of rank >= 2, got shape {tuple(x.shape)}")
     axis = channel_axis % x.dim()
@@ -95,13 +104,21 @@ def _mean_sparse(
     # a NaN, or alpha * sigma underflowing in x's dtype), so that the comparison below is never true and
     # the output is x itself, bit for bit (-0.0 and NaN included).
     band = (alpha * var.clamp_min(0.0).sqrt()).to(x.dtype)
+    thr = torch.where(band > 0, band, -1.0)
+    mu = mean.to(x.dtype)
+    y = fast.mean_sparse(x, mu, thr, axis, straight_through=straight_through, activation=activation, inplace=inplace)
+    if y is not None:
+        return y
     shape = [1] * x.dim()
     shape[axis] = -1
-    thr = torch.where(band > 0, band, -1.0).reshape(shape)
-    mu = mean.to(x.dtype).reshape(shape)
+    thr, mu = thr.reshape(shape), mu.reshape(shape)
     if straight_through:
-        return _StraightThroughWhere.apply(x, mu, thr)
-    return torch.where((x - mu).abs() <= thr, mu, x)
+        y = _StraightThroughWhere.apply(x, mu, thr)
+    else:
+        y = torch.where((x - mu).abs() <= thr, mu, x)
+    if activation is None:
+        return y
+    return apply_activation(activation, y, inplace=not (torch.is_grad_enabled() and y.requires_grad))
 
 
 torch.fx.wrap("_mean_sparse")
@@ -127,6 +144,12 @@ class MeanSparse(nn.Module):
         backward_mode: ``"exact"`` (true gradient: zero inside the band, identity outside) or
             ``"straight_through"`` (identity gradient everywhere, BPDA). The forward output is bit-equal
             in both modes.
+        activation: None, or the :data:`~graphsparse.ops.fused.ActivationSpec` of an activation the
+            operator applies to its own output (the fused form, see :func:`graphsparse.fuse.fuse_activations`).
+            Its gradient is the activation's at the operator's output times MeanSparse's (identity under
+            ``straight_through``), i.e. the gradient of the unfused pair.
+        inplace: the operator may overwrite its input (as ``nn.ReLU(inplace=True)`` does), when no gradient
+            is recorded. Set by the fusion pass where the activation it absorbs was in place.
     """
 
     mean: torch.Tensor
@@ -152,6 +175,8 @@ class MeanSparse(nn.Module):
         self.site_id = str(site_id)
         self.depth = int(depth)
         self.backward_mode = "exact"
+        self.activation: ActivationSpec | None = None
+        self.inplace = False
         self.register_buffer("mean", torch.zeros(channels, dtype=torch.float32))
         self.register_buffer("var", torch.zeros(channels, dtype=torch.float32))
         self.register_buffer("alpha", torch.tensor(_check_alpha(alpha), dtype=torch.float32))
@@ -165,6 +190,15 @@ class MeanSparse(nn.Module):
     def backward_mode(self, mode: str) -> None:
         self._backward_mode = _check_mode(mode)
 
+    @property
+    def activation(self) -> ActivationSpec | None:
+        """The fused activation's spec, or None; set a name (``"relu"``) or ``(name, args)``."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, spec: ActivationSpec | str | None) -> None:
+        self._activation = check_activation(spec)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _mean_sparse(
             x,
@@ -173,13 +207,20 @@ class MeanSparse(nn.Module):
             self.alpha,
             self.channel_axis,
             self._backward_mode == "straight_through",
+            self._activation,
+            self.inplace,
         )
 
     def extra_repr(self) -> str:
         alpha = "?" if self.alpha.is_meta else f"{float(self.alpha):g}"
+        fused = ""
+        if self._activation is not None:
+            name, args = self._activation
+            fused = f", activation={name}" + "".join(f", {k}={v!r}" for k, v in args)
+            fused += ", inplace=True" if self.inplace else ""
         return (
             f"{self.channels}, channel_axis={self.channel_axis}, alpha={alpha}, "
-            f"backward_mode={self._backward_mode!r}, site_id={self.site_id!r}"
+            f"backward_mode={self._backward_mode!r}, site_id={self.site_id!r}{fused}"
         )
 
 

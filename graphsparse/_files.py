@@ -1,0 +1,31 @@
+"""Atomic file writes: nothing is ever half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write"]
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str], None]) -> Path:
+    """Write ``data`` (bytes, text, or a ``write(tmp_path)`` callable) to a temp file beside ``path``, fsync
+    it, then rename it over ``path``. An interrupted write leaves any previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

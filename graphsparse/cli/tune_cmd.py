@@ -1,0 +1,101 @@
+"""``graphsparse tune ARTIFACT --data SRC --split val``: choose α on validation data only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._data import data_options, open_dataset, progress_bar
+from ._term import console, table
+
+
+@click.command("tune")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@data_options(default_split="val")
+@click.option("--alphas", default=None, help="Comma-separated α grid (default 0,0.05,…,0.5).")
+@click.option("--attack", default="apgd-ce", show_default=True)
+@click.option("--eps", type=float, default=8 / 255, show_default=True)
+@click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
+@click.option("--n", "n", type=int, default=None, help="Number of validation samples (default: all).")
+@click.option("--steps", type=int, default=None, help="APGD iterations (default: AutoAttack's).")
+@click.option("--max-clean-drop", type=float, default=0.5, show_default=True, help="In percentage points.")
+@click.option("--bpda", is_flag=True, help="Also attack with straight-through gradients; choose on the worse.")
+@click.option("--per-stage", is_flag=True, help="Then a coordinate search of α per stage.")
+@click.option("--allow-module", "allow_modules", multiple=True, metavar="PKG")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to write the curve (CSV, JSON, PNG); default beside the artifact.",
+)
+def command(
+    artifact,
+    data_source,
+    split,
+    seed,
+    batch_size,
+    max_samples,
+    alphas,
+    attack,
+    eps,
+    norm,
+    n,
+    steps,
+    max_clean_drop,
+    bpda,
+    per_stage,
+    allow_modules,
+    out_dir,
+):
+    """Sweep α on the validation split, set the chosen α in ARTIFACT and draw the α curve."""
+    from ..io import load, save
+    from ..plots import plot_tuning
+    from ..rewrite import rewrite_info
+    from ..tune import tune
+
+    grid = [float(a) for a in alphas.split(",")] if alphas else None
+    model = load(artifact, allow_modules=allow_modules)
+    data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)
+    with progress_bar("tuning") as update:
+        result = tune(
+            model,
+            data,
+            alphas=grid,
+            attack=attack,
+            eps=eps,
+            norm=norm,
+            n=n or max_samples,
+            batch_size=batch_size,
+            max_clean_drop=max_clean_drop,
+            bpda=bpda,
+            per_stage=per_stage,
+            seed=seed,
+            steps=steps,
+            progress=lambda d, t, *_: update(d, t),
+        )
+    save(model, artifact)
+    stem = Path(artifact).name.removesuffix(".safetensors")
+    folder = Path(out_dir) if out_dir else Path(artifact).parent
+    csv, png = result.to_csv(folder / f"{stem}.tuning.csv"), plot_tuning(result, folder / f"{stem}.tuning.png")
+    result.to_json(folder / f"{stem}.tuning.json")
+    rows = [
+        [
+            f"{p.alpha:g}",
+            f"{p.clean:.2f}",
+            f"{p.robust:.2f}",
+            "" if p.robust_bpda is None else f"{p.robust_bpda:.2f}",
+            "◀" if p.alpha == result.chosen_alpha else "",
+        ]
+        for p in result.curve
+    ]
+    out = console()
+    out.print(
+        table(
+            ["α", "clean %", f"{attack} %", "BPDA %", "chosen"],
+            rows,
+            title=f"{result.n} samples of {result.source} ({result.split} split)",
+        )
+    )
+    out.print(f"chosen α = {result.chosen_alpha:g} (clean drop ≤ {max_clean_drop:g} points); wrote {csv}, {png}")
+    out.print(f"next: graphsparse eval {artifact} --data {data_source} --split test --attack apgd-ce")

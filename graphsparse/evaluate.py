@@ -1,0 +1,854 @@
+"""Honest robustness evaluation: base model, exact gradient and straight-through (BPDA) side by side.
+
+``evaluate(model, data)`` measures clean accuracy and the robust accuracy under each requested attack,
+run through the real AutoAttack code (PyPI ``pyautoattack``), for three versions of the same model:
+
+- ``base``: every MeanSparse α set to 0, which makes the operators exact identities, so this *is* the
+  original model (α is restored afterwards);
+- ``exact``: the rewritten model attacked with its true gradient (zero inside every blocked band);
+- ``bpda``: the rewritten model attacked with an identity gradient through every MeanSparse
+  (:func:`graphsparse.ops.straight_through`); the forward pass, and so every prediction, is unchanged.
+
+MeanSparse has a zero gradient inside its band, so a gain of ``exact`` over ``base`` may only mean that
+the attack lost its gradient. The report's :attr:`EvalReport.verdict` says plainly whether the gain holds
+under BPDA or vanishes (gradient masking). AutoAttack's own check warnings (zero gradients, randomised
+or dynamic defence, probabilities instead of logits, ...) are captured from its logger and from
+``warnings`` and listed in :attr:`EvalReport.warnings`, together with graphsparse's own check: the share
+of samples whose input gradient of the cross-entropy loss is exactly zero (AutoAttack only checks this
+for its DLR losses).
+
+Attack names (``attacks=``): each entry is one evaluation.
+
+- ``apgd-ce``, ``apgd-t``, ``apgd-dlr``, ``fab``, ``fab-t``, ``square``: that AutoAttack component alone
+  (``version='custom'``), with the parameters of AutoAttack's ``standard`` version (1 restart, up to 9
+  target classes);
+- ``autoattack`` (alias ``standard``): the standard AutoAttack cascade
+  (APGD-CE, APGD-T, FAB-T, Square); robust accuracy is the worst case over the four;
+- a custom cascade: a list of component names, or the names joined by ``+`` (``"apgd-ce+apgd-t"``).
+
+Accuracies are percentages (0–100) of the ``n`` evaluation samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from graphsparse.errors import GraphsparseError, PlanError, closest
+from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
+
+__all__ = [
+    "ATTACKS",
+    "VARIANTS",
+    "EvaluationError",
+    "EvalReport",
+    "VariantResult",
+    "evaluate",
+    "attack_key",
+]
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+"""AutoAttack components that can be named alone or in a custom cascade."""
+
+_STANDARD_NAMES = ("autoattack", "standard", "aa")
+
+VARIANTS = ("base", "exact", "bpda")
+"""The three versions of a model every robust number is measured for."""
+
+_NORMS = {"linf": "Linf", "inf": "Linf", "l_inf": "Linf", "l2": "L2", "l1": "L1"}
+
+_AA_LOGGER = "auto-attack"
+
+
+class EvaluationError(GraphsparseError):
+    """An evaluation or tuning request is invalid (unknown attack or norm, bad ε or sample count)."""
+
+
+# ------------------------------------------------------------------------------------------- options
+
+
+def attack_key(attack: str | Sequence[str]) -> str:
+    """The canonical name of an attack entry: ``apgd-ce``, ``autoattack`` or ``apgd-ce+apgd-t``.
+
+    Raises:
+        EvaluationError: an unknown attack name (the message names the closest valid one).
+    """
+    parts = _attack_parts(attack)
+    return "autoattack" if parts is None else "+".join(parts)
+
+
+def _attack_parts(attack: str | Sequence[str]) -> list[str] | None:
+    """Component names of an attack entry; ``None`` for the standard AutoAttack."""
+    if isinstance(attack, str):
+        name = attack.strip().lower()
+        if name in _STANDARD_NAMES:
+            return None
+        parts = [p.strip() for p in name.split("+")]
+    else:
+        parts = [str(p).strip().lower() for p in attack]
+    if not parts or any(not p for p in parts):
+        raise EvaluationError(f"empty attack name in {attack!r}. Hint: use one of {', '.join(ATTACKS)} or 'autoattack'")
+    for p in parts:
+        if p not in ATTACKS:
+            raise EvaluationError(
+                f"unknown attack {p!r}{closest(p, ATTACKS + _STANDARD_NAMES)}. "
+                f"Hint: use one of {', '.join(ATTACKS)}, 'autoattack', or a list of components"
+            )
+    if len(set(parts)) != len(parts):
+        raise EvaluationError(f"attack {attack!r} names a component twice. Hint: name each one once")
+    return parts
+
+
+def _check_norm(norm: str) -> str:
+    canonical = _NORMS.get(str(norm).strip().lower())
+    if canonical is None:
+        raise EvaluationError(f"unknown norm {norm!r}{closest(str(norm), ('Linf', 'L2', 'L1'))}. Hint: use Linf or L2")
+    return canonical
+
+
+def _check_eps(eps: float) -> float:
+    try:
+        value = float(eps)
+    except (TypeError, ValueError) as e:
+        raise EvaluationError(f"eps must be a number, got {eps!r}") from e
+    if not (math.isfinite(value) and value > 0):
+        raise EvaluationError(f"eps must be a finite number > 0, got {eps!r}. Hint: e.g. 8/255 for Linf")
+    return value
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvaluationError(f"{name} must be an int >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Samples:
+    """The evaluation samples picked from some data, with the split bookkeeping of where they came from.
+
+    Attributes:
+        x: inputs, float32 ``(n, C, H, W)`` in ``[0, 1]``.
+        y: labels, int64 ``(n,)``.
+        positions: positions of the samples in the data given (sorted).
+        indices: indices of the samples in the data *source* (``positions`` mapped through the
+            ``indices`` of a graphsparse split / torch ``Subset``); equal to ``positions`` when the data
+            carries no bookkeeping.
+        split: the split name of a graphsparse dataset (``train``/``val``/``test``/``all``), or ``None``.
+        source: the source description (``digits``, a path), or ``''``.
+        total: number of samples in the data given.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    positions: np.ndarray
+    indices: np.ndarray
+    split: str | None
+    source: str
+    total: int
+
+
+def data_bookkeeping(data: Any) -> tuple[str | None, str, np.ndarray | None, list[str]]:
+    """``(split, source, source_indices, splits_seen)`` of ``data``.
+
+    Follows ``DataLoader.dataset`` and ``Subset.dataset`` down to a graphsparse ``SplitDataset``;
+    ``source_indices[i]`` is the source index of position ``i`` of ``data`` (``None`` when unknown).
+    ``splits_seen`` lists every ``split`` attribute met on the way (to refuse test data at any level).
+    """
+    obj = data
+    mapping: np.ndarray | None = None  # position in `data` -> position in `obj`
+    splits: list[str] = []
+    for _ in range(8):
+        if isinstance(obj, DataLoader):
+            obj = obj.dataset
+            continue
+        split = getattr(obj, "split", None)
+        if isinstance(split, str):
+            splits.append(split)
+        if isinstance(obj, Subset):
+            idx = np.asarray(obj.indices, dtype=np.int64)
+            mapping = idx if mapping is None else idx[mapping]
+            obj = obj.dataset
+            continue
+        own = getattr(obj, "indices", None)
+        if isinstance(split, str) and own is not None:
+            idx = np.asarray(own, dtype=np.int64)
+            mapping = idx if mapping is None else idx[mapping]
+            return split, str(getattr(obj, "source", "")), mapping, splits
+        break
+    return (splits[0] if splits else None), "", None, splits
+
+
+def _as_xy(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(item, (list, tuple)) and len(item) >= 2:
+        x, y = item[0], item[1]
+        if isinstance(x, torch.Tensor):
+            return x, torch.as_tensor(y)
+    raise EvaluationError(
+        f"{where} is a {type(item).__name__}, not an (x, y) pair. "
+        "Hint: pass a dataset of (x, y) samples, a DataLoader, or an iterable of (x, y) batches"
+    )
+
+
+def pick_samples(data: Any, n: int | None, seed: int) -> Samples:
+    """Pick ``n`` samples of ``data`` deterministically (all of them when ``n`` is None or too large).
+
+    The positions are the first ``n`` of a permutation seeded by ``seed`` (so a smaller ``n`` picks a
+    subset of a larger one), sorted.
+
+    Args:
+        data: a map-style dataset of ``(x, y)`` samples (a graphsparse split, ``TensorDataset``,
+            ``Subset``), a ``DataLoader`` over one, an ``(x, y)`` pair of tensors, or any iterable of
+            ``(x, y)`` batches.
+        n: number of samples; ``None`` for all.
+        seed: seed of the pick.
+    """
+    _check_positive("n", n)
+    split, source, mapping, _ = data_bookkeeping(data)
+    base = data.dataset if isinstance(data, DataLoader) and _is_map_style(data.dataset) else data
+    if (
+        isinstance(base, (tuple, list))
+        and len(base) == 2
+        and isinstance(base[0], torch.Tensor)
+        and isinstance(base[1], torch.Tensor)
+        and base[0].dim() >= 2
+        and base[1].dim() == 1
+        and base[0].shape[0] == base[1].shape[0]
+    ):
+        xs, ys = base[0], base[1]
+        total = xs.shape[0]
+        positions = _positions(total, n, seed)
+        x, y = xs[torch.from_numpy(positions)], ys[torch.from_numpy(positions)]
+    elif _is_map_style(base):
+        total = len(base)
+        positions = _positions(total, n, seed)
+        tensors = getattr(base, "tensors", None)
+        if (
+            isinstance(tensors, tuple)
+            and len(tensors) == 2
+            and getattr(base, "transform", None) is None
+            and all(isinstance(t, torch.Tensor) for t in tensors)
+        ):
+            index = torch.from_numpy(positions)
+            x, y = tensors[0][index], tensors[1][index]
+        else:
+            items = [_as_xy(base[int(i)], f"sample {int(i)}") for i in positions]
+            x = torch.stack([a for a, _ in items]) if items else torch.empty(0)
+            y = torch.stack([torch.as_tensor(b).reshape(()) for _, b in items]) if items else torch.empty(0)
+    else:
+        xs_list, ys_list = [], []
+        for i, item in enumerate(data):
+            a, b = _as_xy(item, f"batch {i}")
+            xs_list.append(a if a.dim() >= 4 or b.dim() == 1 else a.unsqueeze(0))
+            ys_list.append(b.reshape(-1))
+        if not xs_list:
+            raise EvaluationError("the data is empty. Hint: pass the test split of a data source")
+        xs, ys = torch.cat(xs_list), torch.cat(ys_list)
+        total = xs.shape[0]
+        positions = _positions(total, n, seed)
+        x, y = xs[torch.from_numpy(positions)], ys[torch.from_numpy(positions)]
+    if total == 0 or x.numel() == 0:
+        raise EvaluationError("the data is empty. Hint: pass the test split of a data source")
+    x = x.float()
+    y = y.long().reshape(-1)
+    if x.shape[0] != y.shape[0]:
+        raise EvaluationError(f"{x.shape[0]} inputs but {y.shape[0]} labels. Hint: pass (x, y) pairs")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0 or not math.isfinite(lo + hi):
+        raise EvaluationError(
+            f"inputs have values in [{lo:g}, {hi:g}], expected [0, 1]. Hint: attacks work in pixel space; "
+            "let the model normalise its inputs (RobustBench convention)"
+        )
+    indices = positions if mapping is None or len(mapping) != total else mapping[positions]
+    return Samples(x, y, positions, np.asarray(indices, dtype=np.int64), split, source, total)
+
+
+def _is_map_style(obj: Any) -> bool:
+    return isinstance(obj, Dataset) and hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
+
+
+def _positions(total: int, n: int | None, seed: int) -> np.ndarray:
+    if n is None or n >= total:
+        return np.arange(total, dtype=np.int64)
+    perm = np.random.default_rng(seed).permutation(total)
+    return np.sort(perm[:n]).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------- model helpers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the first parameter or buffer of ``model`` (CPU for a model without tensors)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode; every module's previous mode is restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def alphas_kept(model: nn.Module) -> Iterator[OrderedDict[str, MeanSparse]]:
+    """Yield the MeanSparse operators of ``model``; their α are restored on exit (also on error)."""
+    ops = operators(model, types=(MeanSparse,))
+    saved = {site: op.alpha.detach().clone() for site, op in ops.items()}
+    try:
+        yield ops
+    finally:
+        with torch.no_grad():
+            for site, op in ops.items():
+                op.alpha.copy_(saved[site])
+
+
+@contextlib.contextmanager
+def variant(model: nn.Module, name: str) -> Iterator[None]:
+    """Make ``model`` behave as variant ``name`` (``base``, ``exact`` or ``bpda``) inside the block."""
+    if name == "base":
+        with alphas_kept(model):
+            set_alpha(model, 0.0)
+            yield
+    elif name == "bpda":
+        with straight_through(model):
+            yield
+    else:
+        yield
+
+
+def _forward_batches(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            out.append(model(x[i : i + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def correct_clean(model: nn.Module, s: Samples, batch_size: int, device: torch.device) -> int:
+    """Number of samples ``model`` classifies correctly."""
+    return int((_forward_batches(model, s.x, batch_size, device) == s.y).sum())
+
+
+def zero_gradient_count(model: nn.Module, s: Samples, batch_size: int, device: torch.device) -> int:
+    """Samples whose input gradient of the cross-entropy loss is exactly zero everywhere."""
+    count = 0
+    for i in range(0, s.x.shape[0], batch_size):
+        x = s.x[i : i + batch_size].to(device).requires_grad_(True)
+        y = s.y[i : i + batch_size].to(device)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, [x], allow_unused=True)
+        if grad is None:
+            count += x.shape[0]
+        else:
+            count += int((grad.reshape(grad.shape[0], -1).abs().sum(1) == 0).sum())
+    return count
+
+
+# ------------------------------------------------------------------------------------------ attacks
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _captured_warnings() -> Iterator[list[str]]:
+    """Collect AutoAttack's logger warnings and any ``warnings.warn`` inside the block (not printed)."""
+    logger = logging.getLogger(_AA_LOGGER)
+    handler = _Capture()
+    old_level = logger.level
+    messages: list[str] = []
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(f"AutoAttack: {m}" for m in handler.messages)
+        for w in caught:
+            if w.category is Warning or "pyautoattack" in str(w.filename):
+                messages.append(f"AutoAttack: {w.message}")
+            else:
+                messages.append(f"{w.category.__name__}: {w.message}")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _set_steps(attack: Any, steps: int) -> None:
+    """Give an APGD attack ``steps`` iterations, with its step-size schedule recomputed as in its __init__."""
+    attack.n_iter = steps
+    attack.n_iter_orig = steps
+    attack.n_iter_2 = max(int(0.22 * steps), 1)
+    attack.n_iter_min = max(int(0.06 * steps), 1)
+    attack.size_decr = max(int(0.03 * steps), 1)
+
+
+def _reset_dynamic_check() -> None:
+    """pyautoattack's dynamic-defence check counts calls in a module-global dict that is never reset, so
+    one detection would be reported for every later model; start each run from zero."""
+    try:
+        from pyautoattack import checks
+    except ImportError:  # pragma: no cover - evaluate() imports AutoAttack first
+        return
+    funcs = getattr(checks, "funcs", None)
+    if isinstance(funcs, dict):
+        for k in funcs:
+            funcs[k] = 0
+
+
+def _import_autoattack() -> Any:
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as e:
+        raise EvaluationError(
+            "AutoAttack is not installed (PyPI package 'pyautoattack'). Hint: pip install 'graphsparse[eval]'"
+        ) from e
+    return AutoAttack
+
+
+_DLR_ATTACKS = ("apgd-dlr", "apgd-t", "fab-t")
+
+
+def _n_classes(model: nn.Module, s: Samples, device: torch.device) -> int:
+    with torch.no_grad():
+        out = model(s.x[:1].to(device))
+    if out.dim() != 2:
+        raise EvaluationError(
+            f"the model returns a tensor of shape {tuple(out.shape)}, expected (batch, classes) logits"
+        )
+    return int(out.shape[-1])
+
+
+def _check_classes(entries: Sequence[str | Sequence[str]], n_classes: int) -> None:
+    """AutoAttack's DLR losses read the 3rd and 4th largest logits; refuse them below 4 classes."""
+    if n_classes >= 4:
+        return
+    for entry in entries:
+        parts = _attack_parts(entry)
+        used = [p for p in (parts if parts is not None else ["apgd-t", "fab-t"]) if p in _DLR_ATTACKS]
+        if used:
+            raise EvaluationError(
+                f"attack {attack_key(entry)!r} uses the DLR loss ({', '.join(used)}), which needs at least "
+                f"4 classes; the model has {n_classes}. Hint: use apgd-ce"
+            )
+
+
+def run_attack(
+    model: nn.Module,
+    s: Samples,
+    attack: str | Sequence[str],
+    *,
+    eps: float,
+    norm: str,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    n_classes: int,
+    steps: int | None = None,
+) -> tuple[int, list[str]]:
+    """Run one attack entry through AutoAttack on ``model`` as it is now.
+
+    Returns:
+        ``(robust_count, messages)``: the samples still classified correctly after the attack, and the
+        warnings AutoAttack (or anything it called) raised, plus graphsparse's checks of its output.
+    """
+    AutoAttack = _import_autoattack()
+    parts = _attack_parts(attack)
+    with _captured_warnings() as messages:
+        if parts is None:
+            aa = AutoAttack(model, eps=eps, norm=norm, version="standard", seed=seed, device=device)
+        else:
+            aa = AutoAttack(model, eps=eps, norm=norm, version="custom", attacks=list(parts), seed=seed, device=device)
+            # the parameters AutoAttack's standard version uses for each component
+            aa.apgd.n_restarts = 1
+            aa.apgd_targeted.n_restarts = 1
+            aa.fab.n_restarts = 1
+        targets = max(1, min(9, n_classes - 1))
+        aa.apgd_targeted.n_target_classes = targets
+        aa.fab.n_target_classes = targets
+        if steps is not None:
+            _set_steps(aa.apgd, steps)
+            _set_steps(aa.apgd_targeted, steps)
+            aa.fab.n_iter = steps
+        _reset_dynamic_check()
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # AutoAttack reseeds the global generator
+            x_adv, y_adv = aa.run_standard_evaluation(s.x, s.y, batch_size=batch_size)
+    robust = y_adv.cpu() == s.y
+    count = int(robust.sum())
+    delta = (x_adv.cpu() - s.x).reshape(s.x.shape[0], -1)
+    size = {"Linf": delta.abs().amax(1), "L2": delta.norm(dim=1), "L1": delta.abs().sum(1)}[norm]
+    if bool((size > eps * (1 + 1e-4) + 1e-6).any()) or float(x_adv.min()) < 0 or float(x_adv.max()) > 1:
+        messages.append(
+            f"graphsparse: adversarial examples leave the {norm} ball of radius {eps:g} or [0, 1] "
+            f"(largest perturbation {float(size.max()):.6g})"
+        )
+    recheck = int((_forward_batches(model, x_adv.cpu(), batch_size, device) == s.y).sum())
+    if recheck != count:
+        messages.append(
+            f"graphsparse: re-evaluating AutoAttack's adversarial examples gives {recheck} robust samples, "
+            f"AutoAttack counted {count}"
+        )
+    return count, messages
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class VariantResult:
+    """Numbers of one model variant.
+
+    Attributes:
+        clean: clean accuracy (%).
+        robust: attack key -> robust accuracy (%).
+        zero_gradient: share (%) of samples whose cross-entropy input gradient is exactly zero.
+    """
+
+    clean: float
+    robust: dict[str, float] = field(default_factory=dict)
+    zero_gradient: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clean": self.clean, "robust": dict(self.robust), "zero_gradient": self.zero_gradient}
+
+
+@dataclass
+class EvalReport:
+    """The result of :func:`evaluate`; :meth:`to_dict` is JSON-able.
+
+    Attributes:
+        base: the model with every MeanSparse α = 0 (the original model); ``None`` when not measured.
+        exact: the rewritten model attacked with its true gradient.
+        bpda: the rewritten model attacked with straight-through gradients through MeanSparse.
+        attacks: attack keys, in the order run.
+        n: number of evaluation samples.
+        eps, norm, seed, batch_size, steps: the attack settings (``steps`` None: AutoAttack's defaults).
+        split, source: where the samples came from (``split`` None when the data carries no bookkeeping).
+        indices: source indices of the samples.
+        alphas: site id -> α of the evaluated model.
+        warnings: AutoAttack's check warnings and graphsparse's own, each prefixed by variant and attack.
+        gains: attack -> {"exact", "bpda"}: robust-accuracy gain over ``base`` in percentage points.
+        gradient_masking: the gain of ``exact`` over ``base`` vanishes or shrinks under BPDA for some attack.
+        verdict: one plain sentence per attack.
+    """
+
+    base: VariantResult | None
+    exact: VariantResult
+    bpda: VariantResult
+    attacks: list[str]
+    n: int
+    eps: float
+    norm: str
+    seed: int
+    batch_size: int
+    steps: int | None
+    split: str | None
+    source: str
+    indices: list[int]
+    alphas: dict[str, float]
+    warnings: list[str]
+    gains: dict[str, dict[str, float]]
+    gradient_masking: bool
+    verdict: str
+
+    def variant(self, name: str) -> VariantResult | None:
+        """The result of variant ``base``, ``exact`` or ``bpda``."""
+        if name not in VARIANTS:
+            raise KeyError(f"unknown variant {name!r}{closest(name, VARIANTS)}")
+        return getattr(self, name)
+
+    def honest(self, attack: str) -> float:
+        """Robust accuracy of the rewritten model under ``attack``: the worse of exact and BPDA."""
+        key = attack_key(attack)
+        return min(self.exact.robust[key], self.bpda.robust[key])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types: ``base``/``exact``/``bpda`` (clean, robust per attack), settings, verdict."""
+        return {
+            "base": None if self.base is None else self.base.to_dict(),
+            "exact": self.exact.to_dict(),
+            "bpda": self.bpda.to_dict(),
+            "attacks": list(self.attacks),
+            "n": self.n,
+            "eps": self.eps,
+            "norm": self.norm,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "split": self.split,
+            "source": self.source,
+            "indices": list(self.indices),
+            "alphas": dict(self.alphas),
+            "warnings": list(self.warnings),
+            "gains": {k: dict(v) for k, v in self.gains.items()},
+            "gradient_masking": self.gradient_masking,
+            "verdict": self.verdict,
+        }
+
+
+def _pct(count: int, n: int) -> float:
+    return round(100.0 * count / n, 6)
+
+
+def _verdict(report_parts: dict[str, Any], n: int) -> tuple[dict[str, dict[str, float]], bool, str]:
+    base: VariantResult | None = report_parts["base"]
+    exact: VariantResult = report_parts["exact"]
+    bpda: VariantResult = report_parts["bpda"]
+    attacks: list[str] = report_parts["attacks"]
+    if base is None:
+        sentences = []
+        masking = False
+        for a in attacks:
+            if bpda.robust[a] < exact.robust[a]:
+                masking = True
+                sentences.append(
+                    f"{a}: BPDA lowers robust accuracy from {exact.robust[a]:.2f}% to {bpda.robust[a]:.2f}% "
+                    "(the exact-gradient number overstates robustness; no base model was measured)."
+                )
+            else:
+                sentences.append(f"{a}: BPDA does not lower robust accuracy ({bpda.robust[a]:.2f}%).")
+        return {}, masking, " ".join(sentences)
+    gains: dict[str, dict[str, float]] = {}
+    sentences = []
+    masking = False
+    one = 100.0 / n
+    for a in attacks:
+        ge = round(exact.robust[a] - base.robust[a], 6)
+        gb = round(bpda.robust[a] - base.robust[a], 6)
+        gains[a] = {"exact": ge, "bpda": gb}
+        nums = f"base {base.robust[a]:.2f}%, exact {exact.robust[a]:.2f}%, BPDA {bpda.robust[a]:.2f}%"
+        if ge <= 0:
+            worse = " and BPDA puts it below the base model" if gb < 0 else ""
+            sentences.append(f"{a}: no robustness gain over the base model ({nums}){worse}.")
+            if gb < ge:
+                masking = True
+        elif gb <= 0:
+            masking = True
+            how = "reverses" if gb < 0 else "vanishes"
+            sentences.append(
+                f"gradient masking: {a}: the +{ge:.2f} pp gain over the base model {how} under BPDA "
+                f"({gb:+.2f} pp; {nums})."
+            )
+        elif gb < ge:
+            masking = True
+            sentences.append(
+                f"partial gradient masking: {a}: the gain over the base model shrinks from +{ge:.2f} pp "
+                f"to +{gb:.2f} pp under BPDA ({nums})."
+            )
+        else:
+            sentences.append(f"{a}: the +{gb:.2f} pp gain over the base model holds under BPDA ({nums}).")
+    sentences.append(f"(n = {n}; one sample = {one:.2f} pp)")
+    return gains, masking, " ".join(sentences)
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    attacks: Iterable[str | Sequence[str]] = ("apgd-ce",),
+    eps: float = 8 / 255,
+    norm: str = "Linf",
+    n: int | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    base_alpha_zero: bool = True,
+    steps: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> EvalReport:
+    """Clean and robust accuracy of ``model`` as base (α = 0), exact-gradient and BPDA variants.
+
+    The model's α, backward modes, train/eval modes and device are restored on exit, also on error; the
+    global torch random state is left as it was. Results are deterministic for a seed. When ``model``
+    was made by :func:`graphsparse.rewrite`, the report is also stored as
+    ``rewrite_info(model).records["evaluation"]``.
+
+    Args:
+        model: a rewritten model (MeanSparse operators inside) taking ``[0, 1]`` pixels.
+        data: the **test** split: a dataset of ``(x, y)``, a DataLoader, an ``(x, y)`` pair of tensors
+            or an iterable of ``(x, y)`` batches.
+        attacks: attack entries (see the module docstring): ``apgd-ce``, ``apgd-t``, ``autoattack``, a
+            list of components for a custom cascade.
+        eps: radius of the threat model (in ``[0, 1]`` pixel units).
+        norm: ``Linf`` or ``L2`` (``L1`` is passed through to AutoAttack too).
+        n: number of samples, picked deterministically by ``seed``; ``None`` for all.
+        batch_size: batch size of the attacks and of the clean pass.
+        seed: seed of the sample pick and of AutoAttack's random starts.
+        device: where to evaluate; default the model's device.
+        base_alpha_zero: measure the base model as the model with every α = 0; ``False`` skips it
+            (e.g. for operators that have no identity setting).
+        steps: iterations of APGD/APGD-T/FAB; ``None`` keeps AutoAttack's 100 (a smaller number makes a
+            weaker, cheaper attack: use it for tests and quick looks only).
+        progress: called as ``progress(done, total, label)`` after each attack run.
+
+    Returns:
+        An :class:`EvalReport`.
+
+    Raises:
+        EvaluationError: unknown attack or norm, bad ε/n/batch size, empty data, inputs outside
+            ``[0, 1]``, pyautoattack not installed.
+    """
+    norm = _check_norm(norm)
+    eps = _check_eps(eps)
+    _check_positive("batch_size", batch_size, allow_none=False)
+    _check_positive("steps", steps)
+    if isinstance(attacks, str):
+        attacks = [attacks]
+    entries = list(attacks)
+    if not entries:
+        raise EvaluationError("no attack to run. Hint: attacks=('apgd-ce',) or ('autoattack',)")
+    keys = [attack_key(a) for a in entries]
+    if len(set(keys)) != len(keys):
+        raise EvaluationError(f"attack list {keys} names an attack twice. Hint: name each one once")
+    _import_autoattack()
+    s = pick_samples(data, n, seed)
+    n_eval = int(s.x.shape[0])
+    ops = operators(model, types=(MeanSparse,))
+    alphas = {site: float(op.alpha) for site, op in ops.items()}
+    messages: list[str] = []
+    if not ops:
+        messages.append("graphsparse: the model has no MeanSparse operators; base, exact and bpda are the same model")
+    others = [site for site in operators(model) if site not in ops]
+    if others and base_alpha_zero:
+        messages.append(
+            f"graphsparse: {len(others)} operators are not MeanSparse (e.g. {others[0]!r}) and stay in the 'base' "
+            "model, which is therefore not the original model"
+        )
+    if s.split is not None and s.split != "test":
+        messages.append(f"graphsparse: evaluated on the {s.split!r} split; report numbers on the 'test' split")
+    variants = [v for v in VARIANTS if v != "base" or base_alpha_zero]
+    total = len(variants) * len(keys)
+    done = 0
+    home = model_device(model)
+    target = torch.device(device) if device is not None else home
+    results: dict[str, VariantResult] = {}
+    try:
+        if target != home:
+            model.to(target)
+        with eval_mode(model):
+            n_classes: int | None = None
+            for v in variants:
+                with variant(model, v):
+                    if not ops and results:  # nothing differs between the variants
+                        results[v] = VariantResult(**results[next(iter(results))].to_dict())
+                        done += len(keys)
+                        if progress is not None:
+                            progress(done, total, f"{v}: same as {next(iter(results))}")
+                        continue
+                    if n_classes is None:
+                        n_classes = _n_classes(model, s, target)
+                        _check_classes(entries, n_classes)
+                    clean = correct_clean(model, s, batch_size, target)
+                    zero = zero_gradient_count(model, s, batch_size, target)
+                    if zero:
+                        messages.append(
+                            f"{v}: graphsparse: {zero} of {n_eval} samples have an all-zero input gradient of "
+                            "the cross-entropy loss; gradient attacks cannot start from them"
+                            + (" (gradient masking; compare with bpda)" if v == "exact" and ops else "")
+                        )
+                    r = VariantResult(clean=_pct(clean, n_eval), zero_gradient=_pct(zero, n_eval))
+                    for key, entry in zip(keys, entries):
+                        count, msgs = run_attack(
+                            model,
+                            s,
+                            entry,
+                            eps=eps,
+                            norm=norm,
+                            batch_size=batch_size,
+                            seed=seed,
+                            device=target,
+                            n_classes=n_classes,
+                            steps=steps,
+                        )
+                        r.robust[key] = _pct(count, n_eval)
+                        messages.extend(_summarise(msgs, f"{v}/{key}"))
+                        done += 1
+                        if progress is not None:
+                            progress(done, total, f"{v}: {key}")
+                    results[v] = r
+    finally:
+        if target != home:
+            model.to(home)
+    parts = {"base": results.get("base"), "exact": results["exact"], "bpda": results["bpda"], "attacks": keys}
+    gains, masking, verdict = _verdict(parts, n_eval)
+    report = EvalReport(
+        base=results.get("base"),
+        exact=results["exact"],
+        bpda=results["bpda"],
+        attacks=keys,
+        n=n_eval,
+        eps=eps,
+        norm=norm,
+        seed=seed,
+        batch_size=batch_size,
+        steps=steps,
+        split=s.split,
+        source=s.source,
+        indices=[int(i) for i in s.indices],
+        alphas=alphas,
+        warnings=messages,
+        gains=gains,
+        gradient_masking=masking,
+        verdict=verdict,
+    )
+    store_record(model, "evaluation", report.to_dict())
+    return report
+
+
+def _summarise(messages: list[str], where: str) -> list[str]:
+    """One line per distinct message, in first-seen order, with a repeat count."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    for m in messages:
+        counts[m] = counts.get(m, 0) + 1
+    out = []
+    for m, c in counts.items():
+        out.append(f"{where}: {m}" + (f" (x{c})" if c > 1 else ""))
+    return out
+
+
+def store_record(model: nn.Module, key: str, record: dict[str, Any]) -> bool:
+    """Store a JSON-able record in ``rewrite_info(model).records[key]``; False for a non-rewritten model."""
+    from graphsparse.rewrite import rewrite_info
+
+    try:
+        info = rewrite_info(model)
+    except PlanError:
+        return False
+    info.records[key] = record
+    return True

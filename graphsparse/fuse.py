@@ -1,0 +1,208 @@
+"""Fuse: let each MeanSparse that directly precedes an activation apply that activation itself.
+
+``fuse_activations(model)`` visits every ``torch.fx.GraphModule`` in ``model``. Where a MeanSparse
+``call_module`` node (``graphsparse_ops.*``) has one user, and that user is a parameter-free activation fed
+by nothing else, the operator gets the activation (:attr:`MeanSparse.activation`) and the activation node is
+removed; its users read the operator instead. Operators wrapped with the activation of a leaf module
+(:class:`~graphsparse.rewrite.OperatorSlot`) are fused the same way (the slot's activation becomes
+``nn.Identity``).
+
+The fused model computes the same values, bit for bit: the operator calls the very function the activation
+module or call computed. Its gradient is the unfused pair's, in both backward modes (``straight_through``:
+the activation's gradient at the operator's output, MeanSparse taken as the identity). The ``state_dict`` is
+unchanged (activations have no parameters or buffers), and so is the graph everywhere else. An in-place
+activation makes the operator in place (:attr:`MeanSparse.inplace`): it overwrites its input, as the
+activation overwrote it, whenever no gradient is recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops.fused import INPLACE, ActivationSpec
+from .ops.meansparse import MeanSparse
+from .rewrite import OperatorSlot
+
+__all__ = ["fuse_activations", "activation_spec_of_module", "activation_spec_of_node"]
+
+
+def _attrs(*names: str):
+    return lambda m: tuple((n, getattr(m, n)) for n in names)
+
+
+# module class (exact type: a subclass may compute something else) -> (name, args of the module)
+_MODULES: dict[type, tuple[str, Any]] = {
+    nn.ReLU: ("relu", _attrs()),
+    nn.ReLU6: ("relu6", _attrs()),
+    nn.LeakyReLU: ("leaky_relu", _attrs("negative_slope")),
+    nn.Hardtanh: ("hardtanh", _attrs("min_val", "max_val")),
+    nn.ELU: ("elu", _attrs("alpha")),
+    nn.CELU: ("celu", _attrs("alpha")),
+    nn.SELU: ("selu", _attrs()),
+    nn.GELU: ("gelu", _attrs("approximate")),
+    nn.SiLU: ("silu", _attrs()),
+    nn.Mish: ("mish", _attrs()),
+    nn.Hardswish: ("hardswish", _attrs()),
+    nn.Hardsigmoid: ("hardsigmoid", _attrs()),
+    nn.Sigmoid: ("sigmoid", _attrs()),
+    nn.Tanh: ("tanh", _attrs()),
+    nn.Softplus: ("softplus", _attrs("beta", "threshold")),
+}
+
+try:  # timm's own GELU classes call F.gelu
+    from timm.layers import activations as _timm_act
+
+    _MODULES[_timm_act.GELU] = ("gelu", _attrs())
+    _MODULES[_timm_act.GELUTanh] = ("gelu", lambda m: (("approximate", "tanh"),))
+except (ImportError, AttributeError):  # pragma: no cover - timm is a dependency
+    pass
+
+# function -> (name, its parameters after the input, in order, "inplace" included; always in place)
+_FUNCTIONS: dict[Any, tuple[str, tuple[str, ...], bool]] = {
+    F.relu: ("relu", ("inplace",), False),
+    torch.relu: ("relu", (), False),
+    F.relu_: ("relu", (), True),
+    torch.relu_: ("relu", (), True),
+    F.relu6: ("relu6", ("inplace",), False),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace"), False),
+    F.leaky_relu_: ("leaky_relu", ("negative_slope",), True),
+    F.hardtanh: ("hardtanh", ("min_val", "max_val", "inplace"), False),
+    F.hardtanh_: ("hardtanh", ("min_val", "max_val"), True),
+    F.elu: ("elu", ("alpha", "inplace"), False),
+    F.elu_: ("elu", ("alpha",), True),
+    F.celu: ("celu", ("alpha", "inplace"), False),
+    F.selu: ("selu", ("inplace",), False),
+    torch.selu: ("selu", (), False),
+    F.gelu: ("gelu", ("approximate",), False),
+    F.silu: ("silu", ("inplace",), False),
+    F.mish: ("mish", ("inplace",), False),
+    F.hardswish: ("hardswish", ("inplace",), False),
+    F.hardsigmoid: ("hardsigmoid", ("inplace",), False),
+    torch.sigmoid: ("sigmoid", (), False),
+    F.sigmoid: ("sigmoid", (), False),
+    torch.tanh: ("tanh", (), False),
+    F.tanh: ("tanh", (), False),
+    F.softplus: ("softplus", ("beta", "threshold"), False),
+}
+
+# tensor method -> (name, in place)
+_METHODS: dict[str, tuple[str, bool]] = {
+    "relu": ("relu", False),
+    "relu_": ("relu", True),
+    "sigmoid": ("sigmoid", False),
+    "sigmoid_": ("sigmoid", True),
+    "tanh": ("tanh", False),
+    "tanh_": ("tanh", True),
+}
+
+
+def activation_spec_of_module(module: nn.Module) -> tuple[ActivationSpec, bool] | None:
+    """``(spec, inplace)`` of a parameter-free activation module without hooks, or None."""
+    entry = _MODULES.get(type(module))
+    if entry is None or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        return None
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None  # removing the module would drop the hooks
+    name, args = entry
+    return (name, args(module)), bool(getattr(module, "inplace", False))
+
+
+def activation_spec_of_node(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> tuple[ActivationSpec, bool] | None:
+    """``(spec, inplace)`` when ``node`` is an activation of ``source`` alone (nothing else feeds it), or None."""
+    if not node.args or node.args[0] is not source:
+        return None
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    if _has_node(rest):
+        return None
+    if node.op == "call_module":
+        if rest:
+            return None
+        return activation_spec_of_module(gm.get_submodule(str(node.target)))
+    if node.op == "call_method":
+        entry = _METHODS.get(str(node.target))
+        if entry is None or rest:
+            return None
+        return (entry[0], ()), entry[1]
+    if node.op == "call_function":
+        entry = _FUNCTIONS.get(node.target)
+        if entry is None:
+            return None
+        name, params, always_inplace = entry
+        if len(node.args) - 1 > len(params) or any(k not in params for k in node.kwargs):
+            return None
+        bound = dict(zip(params, node.args[1:]))
+        bound.update(node.kwargs)
+        inplace = always_inplace or bool(bound.pop("inplace", False))
+        return (name, tuple(sorted(bound.items()))), inplace
+    return None
+
+
+def _has_node(values: list[Any]) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg(values, found.append)
+    return bool(found)
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Fuse every MeanSparse with the activation it directly precedes; returns how many were fused.
+
+    Args:
+        model: a model made by :func:`graphsparse.rewrite` (any module tree with graph modules works).
+
+    Returns:
+        The number of activations absorbed by operators (0 when there is nothing to fuse, e.g. a second
+        call).
+    """
+    count = 0
+    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+        fused = _fuse_graph(gm)
+        if fused:
+            gm.graph.lint()
+            gm.recompile()
+            count += fused
+    for slot in [m for m in model.modules() if isinstance(m, OperatorSlot)]:
+        count += _fuse_slot(slot)
+    return count
+
+
+def _fuse_graph(gm: fx.GraphModule) -> int:
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or calls[str(node.target)] != 1 or len(node.users) != 1:
+            continue
+        op = gm.get_submodule(str(node.target))
+        if not isinstance(op, MeanSparse) or op.activation is not None:
+            continue
+        (user,) = node.users
+        found = activation_spec_of_node(gm, user, node)
+        if found is None:
+            continue
+        spec, inplace = found
+        op.activation = spec
+        op.inplace = inplace and spec[0] in INPLACE
+        user.replace_all_uses_with(node)
+        gm.graph.erase_node(user)
+        count += 1
+    return count
+
+
+def _fuse_slot(slot: OperatorSlot) -> int:
+    if not isinstance(slot.op, MeanSparse) or slot.op.activation is not None:
+        return 0
+    found = activation_spec_of_module(slot.act)
+    if found is None:
+        return 0
+    spec, inplace = found
+    slot.op.activation = spec
+    slot.op.inplace = inplace and spec[0] in INPLACE
+    slot.act = nn.Identity()
+    return 1

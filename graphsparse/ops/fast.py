@@ -1,0 +1,236 @@
+"""The fast MeanSparse path: one compiled elementwise kernel that reads ``x`` once and writes ``y`` once.
+
+The plain formula ``where(|x − μ| <= thr, μ, x)`` makes four memory passes and three temporaries; the
+kernel makes one (``torch.compile``, inductor, dynamic shapes), with a fused ReLU / LeakyReLU inside it
+and, for an in-place operator, no new tensor at all. Chosen by measurement (``tools/bench_ops.py``;
+numbers in the module docs of that tool). The kernel is bit-equal to the plain formula: same operations,
+select of the original bits, and ``emulate_precision_casts`` so that float16/bfloat16 intermediates
+round as in eager mode.
+
+The path applies in eager mode to plain tensors of at least :data:`MIN_NUMEL` elements, contiguous or
+channels-last with the channel axis 1. Whenever ``torch.compile``, ``torch.export``, ``torch.jit`` or a
+functorch transform is tracing, or a dispatch mode / autocast is active, the caller uses the plain formula
+instead (inductor fuses that into its own kernels). If compilation fails (no C++ compiler, no Triton),
+a one-line warning is issued once and the plain path is used from then on.
+
+Switch it with :func:`set_enabled` / :func:`enabled`, or ``GRAPHSPARSE_FAST=0`` in the environment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from graphsparse.ops.fused import INPLACE, KERNEL_EXACT, ActivationSpec, apply_activation
+
+__all__ = ["MIN_NUMEL", "applies", "is_enabled", "set_enabled", "enabled", "mean_sparse", "unavailable_reason"]
+
+MIN_NUMEL = 1 << 15
+"""Smaller inputs use the plain formula: below this a compiled call's overhead outweighs the saving."""
+
+_enabled = os.environ.get("GRAPHSPARSE_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+_broken: dict[str, str] = {}  # device type -> why compiling failed there
+_kernels: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+
+def is_enabled() -> bool:
+    """Whether MeanSparse operators may use the compiled kernel."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Allow (True) or forbid (False) the compiled kernel for every MeanSparse operator."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+@contextmanager
+def enabled(flag: bool) -> Iterator[None]:
+    """:func:`set_enabled` for the duration of a ``with`` block (the previous setting is restored)."""
+    previous = _enabled
+    set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def unavailable_reason(device_type: str = "cpu") -> str | None:
+    """Why compiling the kernel failed on ``device_type`` (None when it has not failed)."""
+    return _broken.get(device_type)
+
+
+# ------------------------------------------------------------------------------------------- kernels
+
+
+def _forward(x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, act: ActivationSpec | None) -> torch.Tensor:
+    y = torch.where((x - mu).abs() <= thr, mu, x)
+    return y if act is None else apply_activation(act, y)
+
+
+def _forward_inplace(x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, act: ActivationSpec | None) -> torch.Tensor:
+    return x.copy_(_forward(x, mu, thr, act))
+
+
+def _grad_exact(grad: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    return torch.where((x - mu).abs() <= thr, 0.0, grad)
+
+
+def _compiled(fn: Callable[..., torch.Tensor], key: tuple) -> Callable[..., torch.Tensor]:
+    compiled = _kernels.get(key)
+    if compiled is None:
+        # A copy of ``fn`` with its own code object: dynamo keeps its compiled variants (and its limit of
+        # 8 of them) per code object, so each (kernel, dtype, layout, activation) gets a cache of its own.
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+        compiled = torch.compile(copy, dynamic=True, options={"emulate_precision_casts": True})
+        _kernels[key] = compiled
+    return compiled
+
+
+def _run(fn: Callable[..., torch.Tensor], key: tuple, *args) -> torch.Tensor:
+    """``fn(*args)`` compiled; on a compilation failure the notice is given once and ``fn`` runs eagerly."""
+    device = args[0].device.type
+    if device not in _broken:
+        try:
+            return _compiled(fn, key)(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of the compiler stack means "not available"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            _broken[device] = f"{type(e).__name__}: {reason}"
+            warnings.warn(
+                f"graphsparse: the compiled MeanSparse kernel is unavailable on {device} "
+                f"({_broken[device]}); using the plain path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return fn(*args)
+
+
+# -------------------------------------------------------------------------------------------- layout
+
+
+def _flat(t: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """``t`` viewed as ``(M, C)`` (channels innermost) or ``(N, C, L)``, L > 1; None for other layouts."""
+    channels = t.shape[axis]
+    if t.is_contiguous():
+        inner = math.prod(t.shape[axis + 1 :])
+        return t.view(-1, channels) if inner == 1 else t.view(-1, channels, inner)
+    if axis == 1 and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: the permuted tensor is contiguous
+    return None
+
+
+def _unflat(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.is_contiguous():
+        return y.view(like.shape)
+    n, c, h, w = like.shape
+    return y.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _stats(flat: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (-1,) if flat.dim() == 2 else (-1, 1)
+    return mu.reshape(shape), thr.reshape(shape)
+
+
+def _key(kind: str, flat: torch.Tensor, act: ActivationSpec | None = None) -> tuple:
+    return (kind, flat.dtype, flat.device.type, flat.dim(), act)
+
+
+# ---------------------------------------------------------------------------------------- entry point
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the compiled kernel may run on ``x`` now (eager mode, plain tensor, nothing tracing)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return (
+        _enabled
+        and type(x) is torch.Tensor
+        and x.numel() >= MIN_NUMEL
+        and x.device.type not in _broken
+        and x.device.type in ("cpu", "cuda")
+        and not torch.jit.is_tracing()
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+class _FastMeanSparse(torch.autograd.Function):
+    """The kernel with an autograd rule: exact (zero inside the band) or straight-through (identity)."""
+
+    @staticmethod
+    def forward(ctx, x, mu, thr, axis: int, straight_through: bool):
+        ctx.axis, ctx.straight_through = axis, straight_through
+        if not straight_through:
+            ctx.save_for_backward(x, mu, thr)
+        flat = _flat(x.detach(), axis)
+        m, t = _stats(flat, mu, thr)
+        return _unflat(_run(_forward, _key("forward", flat), flat, m, t, None), x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.straight_through:
+            return grad, None, None, None, None
+        x, mu, thr = ctx.saved_tensors
+        return _grad(grad, x, mu, thr, ctx.axis), None, None, None, None
+
+
+def _grad(grad: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, axis: int) -> torch.Tensor:
+    """``grad`` zeroed inside the band: by the kernel when ``grad`` has ``x``'s layout."""
+    if not torch.is_grad_enabled() and grad.shape == x.shape and grad.stride() == x.stride():
+        flat_g, flat_x = _flat(grad, axis), _flat(x, axis)
+        if flat_g is not None:
+            m, t = _stats(flat_x, mu, thr)
+            return _unflat(_run(_grad_exact, _key("grad", flat_g), flat_g, flat_x, m, t), x)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return _grad_exact(grad, x, mu.reshape(shape), thr.reshape(shape))  # also for double backward
+
+
+def mean_sparse(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    thr: torch.Tensor,
+    axis: int,
+    *,
+    straight_through: bool = False,
+    activation: ActivationSpec | None = None,
+    inplace: bool = False,
+) -> torch.Tensor | None:
+    """MeanSparse of ``x`` (then ``activation``) by the compiled kernel; None where it does not apply.
+
+    Args:
+        x: the input.
+        mu: per-channel mean, shape ``[C]``, in ``x``'s dtype.
+        thr: per-channel threshold ``α·σ``, shape ``[C]``, in ``x``'s dtype, -1 where the band is empty.
+        axis: the channel axis of ``x``, in ``[0, x.dim())``.
+        straight_through: identity gradient (BPDA) instead of the exact one.
+        activation: applied to the result; inside the kernel for :data:`~graphsparse.ops.fused.KERNEL_EXACT`.
+        inplace: write the result into ``x`` and return ``x``, when no gradient is recorded and the
+            activation (if any) can work in place.
+    """
+    if not applies(x):
+        return None
+    flat = _flat(x, axis)
+    if flat is None:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        y = _FastMeanSparse.apply(x, mu, thr, axis, straight_through)
+        return y if activation is None else apply_activation(activation, y)
+    in_kernel = activation if activation is not None and activation[0] in KERNEL_EXACT else None
+    m, t = _stats(flat, mu, thr)
+    with torch.no_grad():
+        if inplace and (activation is None or activation[0] in INPLACE):
+            _run(_forward_inplace, _key("forward_inplace", flat, in_kernel), flat, m, t, in_kernel)
+            y = x
+        else:
+            y = _unflat(_run(_forward, _key("forward", flat, in_kernel), flat, m, t, in_kernel), x)
+        if activation is not None and in_kernel is None:
+            y = apply_activation(activation, y, inplace=True)  # y is ours: no new tensor
+    return y

@@ -1,0 +1,238 @@
+"""Honest evaluation: base (α = 0), exact gradient and straight-through (BPDA) through real AutoAttack.
+
+The test model is a small CNN trained for a few seconds on the parity (even/odd) of scikit-learn's 8×8
+digits, with one MeanSparse on its logits calibrated on the training split. On a two-class problem a
+large α sends most near-boundary samples of one class onto the channel means, where the exact gradient is
+zero: the exact-gradient attack cannot move them, the straight-through attack can. That is the gradient
+masking the MeanSparse review worried about, made large enough to measure on 128 samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphsparse as gs
+from graphsparse.data import load_dataset, split_indices
+from graphsparse.evaluate import EvaluationError, attack_key, evaluate, pick_samples
+from graphsparse.ops import MeanSparse, operators
+
+EPS = 0.2
+FAST = {"eps": EPS, "n": 128, "steps": 10, "batch_size": 128}
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 2),
+    )
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            b = perm[i : i + 64]
+            loss = F.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parity_source(tmp_path_factory) -> str:
+    """scikit-learn digits with even/odd labels, as a data file (so that splits carry bookkeeping)."""
+    all_ = load_dataset("digits", split="all")
+    x, y = all_.tensors
+    order = np.argsort(all_.indices)
+    path = tmp_path_factory.mktemp("data") / "parity.npz"
+    np.savez(path, x=x[order].numpy(), y=(y[order] % 2).numpy())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(parity_source) -> nn.Module:
+    train = load_dataset(parity_source, split="train")
+    torch.manual_seed(0)
+    return _train(_net(), *train.tensors)
+
+
+@pytest.fixture()
+def masked(trained, parity_source) -> nn.Module:
+    """The trained net with a calibrated MeanSparse on its logits, α = 1."""
+    model = nn.Sequential(*copy.deepcopy(trained), MeanSparse(2, site_id="logits")).eval()
+    gs.calibrate(model, [load_dataset(parity_source, split="train").tensors])
+    gs.set_alpha(model, 1.0)
+    return model
+
+
+@pytest.fixture()
+def test_split(parity_source):
+    return load_dataset(parity_source, split="test")
+
+
+# --------------------------------------------------------------------------------- exact versus BPDA
+
+
+def test_exact_gradient_attack_is_weaker_than_bpda_at_large_alpha(masked, test_split):
+    report = evaluate(masked, test_split, **FAST)
+    exact, bpda, base = report.exact, report.bpda, report.base
+    # same forward pass: same clean accuracy
+    assert exact.clean == bpda.clean
+    # the exact gradient is zero for many samples; straight-through gradients are not
+    assert exact.zero_gradient > 10.0
+    assert bpda.zero_gradient == 0.0
+    # the exact-gradient attack is clearly weaker: the apparent gain is gradient masking
+    assert exact.robust["apgd-ce"] >= bpda.robust["apgd-ce"] + 10.0
+    assert exact.robust["apgd-ce"] > base.robust["apgd-ce"]
+    assert report.gains["apgd-ce"]["exact"] > report.gains["apgd-ce"]["bpda"]
+    assert report.gradient_masking
+    assert "gradient masking" in report.verdict
+    assert any("all-zero input gradient" in w and w.startswith("exact") for w in report.warnings)
+    assert not any(w.startswith("bpda") and "zero" in w for w in report.warnings)
+
+
+def test_exact_and_bpda_agree_at_alpha_zero(masked, test_split):
+    gs.set_alpha(masked, 0.0)
+    report = evaluate(masked, test_split, **FAST)
+    assert report.exact.to_dict() == report.bpda.to_dict() == report.base.to_dict()
+    assert report.gains["apgd-ce"] == {"exact": 0.0, "bpda": 0.0}
+    assert not report.gradient_masking
+    assert "no robustness gain" in report.verdict
+
+
+def test_base_is_the_model_with_alpha_zero_and_state_is_restored(masked, test_split):
+    ops = operators(masked)
+    masked.train()  # evaluation must run in eval mode and give the mode back
+    rng = torch.get_rng_state()
+    report = evaluate(masked, test_split, **FAST)
+    assert torch.equal(torch.get_rng_state(), rng), "AutoAttack's reseeding leaked into the global RNG"
+    assert masked.training and all(m.training for m in masked.modules())
+    assert float(ops["logits"].alpha) == 1.0 and ops["logits"].backward_mode == "exact"
+
+    original = copy.deepcopy(masked).eval()
+    gs.set_alpha(original, 0.0)
+    alone = evaluate(original, test_split, base_alpha_zero=False, **FAST)
+    assert alone.base is None
+    assert report.base.to_dict() == alone.exact.to_dict()
+
+    # and the α = 0 model is the trained network without the operator, bit for bit
+    x = test_split.tensors[0][:64]
+    with torch.no_grad():
+        assert torch.equal(original(x), original[:-1](x))
+
+
+def test_report_is_deterministic_json_and_names_the_samples(masked, test_split, parity_source):
+    first = evaluate(masked, test_split, seed=3, **FAST)
+    second = evaluate(masked, test_split, seed=3, **FAST)
+    assert first.to_dict() == second.to_dict()
+    d = json.loads(json.dumps(first.to_dict()))
+    assert set(d) >= {"base", "exact", "bpda", "n", "eps", "norm", "seed", "warnings", "verdict"}
+    assert d["exact"]["robust"].keys() == {"apgd-ce"} and d["n"] == 128 and d["norm"] == "Linf"
+    assert d["split"] == "test" and d["alphas"] == {"logits": 1.0}
+    test_indices = set(split_indices(1797, 0)["test"].tolist())
+    assert len(set(d["indices"])) == 128 and set(d["indices"]) <= test_indices
+
+
+def test_l2_and_a_custom_cascade(masked, test_split):
+    gs.set_alpha(masked, 0.0)
+    single = evaluate(masked, test_split, attacks=["apgd-ce"], norm="L2", eps=1.0, n=64, steps=5)
+    both = evaluate(masked, test_split, attacks=[("apgd-ce", "fab")], norm="L2", eps=1.0, n=64, steps=5)
+    assert both.attacks == ["apgd-ce+fab"] and both.norm == "L2"
+    # a cascade runs APGD-CE first with the same seed, then FAB on the survivors: never more robust
+    assert both.exact.robust["apgd-ce+fab"] <= single.exact.robust["apgd-ce"]
+
+
+# ---------------------------------------------------------------------------------------- warnings
+
+
+def test_autoattack_zero_gradient_warning_is_surfaced():
+    """A model whose output is constant has zero gradients everywhere; AutoAttack's DLR check says so."""
+    torch.manual_seed(0)
+    digits = load_dataset("digits", split="test")
+    x = digits.tensors[0][:32]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), MeanSparse(10, site_id="logits")).eval()
+    gs.calibrate(model, [x])
+    gs.set_alpha(model, 1000.0)  # every logit is inside its band: the output is the vector of means
+    with torch.no_grad():
+        label = int(model(x[:1]).argmax())
+    y = torch.full((32,), label)  # every sample "correct", so AutoAttack attacks all of them
+    report = evaluate(model, (x, y), attacks=("apgd-t",), n=32, steps=3, batch_size=32)
+    exact_aa = [w for w in report.warnings if w.startswith("exact/apgd-t: AutoAttack:")]
+    assert any("zero gradient" in w for w in exact_aa), report.warnings
+    assert not any(w.startswith("bpda/") and "zero gradient" in w for w in report.warnings)
+    assert report.exact.zero_gradient == 100.0 and report.bpda.zero_gradient == 0.0
+    assert any(w.startswith("exact: graphsparse: 32 of 32 samples have an all-zero") for w in report.warnings)
+
+
+# -------------------------------------------------------------------------------------- bookkeeping
+
+
+def test_rewritten_model_gets_an_evaluation_record(trained, parity_source, test_split):
+    train = load_dataset(parity_source, split="train")
+    model = gs.rewrite(trained, "before_activations", train.tensors[0][:2])
+    gs.calibrate(model, gs.make_loader(train, 512))
+    gs.set_alpha(model, 0.25)
+    progress = []
+    report = evaluate(model, test_split, n=32, steps=3, progress=lambda *a: progress.append(a))
+    assert gs.rewrite_info(model).records["evaluation"] == report.to_dict()
+    assert [p[:2] for p in progress] == [(1, 3), (2, 3), (3, 3)]
+    assert set(report.alphas) == set(operators(model)) and set(report.alphas.values()) == {0.25}
+
+
+def test_sample_pick_is_deterministic_nested_and_follows_subsets(test_split):
+    a = pick_samples(test_split, 20, seed=1)
+    b = pick_samples(test_split, 40, seed=1)
+    assert set(a.indices.tolist()) <= set(b.indices.tolist())
+    assert np.array_equal(a.indices, test_split.indices[a.positions])
+    sub = torch.utils.data.Subset(test_split, list(range(10, 60)))
+    loader = torch.utils.data.DataLoader(sub, batch_size=7)
+    c = pick_samples(loader, 5, seed=0)
+    assert c.split == "test" and np.array_equal(c.indices, test_split.indices[10 + c.positions])
+    assert torch.equal(c.x, test_split.tensors[0][10 + torch.from_numpy(c.positions)])
+    batches = [(test_split.tensors[0][i : i + 16], test_split.tensors[1][i : i + 16]) for i in range(0, 64, 16)]
+    d = pick_samples(batches, None, seed=0)
+    assert d.split is None and d.x.shape[0] == 64
+
+
+def test_non_test_split_is_flagged(masked, parity_source):
+    gs.set_alpha(masked, 0.0)
+    report = evaluate(masked, load_dataset(parity_source, split="val"), n=16, steps=2)
+    assert any("'val' split" in w for w in report.warnings)
+
+
+def test_bad_requests_are_refused_with_hints(masked, test_split):
+    with pytest.raises(EvaluationError, match="did you mean 'apgd-ce'"):
+        evaluate(masked, test_split, attacks=("apgd-cee",), n=8)
+    with pytest.raises(EvaluationError, match="at least 4 classes"):
+        evaluate(masked, test_split, attacks=("apgd-t",), n=8)
+    with pytest.raises(EvaluationError, match="norm"):
+        evaluate(masked, test_split, norm="L3", n=8)
+    with pytest.raises(EvaluationError, match=r"\[0, 1\]"):
+        evaluate(masked, (test_split.tensors[0][:8] * 255, test_split.tensors[1][:8]), n=8)
+    assert float(operators(masked)["logits"].alpha) == 1.0
+    assert attack_key("standard") == "autoattack" and attack_key("APGD-CE + apgd-t") == "apgd-ce+apgd-t"

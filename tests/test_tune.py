@@ -1,0 +1,236 @@
+"""Tuning α: validation split only, clean-drop bound, records and files.
+
+The model is a small CNN trained for a few seconds on the parity of scikit-learn's 8×8 digits, rewritten
+with the ``before_activations`` rule (three MeanSparse sites in two stages) and calibrated on the
+training split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphsparse as gs
+from graphsparse.data import load_dataset, split_indices
+from graphsparse.errors import CalibrationError, DataError, PlanError
+from graphsparse.evaluate import EvaluationError
+from graphsparse.ops import MeanSparse, operators
+from graphsparse.tune import DEFAULT_ALPHAS, TunePoint, TuneResult, select_alpha, site_stages, tune
+
+N_DIGITS = 1797
+FAST = {"eps": 0.1, "n": 64, "steps": 5, "batch_size": 64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parity_source(tmp_path_factory) -> str:
+    all_ = load_dataset("digits", split="all")
+    x, y = all_.tensors
+    order = np.argsort(all_.indices)
+    path = tmp_path_factory.mktemp("data") / "parity.npz"
+    np.savez(path, x=x[order].numpy(), y=(y[order] % 2).numpy())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(parity_source) -> nn.Module:
+    train = load_dataset(parity_source, split="train")
+    x, y = train.tensors
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 2),
+    )
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(8):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            b = perm[i : i + 64]
+            loss = F.cross_entropy(net(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@pytest.fixture()
+def model(trained, parity_source) -> nn.Module:
+    """A fresh rewritten (``deepcopy`` of a GraphModule drops its rewrite info) and calibrated model."""
+    train = load_dataset(parity_source, split="train")
+    model = gs.rewrite(trained, "before_activations", train.tensors[0][:2])
+    gs.calibrate(model, gs.make_loader(train, 512))
+    return model
+
+
+@pytest.fixture()
+def val(parity_source):
+    return load_dataset(parity_source, split="val")
+
+
+def alphas_of(model: nn.Module) -> dict[str, float]:
+    return {site: float(op.alpha) for site, op in operators(model).items()}
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def test_tuning_refuses_test_data_in_any_wrapping(model, parity_source):
+    test = load_dataset(parity_source, split="test")
+    before = alphas_of(model)
+    for data in (
+        test,
+        torch.utils.data.Subset(test, list(range(50))),
+        torch.utils.data.DataLoader(test, batch_size=16),
+        torch.utils.data.DataLoader(torch.utils.data.Subset(test, [1, 2, 3]), batch_size=2),
+    ):
+        with pytest.raises(DataError, match="refusing to tune on the 'test' split"):
+            tune(model, data, alphas=[0.0, 0.1], **FAST)
+    assert alphas_of(model) == before
+    assert "tuning" not in gs.rewrite_info(model).records
+
+
+def test_tuning_reads_only_validation_indices_and_records_them(model, val):
+    result = tune(model, val, alphas=[0.0, 0.2], **FAST)
+    splits = split_indices(N_DIGITS, 0)
+    used = set(result.indices)
+    assert result.split == "val" and len(used) == result.n == 64
+    assert used <= set(splits["val"].tolist())
+    assert used.isdisjoint(splits["test"].tolist())
+    record = gs.rewrite_info(model).records["tuning"]
+    assert record == result.to_dict() and record["split"] == "val"
+    assert json.loads(json.dumps(record)) == record
+
+
+# ---------------------------------------------------------------------------------------- selection
+
+
+def test_selection_respects_the_clean_drop_bound():
+    curve = [
+        TunePoint(0.0, clean=95.0, robust=40.0),
+        TunePoint(0.1, clean=94.8, robust=44.0),  # drop 0.2: allowed
+        TunePoint(0.2, clean=94.5, robust=47.0),  # drop 0.5: allowed (the bound is inclusive)
+        TunePoint(0.3, clean=93.0, robust=60.0),  # highest robust, but drops 2 points
+    ]
+    assert select_alpha(curve, max_clean_drop=0.5).alpha == 0.2
+    assert select_alpha(curve, max_clean_drop=0.49).alpha == 0.1
+    assert select_alpha(curve, max_clean_drop=2.0).alpha == 0.3
+    assert select_alpha(curve, max_clean_drop=0.0).alpha == 0.0
+    # with BPDA measured the worse number decides: the masked gain at 0.2 does not count
+    with_bpda = [
+        TunePoint(0.0, 95.0, 40.0, 40.0),
+        TunePoint(0.1, 95.0, 44.0, 43.0),
+        TunePoint(0.2, 95.0, 50.0, 38.0),
+    ]
+    assert select_alpha(with_bpda, max_clean_drop=0.5).alpha == 0.1
+    # ties: higher clean, then smaller alpha
+    ties = [TunePoint(0.0, 95.0, 40.0), TunePoint(0.1, 95.0, 45.0), TunePoint(0.2, 95.0, 45.0)]
+    assert select_alpha(ties).alpha == 0.1
+    with pytest.raises(EvaluationError, match="alpha = 0"):
+        select_alpha(curve[1:])
+
+
+def test_sweep_chooses_within_the_bound_and_sets_alpha(model, val):
+    alphas = [0.0, 0.25, 0.5, 1.0, 2.0]
+    result = tune(model, val, alphas=alphas, bpda=True, max_clean_drop=0.5, **FAST)
+    assert [p.alpha for p in result.curve] == alphas
+    base = result.curve[0]
+    assert base.robust == base.robust_bpda  # α = 0: the two gradients are the same
+    assert result.curve[-1].clean < base.clean - 0.5, "α = 2 should break the bound (test premise)"
+    chosen = result.chosen
+    assert base.clean - chosen.clean <= 0.5
+    feasible = [p for p in result.curve if base.clean - p.clean <= 0.5]
+    assert chosen.score == max(p.score for p in feasible)
+    assert result.criterion == "min(robust, robust_bpda)"
+    assert set(alphas_of(model).values()) == {result.chosen_alpha}
+    assert result.site_alphas == alphas_of(model)
+
+
+def test_statistics_are_not_recomputed(model, val):
+    stats = {site: (op.mean.clone(), op.var.clone()) for site, op in operators(model).items()}
+    tune(model, val, alphas=[0.0, 0.5], **FAST)
+    for site, op in operators(model).items():
+        assert torch.equal(op.mean, stats[site][0]) and torch.equal(op.var, stats[site][1])
+
+
+def test_per_stage_search_uses_the_plan_stages(model, val):
+    stages, known = site_stages(model)
+    assert known and stages == {"1": 0, "3": 1, "6": 1}
+    seen = []
+    result = tune(model, val, alphas=[0.0, 0.5], per_stage=True, progress=lambda *a: seen.append(a), **FAST)
+    assert sorted(result.stage_alphas) == [0, 1]
+    assert {p.stage for p in result.stage_curve} == {0, 1} and len(result.stage_curve) == 4
+    a = alphas_of(model)
+    assert a["3"] == a["6"] == result.stage_alphas[1] and a["1"] == result.stage_alphas[0]
+    assert result.site_alphas == a
+    baseline = result.baseline_clean
+    assert all(baseline - p.clean <= 0.5 for p in result.stage_curve if p.alpha == result.stage_alphas[p.stage])
+    assert seen[-1][0] == seen[-1][1] == 2 + 4
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def test_result_files_are_written_atomically_and_read_back(model, val, tmp_path):
+    result = tune(model, val, alphas=[0.0, 0.3], bpda=True, **FAST)
+    csv_path = result.to_csv(tmp_path / "curve.csv")
+    json_path = result.to_json(tmp_path / "curve.json")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert list(rows[0]) == ["alpha", "clean", "robust", "robust_bpda"]
+    assert [float(r["alpha"]) for r in rows] == [0.0, 0.3]
+    assert [float(r["robust"]) for r in rows] == [p.robust for p in result.curve]
+    again = TuneResult.from_dict(json.loads(json_path.read_text()))
+    assert again == result
+    assert sorted(os.listdir(tmp_path)) == ["curve.csv", "curve.json"]  # no temporary files left
+
+
+def test_default_sweep_is_zero_to_half_in_twentieths():
+    assert DEFAULT_ALPHAS == (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_models_without_operators_or_statistics_are_refused(val):
+    with pytest.raises(PlanError, match="no MeanSparse"):
+        tune(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), val, **FAST)
+    fresh = nn.Sequential(nn.Flatten(), nn.Linear(64, 2), MeanSparse(2, site_id="logits"))
+    with pytest.raises(CalibrationError, match="calibrate"):
+        tune(fresh, val, **FAST)
+
+
+def test_alpha_is_restored_when_tuning_fails(model, val):
+    gs.set_alpha(model, 0.15)
+    before = alphas_of(model)
+    with pytest.raises(EvaluationError, match="at least 4 classes"):
+        tune(model, val, alphas=[0.0, 0.5], attack="apgd-t", **FAST)
+    assert alphas_of(model) == before
+
+    def stop(done, total, label):
+        if done == 2:  # after α = 0.5 was set and measured
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(model, val, alphas=[0.0, 0.5, 1.0], progress=stop, **FAST)
+    assert alphas_of(model) == before
+    assert "tuning" not in gs.rewrite_info(model).records

@@ -1,0 +1,422 @@
+"""Operator speed: MeanSparse paths side by side, eager and under ``torch.compile`` (issue 8, DESIGN §8).
+
+Two tables, both from one process, medians of repeated runs after a warm-up, runs interleaved round-robin
+over the variants (so that load from other processes hits them alike), ``torch.no_grad``, eval mode:
+
+1. Kernels: one resnet50-sized feature map (8×256×56×56, float32): a ReLU (the cost of one memory pass),
+   the reference formula, graphsparse's plain formula, the compiled kernel called directly and through a
+   ``torch.library`` custom op, and the kernel with a fused ReLU (out of place / in place). Also the
+   per-call overhead on a small map. This is the measurement behind the choice of the fast path.
+2. Models, same weights and inputs for every variant: the original; the reference formula
+   ``torch.where(|x − μ| < α·σ, μ, x)`` as a plain module at the same sites; graphsparse eager (plain
+   path, kernel off), graphsparse fast (compiled kernel), graphsparse fused (``fuse_activations``); and the
+   original, reference, graphsparse and fused models under ``torch.compile`` (inside a compiled model the
+   operator always uses the plain formula, so "plain" and "fast" are one compiled variant). Ratios are to
+   the original (compiled ones to the compiled original). Statistics are computed from the model's own
+   features on the probe batch (per-channel mean and variance, so the band looks calibrated), α = 0.25.
+   ``exact``: every graphsparse variant's output against the reference formula in its ``<=`` form
+   (graphsparse's band is inclusive, the reference's is not): ``bit-equal`` or the largest difference.
+
+    python tools/bench_ops.py                    # full: resnet50 b8, WRN-28-10 b32, convnext_tiny b8
+    python tools/bench_ops.py --quick            # sanity run: small batches, 2 repeats
+    python tools/bench_ops.py --batch wrn28_10=128 --json bench.json
+    python tools/bench_ops.py --models resnet50 --no-compile
+
+WRN-28-10 at batch 128 takes ~20 s a forward on 2 loaded cores, so the full run uses batch 32 to stay near
+10 minutes (ratios barely depend on the batch); ``--batch wrn28_10=128`` runs the issue's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import graphsparse as gs  # noqa: E402
+from graphsparse.fuse import fuse_activations  # noqa: E402
+from graphsparse.ops import MeanSparse, fast  # noqa: E402
+from graphsparse.ops.meansparse import _mean_sparse  # noqa: E402
+
+ALPHA = 0.25
+
+
+class ReferenceMeanSparse(nn.Module):
+    """The reference code's formula: ``torch.where(|x − μ| < α·σ, μ, x)``, threshold recomputed per call."""
+
+    def __init__(self, op: MeanSparse, *, inclusive: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("mean", op.mean.clone())
+        self.register_buffer("var", op.var.clone())
+        self.register_buffer("alpha", op.alpha.clone())
+        self.axis = op.channel_axis
+        self.inclusive = inclusive
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        mu = self.mean.view(shape)
+        thr = (self.alpha * self.var.sqrt()).view(shape)
+        diff = (x - mu).abs()
+        return torch.where(diff <= thr if self.inclusive else diff < thr, mu, x)
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def _time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved: a, b, c, a, b, c, ..."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _exact(out: torch.Tensor, ref: torch.Tensor) -> str:
+    if out.shape == ref.shape and torch.equal(_bits(out), _bits(ref)):
+        return "bit-equal"
+    return f"max|d|={(out - ref).abs().max().item():.2e}"
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def kernel_table(repeats: int) -> list[dict]:
+    """Per-call medians of the candidate MeanSparse implementations on one feature map."""
+    g = torch.Generator().manual_seed(0)
+    op = MeanSparse(256, 1, ALPHA)
+    op.mean.copy_(torch.randn(256, generator=g) * 0.5)
+    op.var.copy_(torch.rand(256, generator=g) + 0.5)
+    ref = ReferenceMeanSparse(op)
+    x = torch.randn(8, 256, 56, 56, generator=g)
+    relu_op = copy.deepcopy(op)
+    relu_op.activation = "relu"
+    relu_inplace = copy.deepcopy(relu_op)
+    relu_inplace.inplace = True
+    scratch = x.clone()
+
+    band = torch.where(op.alpha * op.var.sqrt() > 0, op.alpha * op.var.sqrt(), -1.0)
+    flat = x.view(8, 256, -1)
+    mu3, thr3 = op.mean.view(-1, 1), band.view(-1, 1)
+    kernel = fast._compiled(fast._forward, ("bench", torch.float32, "cpu", 3, None))
+
+    @torch.library.custom_op("graphsparse_bench::mean_sparse", mutates_args=())
+    def custom(x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+        return kernel(x, mu, thr, None)
+
+    @custom.register_fake
+    def _(x, mu, thr):
+        return torch.empty_like(x)
+
+    small = torch.randn(2, 256, 8, 8, generator=g)
+    small_flat = small.view(2, 256, -1)
+
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        with fast.enabled(False):
+            return _mean_sparse(t, op.mean, op.var, op.alpha, 1, False)
+
+    candidates = {
+        "relu (one memory pass)": lambda: torch.relu(x),
+        "relu_ (in place)": lambda: torch.relu_(scratch),
+        "reference formula (<)": lambda: ref(x),
+        "graphsparse plain formula": lambda: plain(x),
+        "compiled kernel (torch.compile fn)": lambda: kernel(flat, mu3, thr3, None),
+        "custom op -> compiled kernel": lambda: custom(flat, mu3, thr3),
+        "MeanSparse fast path": lambda: op(x),
+        "MeanSparse + relu fused": lambda: relu_op(x),
+        "MeanSparse + relu fused, in place": lambda: relu_inplace(scratch),
+    }
+    overhead = {
+        "small map: plain formula": lambda: plain(small),
+        "small map: compiled kernel": lambda: kernel(small_flat, mu3, thr3, None),
+        "small map: custom op": lambda: custom(small_flat, mu3, thr3),
+    }
+    with torch.no_grad():
+        checks = {
+            "compiled kernel (torch.compile fn)": kernel(flat, mu3, thr3, None).view_as(x),
+            "custom op -> compiled kernel": custom(flat, mu3, thr3).view_as(x),
+            "MeanSparse fast path": op(x),
+            "MeanSparse + relu fused": relu_op(x),
+        }
+        expected = plain(x)
+        for fn in list(candidates.values()) + list(overhead.values()):
+            fn()  # warm-up (compiles)
+        medians = _time_round_robin(candidates, repeats)
+        small_medians = _time_round_robin(overhead, repeats * 5)
+    rows = []
+    for name, sec in medians.items():
+        exact = ""
+        if name in checks:
+            target = torch.relu(expected) if "relu" in name else expected
+            exact = _exact(checks[name], target)
+        rows.append(
+            {"kernel": name, "ms": sec * 1e3, "x_relu": sec / medians["relu (one memory pass)"], "exact": exact}
+        )
+    for name, sec in small_medians.items():
+        rows.append({"kernel": name, "ms": sec * 1e3, "x_relu": None, "exact": ""})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelCase:
+    name: str
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    rule: str = "before_activations"
+    channels_last: bool = False
+
+
+def _wrn28_10() -> nn.Module:
+    from graphsparse.sources import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet
+
+    return DMWideResNet(depth=28, width=10)
+
+
+CASES = {
+    "resnet50": ModelCase("resnet50", lambda: timm.create_model("resnet50"), (8, 3, 224, 224)),
+    "wrn28_10": ModelCase("wrn28_10", _wrn28_10, (32, 3, 32, 32)),
+    "convnext_tiny": ModelCase(
+        "convnext_tiny", lambda: timm.create_model("convnext_tiny"), (8, 3, 224, 224), channels_last=True
+    ),
+}
+QUICK_BATCH = {"resnet50": 2, "wrn28_10": 8, "convnext_tiny": 2}
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    mode: str
+    ms: float
+    ratio: float
+    exact: str = ""
+    compile_s: float | None = None
+
+
+@dataclass
+class ModelResult:
+    model: str
+    batch_shape: tuple[int, ...]
+    sites: int
+    fused: int
+    replaced_fraction: float
+    rows: list[Row] = field(default_factory=list)
+
+
+def _calibrate_like(model: nn.Module, x: torch.Tensor) -> float:
+    """Per-channel mean/var of each operator's input on ``x``; α = ALPHA. Returns the replaced fraction."""
+    ops = list(gs.operators(model).values())
+    stats: dict[MeanSparse, torch.Tensor] = {}
+
+    def grab(op, args):
+        t = args[0].detach().float()
+        dims = [d for d in range(t.dim()) if d != op.channel_axis % t.dim()]
+        stats[op] = torch.stack([t.mean(dims), t.var(dims, correction=0)])
+
+    hooks = [op.register_forward_pre_hook(grab) for op in ops]
+    with torch.no_grad(), fast.enabled(False):
+        model(x)
+    for h in hooks:
+        h.remove()
+    for op in ops:
+        op.mean.copy_(stats[op][0])
+        op.var.copy_(stats[op][1])
+    gs.set_alpha(model, ALPHA)
+
+    counts = []
+
+    def count(op, args, out):
+        counts.append(((out != args[0]).sum().item(), out.numel()))
+
+    hooks = [op.register_forward_hook(count) for op in ops]
+    with torch.no_grad(), fast.enabled(False):
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sum(c for c, _ in counts) / max(1, sum(n for _, n in counts))
+
+
+def _with_reference(model: nn.Module, *, inclusive: bool) -> nn.Module:
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, MeanSparse):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent_name), attr, ReferenceMeanSparse(module, inclusive=inclusive))
+    return ref
+
+
+def bench_model(case: ModelCase, batch: int, repeats: int, compile_models: bool, log) -> ModelResult:
+    torch.manual_seed(0)
+    shape = (batch, *case.shape[1:])
+    base = case.build().eval()
+    probe = torch.randn(1, *case.shape[1:])
+    x = torch.randn(shape)
+    if case.channels_last:
+        base = base.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rewritten = gs.rewrite(base, case.rule, probe)
+    if case.channels_last:
+        rewritten = rewritten.to(memory_format=torch.channels_last)
+    replaced = _calibrate_like(rewritten, x[: min(batch, 4)])
+    fused = copy.deepcopy(rewritten)
+    n_fused = fuse_activations(fused)
+    reference = _with_reference(rewritten, inclusive=False)
+    reference_le = _with_reference(rewritten, inclusive=True)
+    result = ModelResult(case.name, shape, len(gs.operators(rewritten)), n_fused, replaced)
+    log(f"{case.name}: batch {tuple(shape)}, {result.sites} sites, {n_fused} fused, {replaced:.1%} replaced")
+
+    def plain_path():
+        with fast.enabled(False):
+            return rewritten(x)
+
+    eager: dict[str, Callable[[], torch.Tensor]] = {
+        "original": lambda: base(x),
+        "reference (<)": lambda: reference(x),
+        "graphsparse plain": plain_path,
+        "graphsparse fast": lambda: rewritten(x),
+        "graphsparse fused": lambda: fused(x),
+    }
+    compiled_models = {}
+    compile_s: dict[str, float] = {}
+    if compile_models:
+        for name, model in [
+            ("original", base),
+            ("reference (<)", reference),
+            ("graphsparse", rewritten),
+            ("graphsparse fused", fused),
+        ]:
+            compiled_models[name] = torch.compile(model)
+    compiled = {name: (lambda m=m: m(x)) for name, m in compiled_models.items()}
+
+    with torch.no_grad():
+        expected = reference_le(x)
+        outputs = {}
+        for name, fn in eager.items():
+            outputs[("eager", name)] = fn()  # warm-up; the fast kernels compile here
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            outputs[("compiled", name)] = fn()  # warm-up: compiles the model
+            compile_s[name] = time.perf_counter() - start
+            log(f"  compiled {name} in {compile_s[name]:.0f} s")
+        med_eager = _time_round_robin(eager, repeats)
+        med_compiled = _time_round_robin(compiled, repeats) if compiled else {}
+    for name, sec in med_eager.items():
+        exact = _exact(outputs[("eager", name)], expected) if name != "original" else ""
+        result.rows.append(Row(case.name, name, "eager", sec * 1e3, sec / med_eager["original"], exact))
+    for name, sec in med_compiled.items():
+        exact = _exact(outputs[("compiled", name)], expected) if name != "original" else ""
+        ratio = sec / med_compiled["original"]
+        result.rows.append(Row(case.name, name, "compiled", sec * 1e3, ratio, exact, compile_s[name]))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def _print_kernels(rows: list[dict]) -> None:
+    print("\nKernels: one feature map 8x256x56x56 float32 (small map: 2x256x8x8), median ms per call")
+    print(f"{'implementation':<40} {'ms':>9} {'x relu':>7}  exact vs plain")
+    for r in rows:
+        ratio = f"{r['x_relu']:.2f}" if r["x_relu"] is not None else ""
+        print(f"{r['kernel']:<40} {r['ms']:>9.3f} {ratio:>7}  {r['exact']}")
+
+
+def _print_models(results: list[ModelResult]) -> None:
+    print("\nModels: median ms per forward (torch.no_grad, eval); ratio to the original in the same mode")
+    print(f"{'model':<15} {'variant':<20} {'mode':<9} {'ms':>10} {'ratio':>7}  {'exact vs reference(<=)':<24} compile")
+    for res in results:
+        head = f"{res.model} {tuple(res.batch_shape)}: {res.sites} sites, {res.fused} fused, "
+        print(head + f"{res.replaced_fraction:.1%} of values replaced")
+        for r in res.rows:
+            comp = f"{r.compile_s:.0f} s" if r.compile_s is not None else ""
+            print(f"{'':<15} {r.variant:<20} {r.mode:<9} {r.ms:>10.1f} {r.ratio:>7.3f}  {r.exact:<24} {comp}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batches and 2 repeats (sanity run)")
+    parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--batch", action="append", default=[], metavar="MODEL=N", help="batch size of a model")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 5, quick 2)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (2 if args.quick else 5)
+    batches = {name: (QUICK_BATCH[name] if args.quick else case.shape[0]) for name, case in CASES.items()}
+    for item in args.batch:
+        name, _, value = item.partition("=")
+        if name not in CASES or not value.isdigit():
+            parser.error(f"--batch {item!r}: expected MODEL=N with MODEL one of {', '.join(CASES)}")
+        batches[name] = int(value)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    kernels = [] if args.no_kernels else kernel_table(max(repeats * 4, 10))
+    if kernels:
+        _print_kernels(kernels)
+    results = []
+    for name in names:
+        try:
+            results.append(bench_model(CASES[name], batches[name], repeats, not args.no_compile, log))
+        except Exception as e:  # noqa: BLE001 - report and go on with the other models
+            log(f"{name}: skipped ({type(e).__name__}: {e})")
+    _print_models(results)
+    total = time.perf_counter() - start
+    print(
+        f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+        f"{repeats} repeats, total {total:.0f} s"
+    )
+    if args.json:
+        payload = {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "repeats": repeats,
+            "alpha": ALPHA,
+            "total_s": total,
+            "kernels": kernels,
+            "models": [asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
