@@ -50,6 +50,8 @@ class Capture:
             modules that stayed eager) that ran on the probe, by path.
         module_tree_order: the probe's execution counter when each of those activations first ran.
         graph_order: the probe's execution counter when each graph module first ran.
+        handoffs: graph path → path of the graph or eager activation whose output tensor was the graph's
+            first input (the children of an eager root handing a tensor on to each other).
     """
 
     model: nn.Module
@@ -60,6 +62,7 @@ class Capture:
     module_tree_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     module_tree_order: dict[str, int] = field(default_factory=dict)
     graph_order: dict[str, int] = field(default_factory=dict)
+    handoffs: dict[str, str] = field(default_factory=dict)
 
 
 def _autograd_function_called(module: nn.Module) -> str | None:
@@ -189,9 +192,7 @@ def _trace_tree(
     for leaf in leaf_paths:
         leaves.append(_join(path, leaf))
         leaf_module = gm.get_submodule(leaf)
-        opaque.append(
-            OpaqueModule(_join(path, leaf), type(leaf_module).__name__, leaf_reason(leaf_module) or "")
-        )
+        opaque.append(OpaqueModule(_join(path, leaf), type(leaf_module).__name__, leaf_reason(leaf_module) or ""))
     return gm
 
 
@@ -353,11 +354,25 @@ def _record_shapes(result: Capture, example_input: torch.Tensor) -> Any:
 
         return hook
 
+    graph_outputs: dict[str, Any] = {}
+
+    def output_hook(path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            graph_outputs.setdefault(path, output)
+
+        return hook
+
     def activation_hook(path: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if path not in result.module_tree_order and args and isinstance(args[0], torch.Tensor):
                 result.module_tree_order[path] = next(counter)
                 result.module_tree_inputs[path] = tuple(args[0].shape)
+
+        return hook
+
+    def activation_output_hook(path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            graph_outputs.setdefault(path, output)
 
         return hook
 
@@ -372,9 +387,15 @@ def _record_shapes(result: Capture, example_input: torch.Tensor) -> Any:
         else:
             for path, gm in result.graphs.items():
                 handles.append(gm.register_forward_pre_hook(graph_hook(path)))
+                handles.append(gm.register_forward_hook(output_hook(path)))
             for path, module in iter_module_tree_activations(model, result):
                 handles.append(module.register_forward_pre_hook(activation_hook(path)))
+                handles.append(module.register_forward_hook(activation_output_hook(path)))
             output = _probe(model, example_input)
+            for consumer, args in graph_inputs.items():
+                for producer, out in graph_outputs.items():
+                    if args and args[0] is out:
+                        result.handoffs[consumer] = producer
             for path, gm in result.graphs.items():
                 if path in graph_inputs:
                     with torch.no_grad():

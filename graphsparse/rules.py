@@ -422,7 +422,18 @@ def parse_rules(text: str, *, source: str = "<string>") -> RuleSet:
         RuleError: naming the file, the line, the rule index and field, what was expected, and the
             closest valid name for typos.
     """
-    loader = _Loader(text)
+    try:
+        return _parse_rules(text, source)
+    except RuleError:
+        raise
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+        # PyYAML's reader and tag constructors (`!!int abc`, bad dates) and huge numbers fail outside
+        # the validator's own checks
+        raise RuleError(f"{source}: invalid value: {e}. Hint: quote strings and use plain numbers.") from e
+
+
+def _parse_rules(text: str, source: str) -> RuleSet:
+    loader = _Loader(text)  # its reader errors are turned into RuleError by parse_rules
     try:
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None

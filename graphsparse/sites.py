@@ -95,9 +95,7 @@ class _Candidate:
     graph_module: str = ""
 
 
-def find_sites(
-    model: nn.Module, example_input: torch.Tensor, *, capture_result: Capture | None = None
-) -> list[Site]:
+def find_sites(model: nn.Module, example_input: torch.Tensor, *, capture_result: Capture | None = None) -> list[Site]:
     """Every place an operator can go in ``model``, in forward order.
 
     Args:
@@ -115,33 +113,57 @@ def find_sites(
 def sites_of_capture(cap: Capture) -> list[Site]:
     """Sites of an existing capture (see :func:`find_sites`)."""
     candidates: list[_Candidate] = []
-    add_keys: list[tuple[int, int, int]] = []
-    for gpath, gm in cap.graphs.items():
-        facts = GraphFacts(gm)
-        gkey = cap.graph_order[gpath]
-        candidates.extend(_graph_candidates(facts, gpath, gkey, cap))
-        add_keys.extend((gkey, facts.index[r.node], 0) for r in facts.residual_adds)
-    candidates.extend(_eager_candidates(cap, add_keys))
+    facts_by_path = {gpath: GraphFacts(gm) for gpath, gm in cap.graphs.items()}
+    # residual forks and adds of every graph, keyed by execution order: roles such as stem/head are
+    # global even when the root stayed eager and its children were traced one by one
+    forks = [
+        (cap.graph_order[p], f, _fork_outside(cap, p, r.fork))
+        for p, f in facts_by_path.items()
+        for r in f.residual_adds
+    ]
+    adds = [(cap.graph_order[p], f, r.node) for p, f in facts_by_path.items() for r in f.residual_adds]
+    for gpath, facts in facts_by_path.items():
+        candidates.extend(_graph_candidates(facts, gpath, cap.graph_order[gpath], cap, forks, adds))
+    fork_keys = [(cap.graph_order[p], f.index[r.fork], 0) for p, f in facts_by_path.items() for r in f.residual_adds]
+    add_keys = [(g, f.index[n], 0) for g, f, n in adds]
+    handed_on = {n[0] for _, _, n in forks if isinstance(n, tuple) and n[1] is None}
+    candidates.extend(_eager_candidates(cap, fork_keys, add_keys, handed_on))
     candidates.sort(key=lambda c: c.key)
     return _finish(candidates)
 
 
-def _graph_candidates(facts: GraphFacts, gpath: str, gkey: int, cap: Capture) -> list[_Candidate]:
+_Located = list[tuple[int, GraphFacts, Any]]
+
+
+def _fork_outside(cap: Capture, gpath: str, fork: fx.Node) -> Any:
+    """A fork at a graph's input is the output node of the graph that handed the tensor on, if any."""
+    producer = cap.handoffs.get(gpath) if fork.op == "placeholder" else None
+    if producer is None:
+        return fork
+    if producer not in cap.graphs:  # an activation that ran eagerly
+        return (producer, None)
+    outputs = [n for n in cap.graphs[producer].graph.nodes if n.op == "output"]
+    value = outputs[0].args[0] if outputs else None
+    return (producer, value) if isinstance(value, fx.Node) else fork
+
+
+def _graph_candidates(
+    facts: GraphFacts, gpath: str, gkey: int, cap: Capture, forks: _Located, adds: _Located
+) -> list[_Candidate]:
     out: list[_Candidate] = []
     residual = {r.node: r for r in facts.residual_adds}
     absorbed: set[fx.Node] = set()  # residual adds whose only user is an activation: one site, not two
     branch_nodes = set().union(*(r.branch for r in facts.residual_adds)) if residual else set()
-    forks = [r.fork for r in facts.residual_adds]
-    adds = list(residual)
 
     def position_role(node: fx.Node) -> str:
         if node in facts.se_nodes:
             return "in_se"
-        if not residual or node in branch_nodes:
+        if not adds or node in branch_nodes:
             return "main_path"
-        if all(facts.is_descendant(f, node) for f in forks):
+        # stem: a strict ancestor of every residual fork; head: a descendant of every residual add
+        if all(_strictly_before(facts, gpath, gkey, node, g, f, n) for g, f, n in forks):
             return "stem"
-        if all(facts.is_descendant(node, a) for a in adds):
+        if all(facts.is_descendant(node, n) if f is facts else g < gkey for g, f, n in adds):
             return "head"
         return "main_path"
 
@@ -226,7 +248,21 @@ def _graph_candidates(facts: GraphFacts, gpath: str, gkey: int, cap: Capture) ->
     return out
 
 
-def _eager_candidates(cap: Capture, add_keys: list[tuple[int, int, int]]) -> list[_Candidate]:
+def _strictly_before(facts: GraphFacts, gpath: str, gkey: int, node: fx.Node, g: int, f: GraphFacts, fork: Any) -> bool:
+    """``node`` (of graph ``gpath``) is a strict ancestor of ``fork`` (of the graph with facts ``f``)."""
+    if isinstance(fork, tuple):  # a fork at a graph input: the output of the graph that handed it on
+        producer, value = fork
+        if producer == gpath:
+            return value is not node and facts.is_descendant(value, node)
+        return f is not facts and g > gkey
+    if f is facts:
+        return facts.is_descendant(fork, node)
+    return g > gkey
+
+
+def _eager_candidates(
+    cap: Capture, fork_keys: list[tuple[int, int, int]], add_keys: list[tuple[int, int, int]], handed_on: set[str]
+) -> list[_Candidate]:
     """Activation modules run outside any graph (in modules that stayed eager)."""
     out = []
     for path, shape in cap.module_tree_inputs.items():
@@ -237,7 +273,7 @@ def _eager_candidates(cap: Capture, add_keys: list[tuple[int, int, int]]) -> lis
         if kind is None or is_gate_kind(kind):
             continue
         key = (cap.module_tree_order[path], -1, 0)
-        if add_keys and all(key < k for k in add_keys):
+        if fork_keys and all(key < k for k in fork_keys) and path not in handed_on:
             role = "stem"
         elif add_keys and all(key > k for k in add_keys):
             role = "head"
@@ -260,7 +296,7 @@ def _eager_candidates(cap: Capture, add_keys: list[tuple[int, int, int]]) -> lis
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _axis_from_shape(shape: tuple[int, ...]) -> int:

@@ -116,15 +116,8 @@ def test_site_discovery_matches_the_ground_truth(arch):
     _check_sites(arch)
 
 
-# Minimal counterexample (hypothesis-shrunk):
-#   Architecture(root='wrapper', stem=Stem(act=Act('relu', 'functional'), inline=True))
-#   expected site id 'net.relu', found 'net..relu' (sites._id_base joins the graph path with an empty
-#   nn_module_stack parent: a functional activation in the forward of a module traced as its own graph).
-@pytest.mark.xfail(
-    strict=True,
-    reason="graphsparse bug: a functional activation called in the forward of a submodule traced as its "
-    "own graph (root untraceable) gets the id 'net..relu' instead of 'net.relu'",
-)
+# Regression (found by this property): a functional activation in the forward of a module traced as its
+# own graph got the id 'net..relu' instead of 'net.relu'.
 @settings(max_examples=_budget(2), phases=[Phase.explicit, Phase.generate])
 @example(Architecture(root="wrapper", stem=Stem(act=Act("relu", "functional"), inline=True)))
 @given(random_architectures(roots=("wrapper",)))
@@ -133,16 +126,8 @@ def test_site_discovery_untraceable_wrapper_root(arch):
     _check_sites(arch)
 
 
-# Minimal counterexample (hypothesis-shrunk):
-#   Architecture(root='split', stem=Stem(pool=True), blocks=(ConvNeXt(),))
-#   the stem activation is found with role 'main_path', expected 'stem' (strict ancestor of every residual
-#   fork); likewise head activations become 'main_path' (Head(norm_act=Act('relu'))). The stem, blocks
-#   and head children are traced as separate graphs and roles.py decides roles per graph.
-@pytest.mark.xfail(
-    strict=True,
-    reason="graphsparse bug: when the root does not trace and its children are traced one by one, roles are "
-    "decided per child graph: stem and head activations become main_path",
-)
+# Regression (found by this property): with the children traced one by one, roles were decided per
+# child graph, so stem and head activations became main_path.
 @settings(max_examples=_budget(2), phases=[Phase.explicit, Phase.generate])
 @example(Architecture(root="split", stem=Stem(pool=True), blocks=(ConvNeXt(),)))
 @given(random_architectures(roots=("split",)))
@@ -529,18 +514,8 @@ def _hazardous_rule_texts(draw) -> str:
     return draw(_rule_texts(tokens=_HAZARDS))
 
 
-# Minimal counterexamples (each raises the exception named instead of RuleError):
-#   '\x1f'                                           yaml.reader.ReaderError (raised by _Loader(text), before
-#                                                    parse_rules' try block)
-#   'version: !!int abc'  /  'stage: 2020-13-45'     ValueError from PyYAML's int/timestamp constructors
-#   'alpha: 1000...0' (an int beyond float range)    OverflowError in rules._alpha_value (also linear: [..],
-#                                                    relative_depth: [..] via float())
-@pytest.mark.xfail(
-    strict=True,
-    reason="graphsparse bug: parse_rules lets non-RuleError exceptions escape: yaml ReaderError for "
-    "non-printable characters, ValueError for '!!int abc' / '2020-13-45' scalars, OverflowError for "
-    "integers beyond float range in alpha / relative_depth",
-)
+# Regressions (found by this property): a non-printable character (yaml ReaderError), '!!int abc' or
+# '2020-13-45' scalars (ValueError) and integers beyond float range (OverflowError) escaped parse_rules.
 @settings(max_examples=_budget(2), phases=[Phase.explicit, Phase.generate])
 @example("\x1f")
 @example("version: !!int abc\nrules: []\n")
