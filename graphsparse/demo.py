@@ -75,9 +75,9 @@ def run_demo(
     from .evaluate import evaluate
     from .io import save
     from .models import demo_model_info, load_demo_model
+    from .plan import make_plan
     from .plots import plot_tuning
     from .rewrite import apply_plan, rewrite_info
-    from .plan import make_plan
     from .sites import sites_of_capture
     from .sources import Recipe
     from .tune import tune

@@ -67,22 +67,34 @@ def unavailable_reason(device_type: str = "cpu") -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- kernels
+# The operations of ``meansparse._mean_sparse``, threshold included: computing it inside the kernel costs
+# nothing (the kernel is memory-bound) and saves six tiny eager ops per call, each a round trip out of
+# and back into the thread pool.
 
 
-def _forward(x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, act: ActivationSpec | None) -> torch.Tensor:
-    y = torch.where((x - mu).abs() <= thr, mu, x)
+def _where_band(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor):
+    band = (alpha * var.clamp_min(0.0).sqrt()).to(x.dtype)
+    thr = torch.where(band > 0, band, -1.0)
+    mu = mean.to(x.dtype)
+    return (x - mu).abs() <= thr, mu
+
+
+def _forward(x, mean, var, alpha, act: ActivationSpec | None) -> torch.Tensor:
+    inside, mu = _where_band(x, mean, var, alpha)
+    y = torch.where(inside, mu, x)
     return y if act is None else apply_activation(act, y)
 
 
-def _forward_inplace(x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, act: ActivationSpec | None) -> torch.Tensor:
-    return x.copy_(_forward(x, mu, thr, act))
+def _forward_inplace(x, mean, var, alpha, act: ActivationSpec | None) -> torch.Tensor:
+    return x.copy_(_forward(x, mean, var, alpha, act))
 
 
-def _grad_exact(grad: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    return torch.where((x - mu).abs() <= thr, 0.0, grad)
+def _forward_mask(x, mean, var, alpha) -> tuple[torch.Tensor, torch.Tensor]:
+    inside, mu = _where_band(x, mean, var, alpha)
+    return torch.where(inside, mu, x), inside
 
 
-def _compiled(fn: Callable[..., torch.Tensor], key: tuple) -> Callable[..., torch.Tensor]:
+def _compiled(fn: Callable, key: tuple) -> Callable:
     compiled = _kernels.get(key)
     if compiled is None:
         # A copy of ``fn`` with its own code object: dynamo keeps its compiled variants (and its limit of
@@ -93,7 +105,7 @@ def _compiled(fn: Callable[..., torch.Tensor], key: tuple) -> Callable[..., torc
     return compiled
 
 
-def _run(fn: Callable[..., torch.Tensor], key: tuple, *args) -> torch.Tensor:
+def _run(fn: Callable, key: tuple, *args):
     """``fn(*args)`` compiled; on a compilation failure the notice is given once and ``fn`` runs eagerly."""
     device = args[0].device.type
     if device not in _broken:
@@ -121,7 +133,7 @@ def _flat(t: torch.Tensor, axis: int) -> torch.Tensor | None:
         inner = math.prod(t.shape[axis + 1 :])
         return t.view(-1, channels) if inner == 1 else t.view(-1, channels, inner)
     if axis == 1 and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: the permuted tensor is contiguous
+        return t.permute(0, 2, 3, 1).view(-1, channels)  # the permuted tensor is contiguous
     return None
 
 
@@ -132,9 +144,9 @@ def _unflat(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def _stats(flat: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernel_args(flat: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor) -> tuple:
     shape = (-1,) if flat.dim() == 2 else (-1, 1)
-    return mu.reshape(shape), thr.reshape(shape)
+    return flat, mean.view(shape), var.view(shape), alpha
 
 
 def _key(kind: str, flat: torch.Tensor, act: ActivationSpec | None = None) -> tuple:
@@ -162,41 +174,32 @@ def applies(x: torch.Tensor) -> bool:
 
 
 class _FastMeanSparse(torch.autograd.Function):
-    """The kernel with an autograd rule: exact (zero inside the band) or straight-through (identity)."""
+    """The kernel with an autograd rule: exact (zero inside the band, from the saved band mask, as the
+    plain formula's ``where`` does) or straight-through (identity)."""
 
     @staticmethod
-    def forward(ctx, x, mu, thr, axis: int, straight_through: bool):
-        ctx.axis, ctx.straight_through = axis, straight_through
-        if not straight_through:
-            ctx.save_for_backward(x, mu, thr)
-        flat = _flat(x.detach(), axis)
-        m, t = _stats(flat, mu, thr)
-        return _unflat(_run(_forward, _key("forward", flat), flat, m, t, None), x)
+    def forward(ctx, x, mean, var, alpha, axis: int, straight_through: bool):
+        ctx.straight_through = straight_through
+        args = _kernel_args(_flat(x.detach(), axis), mean, var, alpha)
+        if straight_through:
+            return _unflat(_run(_forward, _key("forward", args[0]), *args, None), x)
+        y, inside = _run(_forward_mask, _key("forward_mask", args[0]), *args)
+        ctx.save_for_backward(_unflat(inside, x))
+        return _unflat(y, x)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.straight_through:
-            return grad, None, None, None, None
-        x, mu, thr = ctx.saved_tensors
-        return _grad(grad, x, mu, thr, ctx.axis), None, None, None, None
-
-
-def _grad(grad: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, axis: int) -> torch.Tensor:
-    """``grad`` zeroed inside the band: by the kernel when ``grad`` has ``x``'s layout."""
-    if not torch.is_grad_enabled() and grad.shape == x.shape and grad.stride() == x.stride():
-        flat_g, flat_x = _flat(grad, axis), _flat(x, axis)
-        if flat_g is not None:
-            m, t = _stats(flat_x, mu, thr)
-            return _unflat(_run(_grad_exact, _key("grad", flat_g), flat_g, flat_x, m, t), x)
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return _grad_exact(grad, x, mu.reshape(shape), thr.reshape(shape))  # also for double backward
+            return grad, None, None, None, None, None
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, 0.0, grad), None, None, None, None, None
 
 
 def mean_sparse(
     x: torch.Tensor,
-    mu: torch.Tensor,
-    thr: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    alpha: torch.Tensor,
     axis: int,
     *,
     straight_through: bool = False,
@@ -207,8 +210,7 @@ def mean_sparse(
 
     Args:
         x: the input.
-        mu: per-channel mean, shape ``[C]``, in ``x``'s dtype.
-        thr: per-channel threshold ``α·σ``, shape ``[C]``, in ``x``'s dtype, -1 where the band is empty.
+        mean, var, alpha: the operator's buffers (``[C]``, ``[C]``, 0-dim, float32).
         axis: the channel axis of ``x``, in ``[0, x.dim())``.
         straight_through: identity gradient (BPDA) instead of the exact one.
         activation: applied to the result; inside the kernel for :data:`~graphsparse.ops.fused.KERNEL_EXACT`.
@@ -221,16 +223,16 @@ def mean_sparse(
     if flat is None:
         return None
     if torch.is_grad_enabled() and x.requires_grad:
-        y = _FastMeanSparse.apply(x, mu, thr, axis, straight_through)
+        y = _FastMeanSparse.apply(x, mean, var, alpha, axis, straight_through)
         return y if activation is None else apply_activation(activation, y)
     in_kernel = activation if activation is not None and activation[0] in KERNEL_EXACT else None
-    m, t = _stats(flat, mu, thr)
+    args = _kernel_args(flat, mean, var, alpha)
     with torch.no_grad():
         if inplace and (activation is None or activation[0] in INPLACE):
-            _run(_forward_inplace, _key("forward_inplace", flat, in_kernel), flat, m, t, in_kernel)
+            _run(_forward_inplace, _key("forward_inplace", flat, in_kernel), *args, in_kernel)
             y = x
         else:
-            y = _unflat(_run(_forward, _key("forward", flat, in_kernel), flat, m, t, in_kernel), x)
+            y = _unflat(_run(_forward, _key("forward", flat, in_kernel), *args, in_kernel), x)
         if activation is not None and in_kernel is None:
             y = apply_activation(activation, y, inplace=True)  # y is ours: no new tensor
     return y

@@ -100,18 +100,19 @@ def _mean_sparse(
             f"MeanSparse has {mean.shape[0]} channels but the input has {x.shape[axis]} along axis "
             f"{channel_axis} (shape {tuple(x.shape)})"
         )
+    y = fast.mean_sparse(
+        x, mean, var, alpha, axis, straight_through=straight_through, activation=activation, inplace=inplace
+    )
+    if y is not None:
+        return y
     # The threshold is built on the C-sized vectors: -1 wherever the band is empty (alpha == 0, sigma == 0,
     # a NaN, or alpha * sigma underflowing in x's dtype), so that the comparison below is never true and
     # the output is x itself, bit for bit (-0.0 and NaN included).
     band = (alpha * var.clamp_min(0.0).sqrt()).to(x.dtype)
-    thr = torch.where(band > 0, band, -1.0)
-    mu = mean.to(x.dtype)
-    y = fast.mean_sparse(x, mu, thr, axis, straight_through=straight_through, activation=activation, inplace=inplace)
-    if y is not None:
-        return y
     shape = [1] * x.dim()
     shape[axis] = -1
-    thr, mu = thr.reshape(shape), mu.reshape(shape)
+    thr = torch.where(band > 0, band, -1.0).reshape(shape)
+    mu = mean.to(x.dtype).reshape(shape)
     if straight_through:
         y = _StraightThroughWhere.apply(x, mu, thr)
     else:
