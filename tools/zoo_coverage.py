@@ -48,18 +48,29 @@ _PREFER = (
     "18",
     "_050",
 )
-_MAX_SIDE = 224
+_MAX_SIDE = 256
 
 
-def pick_model(module: str) -> str | None:
+def candidates(module: str) -> list[str]:
+    """The family's models, the smallest-looking first."""
     names = timm.list_models(module=module)
-    if not names:
-        return None
+    ranked = []
     for key in _PREFER:
-        hits = [n for n in names if key in n]
-        if hits:
-            return sorted(hits, key=len)[0]
-    return sorted(names, key=len)[0]
+        ranked += sorted((n for n in names if key in n and n not in ranked), key=len)
+    return ranked + sorted((n for n in names if n not in ranked), key=len)
+
+
+def build_first(module: str, tries: int = 4) -> tuple[str, torch.nn.Module] | None:
+    """The first candidate of the family that builds here (some need arguments at their defaults)."""
+    error = None
+    for name in candidates(module)[:tries]:
+        try:
+            return name, timm.create_model(name).eval()
+        except Exception as exc:  # a model that cannot be built with defaults: try the next one
+            error = exc
+    if error is not None:
+        raise error
+    return None
 
 
 def input_shape(model: torch.nn.Module) -> tuple[int, ...]:
@@ -215,18 +226,14 @@ def main() -> None:
     rows: list[dict] = []
     if not args.timing_only:
         families = [f for f in args.families.split(",") if f] or sorted(timm.list_modules())
-        jobs = []
-        for fam in families:
-            name = pick_model(fam)
-            if name is not None:
-                jobs.append((fam, name))
+        jobs = [(fam, candidates(fam)[0]) for fam in families if candidates(fam)]
         print(
             f"{'family':24s} {'model':40s} {'traced':8s} {'recall':>6s} {'equal':5s} {'secs':>6s} "
             f"{'sites':>5s}  reason"
         )
         for fam, name in jobs:
             try:
-                model = timm.create_model(name).eval()
+                name, model = build_first(fam)
                 x = torch.randn(*input_shape(model))
                 row = check(name, model, x)
             except Exception as exc:
