@@ -10,6 +10,12 @@ from pathlib import Path
 __all__ = ["atomic_write"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str], None]) -> Path:
     """Write ``data`` (bytes, text, or a ``write(tmp_path)`` callable) to a temp file beside ``path``, fsync
     it, then rename it over ``path``. An interrupted write leaves any previous file intact."""
@@ -24,6 +30,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str
             Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
