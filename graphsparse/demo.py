@@ -22,10 +22,10 @@ class DemoSettings:
     """Sizes of a demo run (``fast`` is the reduced setting CI runs)."""
 
     rule: str = "after_addition"
-    alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
-    tune_n: int = 300
-    eval_n: int = 500
-    steps: int = 20
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    tune_n: int = 128
+    eval_n: int = 200
+    steps: int = 10
     attacks: tuple[str, ...] = ("apgd-ce", "apgd-ce+apgd-t")
     max_clean_drop: float = 0.5
     batch_size: int = 250
