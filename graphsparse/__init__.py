@@ -20,6 +20,7 @@ from .errors import (
     UnsafePickleError,
 )
 from .evaluate import EvalReport, EvaluationError, evaluate
+from .fuse import fuse_activations
 from .io import load, read_metadata, save
 from .ops import (
     MeanSparse,
@@ -79,6 +80,7 @@ __all__ = [
     "Site",
     "Sparta",
     "freeze_except_sparta",
+    "fuse_activations",
     "pgd_attack",
     "sparta_parameters",
     "train",

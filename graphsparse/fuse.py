@@ -38,7 +38,7 @@ def _attrs(*names: str):
 # module class (exact type: a subclass may compute something else) -> (name, args of the module)
 _MODULES: dict[type, tuple[str, Any]] = {
     nn.ReLU: ("relu", _attrs()),
-    nn.ReLU6: ("relu6", _attrs()),
+    nn.ReLU6: ("hardtanh", lambda m: (("min_val", 0.0), ("max_val", 6.0))),  # what its forward calls
     nn.LeakyReLU: ("leaky_relu", _attrs("negative_slope")),
     nn.Hardtanh: ("hardtanh", _attrs("min_val", "max_val")),
     nn.ELU: ("elu", _attrs("alpha")),

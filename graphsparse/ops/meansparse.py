@@ -29,6 +29,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from graphsparse.errors import PlanError, closest
 from graphsparse.ops import fast
@@ -80,6 +81,35 @@ class _StraightThroughWhere(torch.autograd.Function):
         return grad, None, None
 
 
+_thresholds = WeakTensorKeyDictionary()  # var buffer -> (key, mu, thr)
+
+
+def _mean_and_threshold(
+    mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, in ``dtype``: the mean and the threshold ``α·σ``, -1 wherever the band is empty.
+
+    -1 (α = 0, σ = 0, a NaN, or α·σ underflowing in ``dtype``) makes the comparison ``|x − μ| <= thr`` never
+    true, so the output is ``x`` itself, bit for bit (-0.0 and NaN included). In eager mode the pair is
+    cached until a buffer changes (version counters), which spares every call six tiny operations; the
+    compiled kernel takes it as input too, since eager ``sqrt`` and a compiled one may differ in the last
+    bit, and a value exactly on the band edge must land on the same side in both.
+    """
+    cacheable = not fast.tracing() and type(var) is torch.Tensor
+    if cacheable:
+        key = (dtype, *((t._version, t.data_ptr()) for t in (mean, var, alpha)))
+        hit = _thresholds.get(var)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+    with torch.no_grad():
+        band = (alpha * var.clamp_min(0.0).sqrt()).to(dtype)
+        thr = torch.where(band > 0, band, -1.0)
+        mu = mean.to(dtype)
+    if cacheable:
+        _thresholds[var] = (key, mu, thr)
+    return mu, thr
+
+
 def _mean_sparse(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -100,19 +130,13 @@ def _mean_sparse(
             f"MeanSparse has {mean.shape[0]} channels but the input has {x.shape[axis]} along axis "
             f"{channel_axis} (shape {tuple(x.shape)})"
         )
-    y = fast.mean_sparse(
-        x, mean, var, alpha, axis, straight_through=straight_through, activation=activation, inplace=inplace
-    )
+    mu, thr = _mean_and_threshold(mean, var, alpha, x.dtype)
+    y = fast.mean_sparse(x, mu, thr, axis, straight_through=straight_through, activation=activation, inplace=inplace)
     if y is not None:
         return y
-    # The threshold is built on the C-sized vectors: -1 wherever the band is empty (alpha == 0, sigma == 0,
-    # a NaN, or alpha * sigma underflowing in x's dtype), so that the comparison below is never true and
-    # the output is x itself, bit for bit (-0.0 and NaN included).
-    band = (alpha * var.clamp_min(0.0).sqrt()).to(x.dtype)
     shape = [1] * x.dim()
     shape[axis] = -1
-    thr = torch.where(band > 0, band, -1.0).reshape(shape)
-    mu = mean.to(x.dtype).reshape(shape)
+    thr, mu = thr.reshape(shape), mu.reshape(shape)
     if straight_through:
         y = _StraightThroughWhere.apply(x, mu, thr)
     else:
