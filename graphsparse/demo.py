@@ -26,7 +26,7 @@ class DemoSettings:
     tune_n: int = 128
     eval_n: int = 200
     steps: int = 10
-    attacks: tuple[str, ...] = ("apgd-ce", "apgd-ce+apgd-t")
+    attacks: tuple[str, ...] = ("apgd-ce", "apgd-ce+apgd-dlr")
     max_clean_drop: float = 0.5
     batch_size: int = 250
 
