@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--json", default="", help="write rows to this JSON file")
     ap.add_argument("--timing", action="store_true", help="also time resnet50, convnext_large, swin_large")
     ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--timing-models", default="resnet50,convnext_large,swin_large_patch4_window7_224")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows: list[dict] = []
