@@ -272,7 +272,7 @@ def main() -> None:
             for r in misses:
                 print(f"  {r['family']} ({r['model']}): {r['traced']}, recall {r['recall']}, {r['reason']}")
     timing_rows = (
-        timing(["resnet50", "convnext_large", "swin_large_patch4_window7_224"])
+        timing(args.timing_models.split(","))
         if (args.timing or args.timing_only)
         else []
     )
