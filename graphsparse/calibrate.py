@@ -47,7 +47,7 @@ __all__ = [
     "load_state",
 ]
 
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 20
 """Largest number of elements converted to float64 at once (128 MiB); larger batches are folded in
 chunks along the batch axis, which Chan's update makes exact."""
 
