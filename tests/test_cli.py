@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import timm
 import torch
 from click.testing import CliRunner
@@ -70,3 +71,33 @@ def test_calibrate_updates_the_artifact(tmp_path):
     model = gs.load(art)
     assert all(float(op.var.max()) > 0 for op in gs.operators(model).values())
     assert gs.rewrite_info(model).records["calibration"]["samples"] == 42  # 70 % train split of 60
+
+
+@pytest.mark.slow
+def test_rewrite_calibrate_tune_eval_plot_chain(tmp_path):
+    """The documented chain on a small model and the digits data: every command as typed."""
+    import graphsparse as gs
+
+    art = tmp_path / "demo.safetensors"
+    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
+              "1,1,8,8", "--data", "digits", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    assert "calibrated on" in res.output
+    res = run("tune", str(art), "--data", "digits", "--alphas", "0,0.5", "--n", "32", "--steps", "2",
+              "--eps", "0.1", "--out-dir", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "demo.tuning.png").stat().st_size > 1000 and (tmp_path / "demo.tuning.csv").is_file()
+    res = run("eval", str(art), "--data", "digits", "--n", "32", "--steps", "2", "--eps", "0.1", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    for variant in ("base", "exact", "bpda"):
+        assert 0 <= report[variant]["robust"]["apgd-ce"] <= report[variant]["clean"] <= 100
+    assert report["split"] == "test"
+    records = gs.rewrite_info(gs.load(art)).records
+    assert records["evaluation"]["indices"] == report["indices"] and records["tuning"]["split"] == "val"
+    res = run("plot", str(art), "--tuning", "-o", str(tmp_path / "curve.png"))
+    assert res.exit_code == 0 and (tmp_path / "curve.png").stat().st_size > 1000, res.output
+    res = run("eval", str(art), "--data", "digits", "--split", "val", "--n", "8", "--steps", "1", "--json")
+    assert res.exit_code == 0  # evaluating on val is allowed; tuning on test is what is refused
+    res = run("tune", str(art), "--data", "digits", "--split", "test", "--alphas", "0,0.1", "--n", "8")
+    assert res.exit_code == 1 and "test" in res.output
