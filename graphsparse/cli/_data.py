@@ -58,7 +58,7 @@ def open_dataset(source: str, split: str, seed: int, model: Any = None, input_sh
     return dataset
 
 
-def TransferSpeedless():  # noqa: N802 - reads like the other rich columns
+def _items_per_second():
     """'123 items/s' column."""
     from rich.progress import ProgressColumn
     from rich.text import Text
@@ -81,7 +81,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int | None], None]
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TransferSpeedless(),
+        _items_per_second(),
         TimeRemainingColumn(),
         console=console(stderr=True),
         transient=True,

@@ -22,20 +22,15 @@ def command(fast, output_dir):
     result = run_demo(output_dir, fast=fast, log=lambda line: out.print(line))
     ev = result.evaluation
     attacks = ev["attacks"]
-
-    class _Report:  # report_table reads variants by name
-        def __init__(self, d):
-            self.attacks = attacks
-            self._d = d
-
-        def variant(self, name):
-            v = self._d.get(name)
-            return None if v is None else type("V", (), {"clean": v["clean"], "robust": v["robust"]})
-
-    rows = report_table(_Report(ev))
-    out.print(table(["model", "clean %"] + [f"{a} %" for a in attacks], rows,
-                    title=f"demo: MNIST-5k test split, {ev['n']} samples, L∞ ε = {result.eps:g}, α = "
-                          f"{result.chosen_alpha:g} (chosen on the validation split)"))
+    rows = report_table(ev)
+    out.print(
+        table(
+            ["model", "clean %"] + [f"{a} %" for a in attacks],
+            rows,
+            title=f"demo: MNIST-5k test split, {ev['n']} samples, L∞ ε = {result.eps:g}, α = "
+            f"{result.chosen_alpha:g} (chosen on the validation split)",
+        )
+    )
     out.print(ev["verdict"])
     for w in ev["warnings"]:
         out.print(f"warning: {w}")

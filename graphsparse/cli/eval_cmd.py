@@ -7,16 +7,16 @@ import click
 from ._data import data_options, open_dataset, progress_bar
 from ._term import console, print_json, table
 
+_LABELS = {"base": "base (α = 0)", "exact": "rewritten, exact gradient", "bpda": "rewritten, BPDA gradient"}
 
-def report_table(report) -> list:
-    """Rows of variant × (clean, one column per attack)."""
+
+def report_table(report: dict) -> list:
+    """Rows of variant × (clean, one column per attack) from an ``EvalReport.to_dict()``."""
     rows = []
-    for name in ("base", "exact", "bpda"):
-        v = report.variant(name)
-        if v is None:
-            continue
-        label = {"base": "base (α = 0)", "exact": "rewritten, exact gradient", "bpda": "rewritten, BPDA gradient"}
-        rows.append([label[name], f"{v.clean:.2f}"] + [f"{v.robust[a]:.2f}" for a in report.attacks])
+    for name, label in _LABELS.items():
+        v = report.get(name)
+        if v is not None:
+            rows.append([label, f"{v['clean']:.2f}"] + [f"{v['robust'][a]:.2f}" for a in report["attacks"]])
     return rows
 
 
@@ -68,7 +68,7 @@ def command(
     out.print(
         table(
             ["model", "clean %"] + [f"{a} %" for a in report.attacks],
-            report_table(report),
+            report_table(report.to_dict()),
             title=f"{artifact}: {report.n} samples of {report.source}, {report.norm} ε = {report.eps:.4g}",
         )
     )
