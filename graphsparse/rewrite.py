@@ -86,12 +86,18 @@ def rewrite(
         rule: a built-in rule name (``after_addition``), a YAML path, or a parsed :class:`RuleSet`.
         example_input: a probe batch with the model's input shape.
         alpha: overrides the α of every MeanSparse rule.
-        recipe: JSON of the base model's recipe, stored for :func:`graphsparse.save`.
+        recipe: JSON of the base model's recipe, stored for :func:`graphsparse.save`; by default inferred
+            (timm models, and classes whose no-argument constructor rebuilds the same architecture).
 
     Returns:
         The rewritten model (an ``fx.GraphModule`` when the root traces) in eval mode. With α = 0 or
         before calibration its output is bit-identical to ``model``'s.
     """
+    if not recipe:
+        from .sources import infer_recipe
+
+        inferred = infer_recipe(model)
+        recipe = inferred.to_json() if inferred is not None else ""
     cap = capture(model, example_input, copy=True)
     sites = sites_of_capture(cap)
     plan = make_plan(sites, rule, alpha=alpha)

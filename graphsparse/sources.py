@@ -1010,3 +1010,27 @@ def _timm_recipe(model: nn.Module) -> Recipe | None:
         got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
         return recipe if got == expected else None
     return None
+
+
+def infer_recipe(model: nn.Module) -> Recipe | None:
+    """A recipe that rebuilds ``model``'s architecture, when one can be found without guessing.
+
+    timm models give a ``timm`` recipe; other classes of an importable module give a ``class`` recipe
+    when their no-argument constructor rebuilds the same parameter names and shapes. None otherwise
+    (then :func:`graphsparse.load` needs ``base=``).
+    """
+    recipe = _timm_recipe(model)
+    if recipe is not None:
+        return recipe
+    cls = type(model)
+    if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
+        return None
+    try:
+        candidate = Recipe("class", f"{cls.__module__}:{cls.__qualname__}", {})
+        with torch.device("meta"):
+            rebuilt = cls()
+    except Exception:  # needs arguments, or not a valid spec: no recipe rather than a wrong one
+        return None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    return candidate if got == expected else None

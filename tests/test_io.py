@@ -124,3 +124,17 @@ def test_interrupted_save_leaves_previous_file_intact(rewritten, tmp_path, monke
         gs.save(model, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_recipe_is_inferred_for_timm_and_plain_classes(tmp_path):
+    from graphsparse.models import DemoPreActResNet
+
+    for base, shape in ((timm.create_model("resnet10t", num_classes=7), (1, 3, 32, 32)),
+                        (DemoPreActResNet(), (1, 1, 28, 28))):
+        x = torch.randn(*shape)
+        rewritten = gs.rewrite(base, "after_addition", x)
+        loaded = gs.load(gs.save(rewritten, tmp_path / "r.safetensors"))
+        with torch.no_grad():
+            assert torch.equal(rewritten(x), loaded(x))
+    recipe = json.loads(read_metadata(tmp_path / "r.safetensors")["recipe"])
+    assert recipe["kind"] == "class" and recipe["name"] == "graphsparse.models:DemoPreActResNet"
