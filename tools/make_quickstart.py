@@ -11,7 +11,7 @@ CELLS = [
     ("md", "# graphsparse quickstart\n\nThe programmatic API on the shipped demo model (a small pre-activation "
            "ResNet adversarially trained on MNIST-5k): find sites, plan with a rule, rewrite, calibrate, tune α, "
            "evaluate honestly (exact and BPDA gradients), plot, save and load."),
-    ("code", "import torch\nimport graphsparse as gs\nfrom graphsparse.data import load_dataset, make_loader\n"
+    ("code", "import torch\n\nimport graphsparse as gs\nfrom graphsparse.data import load_dataset, make_loader\n"
              "from graphsparse.models import load_demo_model\n\nmodel = load_demo_model()\n"
              "x = torch.zeros(1, 1, 28, 28)\nsites = gs.find_sites(model, x)\n"
              "[(s.id, s.op, s.role) for s in sites][:5]"),
@@ -26,7 +26,7 @@ CELLS = [
              "print('chosen alpha', result.chosen_alpha)\nresult.rows()"),
     ("code", "report = gs.evaluate(rewritten, test, attacks=['apgd-ce'], eps=0.2, n=32, steps=3)\n"
              "print(report.verdict)\n{k: report.to_dict()[k] for k in ('base', 'exact', 'bpda')}"),
-    ("code", "from IPython.display import Image\npng = gs.plot_tuning(result, 'quickstart_tuning.png')\n"
+    ("code", "from IPython.display import Image\n\npng = gs.plot_tuning(result, 'quickstart_tuning.png')\n"
              "Image(filename=str(png))"),
     ("code", "path = gs.save(rewritten, 'quickstart.safetensors')\nsame = gs.load(path)\n"
              "with torch.no_grad():\n    batch = torch.stack([test[i][0] for i in range(8)])\n"
