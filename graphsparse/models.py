@@ -23,13 +23,13 @@ class PreActBlock(nn.Module):
     """BN → act → conv → BN → act → conv, plus the shortcut (1×1 conv of the activated input when the shape
     changes, as in He et al. 2016)."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
-        self.act1 = nn.GELU()
+        self.act1 = act()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.act2 = nn.GELU()
+        self.act2 = act()
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
 
@@ -49,20 +49,22 @@ class DemoPreActResNet(nn.Module):
         in_chans: input channels.
         widths: channels of the three stages.
         blocks: residual blocks per stage.
+        act: ``gelu`` (the shipped demo model) or ``relu`` (for SPARTA experiments).
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64),
-                 blocks: int = 2) -> None:
+                 blocks: int = 2, act: str = "gelu") -> None:
         super().__init__()
+        act_layer = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
         self.stem = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             for b in range(blocks):
-                layers.append(PreActBlock(cin, w, 2 if (b == 0 and i > 0) else 1))
+                layers.append(PreActBlock(cin, w, 2 if (b == 0 and i > 0) else 1, act_layer))
                 cin = w
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(cin)
-        self.act = nn.GELU()
+        self.act = act_layer()
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,3 +46,16 @@ def test_demo_fast_end_to_end(tmp_path):
         clean = 100.0 * float((load_demo_model()(xs).argmax(1) == ys).float().mean())
     assert clean == pytest.approx(rows["base (α = 0)"][0], abs=0.01)
     assert float(next(iter(gs.operators(model).values())).alpha) == pytest.approx(records["tuning"]["chosen_alpha"])
+
+
+def test_demo_architecture_with_relu_takes_sparta_at_stage_ends():
+    from graphsparse.models import DemoPreActResNet
+
+    model = DemoPreActResNet(act="relu", blocks=1)
+    x = torch.zeros(1, 1, 28, 28)
+    sites = gs.find_sites(model, x)
+    stage_last_relus = [s.id for s in sites if s.last_in_stage and s.op == "relu"]
+    rewritten = gs.rewrite(model, "sparta_stage_last", x)
+    spartas = [p for p, m in rewritten.named_modules() if isinstance(m, gs.Sparta)]
+    assert len(spartas) == len(stage_last_relus) == 2  # the last stage ends on a residual addition
+    assert not any(isinstance(m, torch.nn.ReLU) for m in load_demo_model().modules())  # shipped model: GELU
