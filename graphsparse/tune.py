@@ -21,6 +21,7 @@ Accuracies are percentages (0–100).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -368,37 +369,16 @@ def tune(
         if sig not in cache:
             set_alpha(model, dict(config))
             clean = _pct(correct_clean(model, s, batch_size, target), n_eval)
-            count, msgs = run_attack(
-                model,
-                s,
-                key,
-                eps=eps,
-                norm=norm,
-                batch_size=batch_size,
-                seed=seed,
-                device=target,
-                n_classes=n_classes,
-                steps=steps,
-            )
-            notes.extend(_summarise(msgs, f"{label}/exact"))
-            robust_bpda = None
-            if bpda:
-                with straight_through(model):
-                    count_b, msgs = run_attack(
-                        model,
-                        s,
-                        key,
-                        eps=eps,
-                        norm=norm,
-                        batch_size=batch_size,
-                        seed=seed,
-                        device=target,
-                        n_classes=n_classes,
-                        steps=steps,
+            robust: dict[str, float] = {}
+            for variant in ("exact", "bpda") if bpda else ("exact",):
+                with straight_through(model) if variant == "bpda" else contextlib.nullcontext():
+                    count, msgs = run_attack(
+                        model, s, key, eps=eps, norm=norm, batch_size=batch_size, seed=seed, device=target,
+                        n_classes=n_classes, steps=steps,
                     )
-                notes.extend(_summarise(msgs, f"{label}/bpda"))
-                robust_bpda = _pct(count_b, n_eval)
-            cache[sig] = (clean, _pct(count, n_eval), robust_bpda)
+                notes.extend(_summarise(msgs, f"{label}/{variant}"))
+                robust[variant] = _pct(count, n_eval)
+            cache[sig] = (clean, robust["exact"], robust.get("bpda"))
         done += 1
         if progress is not None:
             progress(done, total, label)
