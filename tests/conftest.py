@@ -21,6 +21,30 @@ def robustbench_archs():
     return dm_wide_resnet, robustarch_wide_resnet
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parity_source(tmp_path_factory) -> str:
+    """scikit-learn digits with even/odd labels, as a data file (so that splits carry bookkeeping)."""
+    import numpy as np
+
+    from graphsparse.data import load_dataset
+
+    all_ = load_dataset("digits", split="all")
+    x, y = all_.tensors
+    order = np.argsort(all_.indices)
+    path = tmp_path_factory.mktemp("data") / "parity.npz"
+    np.savez(path, x=x[order].numpy(), y=(y[order] % 2).numpy())
+    return str(path)
+
+
 # --- hypothesis profiles (property tests: tests/test_properties.py) -----------------------------------
 # `ci` (the default): a fixed example budget and a derandomised seed, so CI runs are reproducible and
 # the property suite stays within ~3 minutes on 2 cores. `thorough` for local runs:

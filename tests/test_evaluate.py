@@ -54,24 +54,9 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 8) 
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def parity_source(tmp_path_factory) -> str:
-    """scikit-learn digits with even/odd labels, as a data file (so that splits carry bookkeeping)."""
-    all_ = load_dataset("digits", split="all")
-    x, y = all_.tensors
-    order = np.argsort(all_.indices)
-    path = tmp_path_factory.mktemp("data") / "parity.npz"
-    np.savez(path, x=x[order].numpy(), y=(y[order] % 2).numpy())
-    return str(path)
 
 
 @pytest.fixture(scope="module")

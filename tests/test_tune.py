@@ -11,7 +11,6 @@ import csv
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,23 +27,9 @@ N_DIGITS = 1797
 FAST = {"eps": 0.1, "n": 64, "steps": 5, "batch_size": 64}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def parity_source(tmp_path_factory) -> str:
-    all_ = load_dataset("digits", split="all")
-    x, y = all_.tensors
-    order = np.argsort(all_.indices)
-    path = tmp_path_factory.mktemp("data") / "parity.npz"
-    np.savez(path, x=x[order].numpy(), y=(y[order] % 2).numpy())
-    return str(path)
 
 
 @pytest.fixture(scope="module")
