@@ -45,6 +45,39 @@ def parity_source(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def parity_net(parity_source) -> torch.nn.Module:
+    """A small CNN trained for a few seconds on the parity of the digits' train split (eval mode)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from graphsparse.data import load_dataset
+
+    x, y = load_dataset(parity_source, split="train").tensors
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 2),
+    )
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(8):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            b = perm[i : i + 64]
+            loss = F.cross_entropy(net(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
 # --- hypothesis profiles (property tests: tests/test_properties.py) -----------------------------------
 # `ci` (the default): a fixed example budget and a derandomised seed, so CI runs are reproducible and
 # the property suite stays within ~3 minutes on 2 cores. `thorough` for local runs:
@@ -54,10 +87,19 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 settings.register_profile(
-    "ci", max_examples=50, derandomize=True, deadline=None, database=None, print_blob=True,
+    "ci",
+    max_examples=50,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
     suppress_health_check=_SLOW_OK,
 )
 settings.register_profile(
-    "thorough", max_examples=400, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK,
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_OK,
 )
 settings.load_profile("ci")

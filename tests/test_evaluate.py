@@ -15,7 +15,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import graphsparse as gs
@@ -27,43 +26,12 @@ EPS = 0.2
 FAST = {"eps": EPS, "n": 128, "steps": 10, "batch_size": 128}
 
 
-def _net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 16, 32),
-        nn.ReLU(),
-        nn.Linear(32, 2),
-    )
-
-
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 8) -> nn.Module:
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            b = perm[i : i + 64]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 @pytest.fixture(scope="module")
-def trained(parity_source) -> nn.Module:
-    train = load_dataset(parity_source, split="train")
-    torch.manual_seed(0)
-    return _train(_net(), *train.tensors)
+def trained(parity_net) -> nn.Module:
+    return parity_net
 
 
 @pytest.fixture()

@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import graphsparse as gs
@@ -30,33 +29,9 @@ FAST = {"eps": 0.1, "n": 64, "steps": 5, "batch_size": 64}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 @pytest.fixture(scope="module")
-def trained(parity_source) -> nn.Module:
-    train = load_dataset(parity_source, split="train")
-    x, y = train.tensors
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 16, 32),
-        nn.ReLU(),
-        nn.Linear(32, 2),
-    )
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(8):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            b = perm[i : i + 64]
-            loss = F.cross_entropy(net(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+def trained(parity_net) -> nn.Module:
+    return parity_net
 
 
 @pytest.fixture()
