@@ -195,7 +195,7 @@ def test_running_moments_reject_bad_input():
 
 
 def test_running_moments_chunk_large_batches(monkeypatch):
-    monkeypatch.setattr(sys.modules["graphsparse.calibrate"], "_CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(graphsparse.moments, "CHUNK_ELEMENTS", 100)
     x = images(9)
     m = RunningMoments().update(x, 1)
     assert m.count == 9 * 64

@@ -124,7 +124,7 @@ def kernel_table(repeats: int) -> list[dict]:
 
     flat = x.view(8, 256, -1)
     compiled = fast._compiled(fast._forward, ("bench", torch.float32, "cpu", 3, None))
-    mu, thr = _mean_and_threshold(op.mean, op.var, op.alpha, torch.float32)
+    mu, thr, _ = _mean_and_threshold(op.mean, op.var, op.alpha, torch.float32)
     mu3, thr3 = mu.view(-1, 1), thr.view(-1, 1)
 
     def kernel(t: torch.Tensor) -> torch.Tensor:

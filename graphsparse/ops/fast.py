@@ -43,6 +43,8 @@ __all__ = [
     "set_enabled",
     "enabled",
     "mean_sparse",
+    "run_kernel",
+    "channels_view",
     "unavailable_reason",
 ]
 
@@ -111,7 +113,7 @@ def _compiled(fn: Callable, key: tuple) -> Callable:
     return compiled
 
 
-def _run(fn: Callable, key: tuple, *args):
+def run_kernel(fn: Callable, key: tuple, *args):
     """``fn(*args)`` compiled; on a compilation failure the notice is given once and ``fn`` runs eagerly."""
     device = args[0].device.type
     if device not in _broken:
@@ -132,7 +134,7 @@ def _run(fn: Callable, key: tuple, *args):
 # -------------------------------------------------------------------------------------------- layout
 
 
-def _flat(t: torch.Tensor, axis: int) -> torch.Tensor | None:
+def channels_view(t: torch.Tensor, axis: int) -> torch.Tensor | None:
     """``t`` viewed as ``(M, C)`` (channels innermost) or ``(N, C, L)``, L > 1; None for other layouts."""
     channels = t.shape[axis]
     if t.is_contiguous():
@@ -193,10 +195,10 @@ class _FastMeanSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, thr, axis: int, straight_through: bool):
         ctx.straight_through = straight_through
-        args = _kernel_args(_flat(x.detach(), axis), mu, thr)
+        args = _kernel_args(channels_view(x.detach(), axis), mu, thr)
         if straight_through:
-            return _unflat(_run(_forward, _key("forward", args[0]), *args, None), x)
-        y, inside = _run(_forward_mask, _key("forward_mask", args[0]), *args)
+            return _unflat(run_kernel(_forward, _key("forward", args[0]), *args, None), x)
+        y, inside = run_kernel(_forward_mask, _key("forward_mask", args[0]), *args)
         ctx.save_for_backward(_unflat(inside, x))
         return _unflat(y, x)
 
@@ -232,7 +234,7 @@ def mean_sparse(
     """
     if not applies(x):
         return None
-    flat = _flat(x, axis)
+    flat = channels_view(x, axis)
     if flat is None:
         return None
     if torch.is_grad_enabled() and x.requires_grad:
@@ -242,10 +244,10 @@ def mean_sparse(
     args = _kernel_args(flat, mu, thr)
     with torch.no_grad():
         if inplace and (activation is None or activation[0] in INPLACE):
-            _run(_forward_inplace, _key("forward_inplace", flat, in_kernel), *args, in_kernel)
+            run_kernel(_forward_inplace, _key("forward_inplace", flat, in_kernel), *args, in_kernel)
             y = x
         else:
-            y = _unflat(_run(_forward, _key("forward", flat, in_kernel), *args, in_kernel), x)
+            y = _unflat(run_kernel(_forward, _key("forward", flat, in_kernel), *args, in_kernel), x)
         if activation is not None and in_kernel is None:
             y = apply_activation(activation, y, inplace=True)  # y is ours: no new tensor
     return y
