@@ -14,6 +14,7 @@ from torch import nn
 
 from graphsparse.errors import PlanError
 from graphsparse.ops import MeanSparse, backward_mode, operators, set_alpha, straight_through
+from graphsparse.ops.meansparse import _mean_and_threshold
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -87,6 +88,35 @@ def test_alpha_zero_is_bit_identity(dtype, axis):
     assert y.dtype == dtype
     assert bit_equal(y, x)
     assert op.mean.dtype == op.var.dtype == op.alpha.dtype == torch.float32  # stats stay float32
+    # the formula itself (what torch.compile / export trace) is an identity too, not only the shortcut
+    mu, thr, empty = _mean_and_threshold(op.mean, op.var, op.alpha, dtype)
+    assert empty and (thr == -1).all()
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    assert bit_equal(torch.where((x - mu.reshape(shape)).abs() <= thr.reshape(shape), mu.reshape(shape), x), x)
+
+
+def test_empty_bands_short_circuit_to_the_input_until_a_buffer_changes():
+    g = torch.Generator().manual_seed(3)
+    op = MeanSparse(4, 1, 0.0)
+    op.mean.copy_(torch.randn(4, generator=g))
+    op.var.fill_(1.0)
+    x = torch.randn(2, 4, 3, 3, generator=g)
+    assert op(x) is x
+    op.alpha.fill_(0.5)  # the cached thresholds follow the buffer's version counter
+    y = op(x)
+    assert y is not x and (y == op.mean.view(1, -1, 1, 1)).any()
+    op.alpha.fill_(0.0)
+    op.activation = "relu"
+    y = op(x)
+    assert y is not x and bit_equal(y, torch.relu(x)) and (x < 0).any()  # not in place
+    op.inplace = True
+    z = x.clone()
+    assert op(z) is z and bit_equal(z, torch.relu(x))
+    leaf = x.clone().requires_grad_()
+    out = op(leaf)  # in place is not allowed while autograd records
+    out.sum().backward()
+    assert bit_equal(leaf.grad, (x > 0).float()) and bit_equal(leaf.detach(), x)
 
 
 def test_fresh_op_passes_everything_through_even_with_alpha():

@@ -86,28 +86,37 @@ _thresholds = WeakTensorKeyDictionary()  # var buffer -> (key, mu, thr)
 
 def _mean_and_threshold(
     mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel, in ``dtype``: the mean and the threshold ``α·σ``, -1 wherever the band is empty.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per channel, in ``dtype``: the mean and the threshold ``α·σ``, -1 wherever the band is empty; and
+    whether every band is known to be empty.
 
     -1 (α = 0, σ = 0, a NaN, or α·σ underflowing in ``dtype``) makes the comparison ``|x − μ| <= thr`` never
-    true, so the output is ``x`` itself, bit for bit (-0.0 and NaN included). In eager mode the pair is
+    true, so the output is ``x`` itself, bit for bit (-0.0 and NaN included). In eager mode the triple is
     cached until a buffer changes (version counters), which spares every call six tiny operations; the
     compiled kernel takes it as input too, since eager ``sqrt`` and a compiled one may differ in the last
-    bit, and a value exactly on the band edge must land on the same side in both.
+    bit, and a value exactly on the band edge must land on the same side in both. The last item is only
+    computed (one host sync per change of the buffers) in eager mode; it is False while tracing.
     """
-    cacheable = not fast.tracing() and type(var) is torch.Tensor
+    cacheable = (
+        not fast.tracing()
+        and type(var) is torch.Tensor
+        and not var.is_meta
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
     if cacheable:
         key = (dtype, *((t._version, t.data_ptr()) for t in (mean, var, alpha)))
         hit = _thresholds.get(var)
         if hit is not None and hit[0] == key:
-            return hit[1], hit[2]
+            return hit[1], hit[2], hit[3]
     with torch.no_grad():
         band = (alpha * var.clamp_min(0.0).sqrt()).to(dtype)
         thr = torch.where(band > 0, band, -1.0)
         mu = mean.to(dtype)
+    empty = False
     if cacheable:
-        _thresholds[var] = (key, mu, thr)
-    return mu, thr
+        empty = bool((thr < 0).all())
+        _thresholds[var] = (key, mu, thr, empty)
+    return mu, thr, empty
 
 
 def _mean_sparse(
@@ -130,7 +139,11 @@ def _mean_sparse(
             f"MeanSparse has {mean.shape[0]} channels but the input has {x.shape[axis]} along axis "
             f"{channel_axis} (shape {tuple(x.shape)})"
         )
-    mu, thr = _mean_and_threshold(mean, var, alpha, x.dtype)
+    mu, thr, empty = _mean_and_threshold(mean, var, alpha, x.dtype)
+    if empty:  # every band is empty (α = 0 in particular): MeanSparse is the identity, x itself
+        if activation is None:
+            return x
+        return apply_activation(activation, x, inplace=inplace and not (torch.is_grad_enabled() and x.requires_grad))
     y = fast.mean_sparse(x, mu, thr, axis, straight_through=straight_through, activation=activation, inplace=inplace)
     if y is not None:
         return y
