@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphsparse as gs
-from graphsparse.fuse import fuse_activations
+from graphsparse.fuse import fuse_activations, residual_add
 from graphsparse.ops import MeanSparse, fast
 from graphsparse.rewrite import OperatorSlot
 
@@ -200,7 +200,7 @@ def test_gradients_equal_the_plain_ops(mode, kernel_calls):
             y = op(xg)
         (g,) = torch.autograd.grad((y * w).sum(), xg)
         grads.append((y.detach(), g))
-    assert kernel_calls == ["forward_mask" if mode == "exact" else "forward"]
+    assert kernel_calls == ["forward_mask" if mode == "exact" else "forward_out"]
     assert bit_equal(grads[0][0], grads[1][0])
     assert bit_equal(grads[0][1], grads[1][1])
     assert (grads[1][1] == w).all() == (mode == "straight_through")
@@ -355,6 +355,79 @@ def test_rewritten_resnet18_exports_and_fuses():
         exported = torch.export.export(m, (x,))
         with torch.no_grad():
             assert bit_equal(exported.module()(x), expected)
+
+
+@pytest.mark.parametrize("mode", ["exact", "straight_through"])
+def test_an_in_place_activation_may_follow_the_kernel_under_autograd(mode, kernel_calls):
+    """The ReLU(inplace=True) after an operator in every rewritten timm ResNet: the kernel's output must
+    not be a view, or autograd refuses the in-place update."""
+    op = random_op(6, 1, 0.7)
+    op.backward_mode = mode
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for use_kernel in (True, False):
+        leaf = x.clone().requires_grad_()
+        with fast.enabled(use_kernel):
+            torch.relu_(op(leaf)).square().sum().backward()
+        grads.append(leaf.grad)
+    assert kernel_calls == ["forward_mask" if mode == "exact" else "forward_out"]
+    assert bit_equal(grads[0], grads[1])
+
+
+def _residual_adds(model: nn.Module) -> list[torch.fx.Node]:
+    return [
+        n
+        for gm in model.modules()
+        if isinstance(gm, torch.fx.GraphModule)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is residual_add
+    ]
+
+
+def test_fusion_makes_residual_adds_in_place_only_where_nothing_else_reads_the_operand():
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.conv3 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 1, 1)
+            self.act, self.act2, self.act3 = nn.ReLU(inplace=True), nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            a = self.act(x + self.bn(self.conv(x)))  # fresh BN output, second operand: in place
+            c = self.conv2(a)
+            b = self.act2(c + a) + c  # c is read twice: not in place
+            return self.act3(torch.relu(b) + self.conv3(b))  # conv3's output broadcasts: a new tensor
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    model = gs.rewrite(Blocks().eval(), "after_addition", x)
+    _randomise(model, alpha=0.3)
+    fused = copy.deepcopy(model)
+    fuse_activations(fused)
+    adds = _residual_adds(fused)
+    assert [str(n.args[0].target) for n in adds] == ["bn", "conv3"]
+    with torch.no_grad():
+        assert bit_equal(fused(x), model(x))
+    leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused(leaf).square().sum().backward()
+    model(ref_leaf).square().sum().backward()
+    assert bit_equal(leaf.grad, ref_leaf.grad)
+    hooked = copy.deepcopy(model)
+    hooked.bn.register_forward_hook(lambda m, i, o: None)  # a hook may keep the output: left alone
+    fuse_activations(hooked)
+    assert [str(n.args[0].target) for n in _residual_adds(hooked)] == ["conv3"]
+
+
+def test_residual_add_writes_into_its_operand_only_without_autograd():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    expected = a + b
+    fresh = a.clone()
+    with torch.no_grad():
+        assert residual_add(fresh, b) is fresh and bit_equal(fresh, expected)
+        assert bit_equal(residual_add(a, b[:1]), expected[:1] * 0 + a + b[:1])  # broadcast: a new tensor
+    leaf = a.clone().requires_grad_()
+    y = residual_add(leaf, b)
+    assert y is not leaf and bit_equal(y.detach(), expected)
+    assert residual_add(a.double(), b).dtype == torch.float64
 
 
 def test_whole_model_compile_has_no_graph_break():

@@ -97,9 +97,13 @@ def _forward_inplace(x, mu, thr, act: ActivationSpec | None) -> torch.Tensor:
     return x.copy_(_forward(x, mu, thr, act))
 
 
-def _forward_mask(x, mu, thr) -> tuple[torch.Tensor, torch.Tensor]:
-    inside = (x - mu).abs() <= thr
-    return torch.where(inside, mu, x), inside
+def _forward_out(x, mu, thr, act: ActivationSpec | None, out) -> torch.Tensor:
+    return out.copy_(_forward(x, mu, thr, act))
+
+
+def _forward_mask(x, mu, thr, out, inside) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = (x - mu).abs() <= thr
+    return out.copy_(torch.where(mask, mu, x)), inside.copy_(mask)
 
 
 def _compiled(fn: Callable, key: tuple) -> Callable:
@@ -194,13 +198,19 @@ class _FastMeanSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mu, thr, axis: int, straight_through: bool):
+        # The kernel writes into tensors shaped like x: an output that is a view (of a flat kernel output)
+        # could not be modified in place afterwards (e.g. by the ReLU(inplace=True) that follows).
         ctx.straight_through = straight_through
         args = _kernel_args(channels_view(x.detach(), axis), mu, thr)
+        y = torch.empty_like(x)
         if straight_through:
-            return _unflat(run_kernel(_forward, _key("forward", args[0]), *args, None), x)
-        y, inside = run_kernel(_forward_mask, _key("forward_mask", args[0]), *args)
-        ctx.save_for_backward(_unflat(inside, x))
-        return _unflat(y, x)
+            run_kernel(_forward_out, _key("forward_out", args[0]), *args, None, channels_view(y, axis))
+            return y
+        inside = torch.empty_like(x, dtype=torch.bool)
+        outs = (channels_view(y, axis), channels_view(inside, axis))
+        run_kernel(_forward_mask, _key("forward_mask", args[0]), *args, *outs)
+        ctx.save_for_backward(inside)
+        return y
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,0 +1,163 @@
+"""The CUDA paths: the fast MeanSparse kernel (Triton through inductor), the batch-moment kernel,
+calibration on the GPU and the NCCL merge. Skipped where there is no GPU; on a GPU machine run
+
+    python -m pytest tests/test_cuda.py
+
+Each fast-path test spies on the kernel launches, so a silent fall back to the plain formula fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from graphsparse.calibrate import calibrate
+from graphsparse.moments import batch_moments
+from graphsparse.ops import MeanSparse, fast, straight_through
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+CUDA = torch.device("cuda")
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype]))
+    )
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    run = fast.run_kernel
+
+    def spy(fn, key, *args):
+        calls.append(key[0])
+        return run(fn, key, *args)
+
+    monkeypatch.setattr(fast, "run_kernel", spy)
+    monkeypatch.setattr(fast, "MIN_NUMEL", 1)
+    with fast.enabled(True):
+        yield calls
+
+
+def cuda_op(channels: int, axis: int, alpha: float = 0.7, seed: int = 0) -> MeanSparse:
+    g = torch.Generator().manual_seed(seed)
+    op = MeanSparse(channels, axis, alpha)
+    op.mean.copy_(torch.randn(channels, generator=g))
+    op.var.copy_(torch.rand(channels, generator=g) * 2 + 0.1)
+    op.var[0] = 0.0  # an empty band
+    return op.to(CUDA)
+
+
+def cuda_input(shape, axis: int, op: MeanSparse, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    """Values around the means with -0.0, NaN, ±inf, exact means and exact band edges."""
+    g = torch.Generator().manual_seed(seed)
+    mean, band = op.mean.cpu(), (op.alpha * op.var.sqrt()).cpu()
+    x = torch.randn(shape, generator=g)
+    flat = x.movedim(axis, -1).reshape(-1, op.channels) + mean
+    flat[:5, :] = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf")])[:, None]
+    flat[5, :], flat[6, :], flat[7, :] = mean, mean + band, mean - band
+    return flat.reshape(x.movedim(axis, -1).shape).movedim(-1, axis).contiguous().to(CUDA, dtype)
+
+
+LAYOUTS = [((4, 6, 9, 7), 1, False), ((4, 6, 9, 7), 1, True), ((5, 33, 6), -1, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, axis, channels_last", LAYOUTS, ids=["nchw", "channels_last", "tokens"])
+def test_cuda_kernel_is_bit_equal_to_the_plain_formula(kernel_calls, shape, axis, channels_last, dtype):
+    op = cuda_op(shape[axis], axis)
+    x = cuda_input(shape, axis, op, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with fast.enabled(False):
+        expected = op(x)
+    y = op(x)
+    assert kernel_calls == ["forward"]
+    assert y.is_cuda and bit_equal(y, expected) and (y != x).any()
+
+
+@pytest.mark.parametrize("mode", ["exact", "straight_through"])
+def test_cuda_kernel_gradients_match_the_plain_formula(kernel_calls, mode):
+    op = cuda_op(6, 1)
+    x = cuda_input((4, 6, 9, 7), 1, op, torch.float32).nan_to_num(0.0, 1.0, -1.0)
+    grads = []
+    for use_kernel in (True, False):
+        leaf = x.clone().requires_grad_()
+        with fast.enabled(use_kernel):
+            if mode == "straight_through":
+                with straight_through(op):
+                    op(leaf).square().sum().backward()
+            else:
+                op(leaf).square().sum().backward()
+        grads.append(leaf.grad)
+    assert kernel_calls == ["forward_out" if mode == "straight_through" else "forward_mask"]
+    assert bit_equal(grads[0], grads[1])
+
+
+def test_cuda_fused_relu_in_place_is_bit_equal(kernel_calls):
+    op = cuda_op(6, 1)
+    op.activation, op.inplace = "relu", True
+    x = cuda_input((4, 6, 9, 7), 1, op, torch.float32)
+    with fast.enabled(False):
+        expected = op(x.clone())
+    z = x.clone()
+    with torch.no_grad():
+        y = op(z)
+    assert kernel_calls == ["forward_inplace"] and y is z
+    assert bit_equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_batch_moments_equal_brute_force(kernel_calls, dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(8, 24, 15, 15, generator=g) * 0.01 + torch.linspace(-3e3, 3e3, 24).view(1, -1, 1, 1))
+    x = x.to(dtype)
+    n, mean, m2 = batch_moments(x.to(CUDA), 1)
+    assert kernel_calls == ["moments"]
+    wide = x.double()
+    mean_ref = wide.mean(dim=(0, 2, 3))
+    m2_ref = (wide - mean_ref.view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3))
+    assert n == 8 * 15 * 15 and mean.is_cuda
+    for actual, ref in ((mean, mean_ref), (m2, m2_ref)):
+        torch.testing.assert_close(actual.cpu(), ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_calibrate_on_the_gpu_equals_the_cpu(kernel_calls):
+    def model() -> nn.Module:  # the operators see the data itself: no float32 arithmetic before them
+        return nn.Sequential(MeanSparse(3, site_id="a"), nn.ReLU(), MeanSparse(3, site_id="b", depth=1))
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.rand(n, 3, 20, 20, generator=g) * 5 + 2 for n in (7, 16, 3)]
+    on_cpu, on_gpu = model(), model().to(CUDA)
+    with fast.enabled(False):
+        expected = calibrate(on_cpu, batches).state
+    record = calibrate(on_gpu, batches)
+    assert "moments" in kernel_calls
+    for site, m in expected.moments.items():
+        got = record.state.moments[site]
+        assert got.count == m.count
+        torch.testing.assert_close(got.mean.cpu(), m.mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got.m2.cpu(), m.m2, rtol=1e-10, atol=1e-10 * float(m.m2.abs().max()))
+    assert on_gpu[0].mean.is_cuda and torch.equal(on_gpu[0].mean.cpu(), on_cpu[0].mean)
+
+
+def test_nccl_calibration_runs_and_merges(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_calibrate import _run_workers
+    finally:
+        sys.path.pop(0)
+    codes, output = _run_workers(tmp_path, world_size=1, GS_BACKEND="nccl")
+    assert codes == [0], output
+    record = json.loads((tmp_path / "record0.json").read_text())
+    assert record["world_size"] == 1 and record["samples"] == record["local_samples"] > 0
