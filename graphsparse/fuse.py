@@ -13,10 +13,19 @@ the activation's gradient at the operator's output, MeanSparse taken as the iden
 unchanged (activations have no parameters or buffers), and so is the graph everywhere else. An in-place
 activation makes the operator in place (:attr:`MeanSparse.inplace`): it overwrites its input, as the
 activation overwrote it, whenever no gradient is recorded.
+
+The same pass gives back the in-place residual additions that tracing took away: ``torch.fx`` records
+timm's ``x += shortcut`` as ``x + shortcut``, a new tensor per block (measured on resnet50, batch 8, 2 cores:
+the 16 additions cost ~1.9× their in-place form, ~1.5 % of the forward). An addition whose first (or second)
+operand is the fresh output of a convolution, normalisation or linear module that nothing else reads becomes
+:func:`residual_add`, which adds into that operand whenever no gradient is recorded and the result has the
+operand's shape and dtype (the sum is the same, bit for bit: IEEE addition commutes); otherwise, and under
+``torch.compile`` / ``torch.export`` tracing, it is the plain ``a + b``.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -24,11 +33,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops import fast
 from .ops.fused import INPLACE, ActivationSpec
 from .ops.meansparse import MeanSparse
 from .rewrite import OperatorSlot
 
-__all__ = ["fuse_activations", "activation_spec_of_module", "activation_spec_of_node"]
+__all__ = ["fuse_activations", "residual_add", "activation_spec_of_module", "activation_spec_of_node"]
 
 
 def _attrs(*names: str):
@@ -161,7 +171,7 @@ def fuse_activations(model: nn.Module) -> int:
     count = 0
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         fused = _fuse_graph(gm)
-        if fused:
+        if fused + _inplace_adds(gm):
             gm.graph.lint()
             gm.recompile()
             count += fused
@@ -206,3 +216,55 @@ def _fuse_slot(slot: OperatorSlot) -> int:
     slot.op.inplace = inplace and spec[0] in INPLACE
     slot.act = nn.Identity()
     return 1
+
+
+# ------------------------------------------------------------------------------------- residual adds
+
+# Modules whose output is a new tensor that their backward does not need: adding into it is safe.
+_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.LayerNorm, nn.GroupNorm)
+_ADDS = (operator.add, torch.add)
+
+
+def residual_add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, written into ``fresh`` when no gradient is recorded and the shapes and dtypes allow.
+
+    ``fresh`` must be a tensor nothing else reads (the fusion pass only passes such operands).
+    """
+    if (
+        fast.tracing()
+        or (torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad))
+        or type(fresh) is not torch.Tensor
+        or fresh.shape != other.shape
+        or fresh.dtype != other.dtype
+    ):
+        return fresh + other
+    return fresh.add_(other)
+
+
+torch.fx.wrap("residual_add")
+
+
+def _is_fresh(gm: fx.GraphModule, node: Any) -> bool:
+    """``node`` is the output of a fresh-output module without hooks, read only by its one user."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != 1:
+        return False
+    module = gm.get_submodule(str(node.target))
+    return isinstance(module, _FRESH_OUTPUT) and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _inplace_adds(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
+            continue
+        a, b = node.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
+            continue
+        if _is_fresh(gm, a):
+            node.target, node.args = residual_add, (a, b)
+        elif _is_fresh(gm, b):
+            node.target, node.args = residual_add, (b, a)
+        else:
+            continue
+        count += 1
+    return count
