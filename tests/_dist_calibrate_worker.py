@@ -5,6 +5,7 @@ calibrates its shard of the digits train split with gloo and writes, under the d
 only argument: ``state{rank}.safetensors`` (merged accumulators), ``ops{rank}.safetensors`` (the float32
 operator buffers) and ``record{rank}.json``. With ``GS_NAN_RANK=r`` rank r gets a NaN in its second batch;
 a rank whose calibration fails writes the message to ``error{rank}.txt`` and exits with status 3.
+``GS_BACKEND=nccl`` calibrates on the GPU ``LOCAL_RANK`` with NCCL instead (tests/test_cuda.py).
 """
 
 from __future__ import annotations
@@ -53,23 +54,27 @@ def main(out: Path) -> None:
     from safetensors.torch import save_file
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    backend = os.environ.get("GS_BACKEND", "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" else None
+    if device is not None:
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        model = build_model()
+        model = build_model().to(device or "cpu")
         dataset = load_dataset("digits", split="train", seed=0)
         loader = make_loader(dataset, BATCH_SIZE, rank=rank, world_size=world_size)
         data = list(loader)
         if os.environ.get("GS_NAN_RANK") == str(rank):
             data[1][0][0, 0, 0, 0] = float("nan")
         try:
-            record = calibrate(model, data)
+            record = calibrate(model, data, device=device)
         except CalibrationError as e:
             (out / f"error{rank}.txt").write_text(str(e))
             sys.exit(3)
         record.state.save_state(out / f"state{rank}.safetensors")
         buffers = {
-            f"{s}/{k}": getattr(op, k).clone() for s, op in operators(model).items() for k in ("mean", "var")
+            f"{s}/{k}": getattr(op, k).cpu().clone() for s, op in operators(model).items() for k in ("mean", "var")
         }
         save_file(buffers, str(out / f"ops{rank}.safetensors"))
         local = len(loader.dataset)

@@ -438,14 +438,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_workers(out: Path, **env: str) -> tuple[list[int], str]:
-    """Start the 2-rank gloo worker; return the exit codes and the combined output."""
+def _run_workers(out: Path, world_size: int = 2, **env: str) -> tuple[list[int], str]:
+    """Start the distributed worker (gloo unless ``GS_BACKEND`` says otherwise) on ``world_size`` ranks;
+    return the exit codes and the combined output."""
     env_base = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
+        "WORLD_SIZE": str(world_size),
         "OMP_NUM_THREADS": "1",
         **env,
     }
@@ -457,7 +458,7 @@ def _run_workers(out: Path, **env: str) -> tuple[list[int], str]:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in range(2)
+        for rank in range(world_size)
     ]
     outputs = []
     try:
