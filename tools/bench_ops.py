@@ -14,6 +14,9 @@ over the variants (so that load from other processes hits them alike), ``torch.n
    operator always uses the plain formula, so "plain" and "fast" are one compiled variant). Ratios are to
    the original (compiled ones to the compiled original). Statistics are computed from the model's own
    features on the probe batch (per-channel mean and variance, so the band looks calibrated), α = 0.25.
+   ``ratio`` is the median over rounds of (variant's time / the original's time in the same round): each
+   round runs every variant once, so a slow stretch of a shared machine hits a round's pair alike; ``min
+   ratio`` is the best time over the original's best time.
    ``exact``: every graphsparse variant's output against the reference formula in its ``<=`` form
    (graphsparse's band is inclusive, the reference's is not): ``bit-equal`` or the largest difference.
 
@@ -21,6 +24,7 @@ over the variants (so that load from other processes hits them alike), ``torch.n
     python tools/bench_ops.py --quick            # sanity run: small batches, 2 repeats
     python tools/bench_ops.py --batch wrn28_10=128 --json bench.json
     python tools/bench_ops.py --models resnet50 --no-compile
+    python tools/bench_ops.py --device cuda --batch wrn28_10=128   # on a GPU machine
 
 WRN-28-10 at batch 128 takes ~20 s a forward on 2 loaded cores, so the full run uses batch 32 to stay near
 10 minutes (ratios barely depend on the batch); ``--batch wrn28_10=128`` runs the issue's size.
@@ -84,15 +88,34 @@ class ReferenceMeanSparse(nn.Module):
 # ------------------------------------------------------------------------------------------- timing
 
 
-def _time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
-    """(median, min) seconds per call of each function, calls interleaved: a, b, c, a, b, c, ..."""
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timed call includes its kernels (a no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function in every round, calls interleaved: a, b, c, a, b, c, ..."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
+    return times
+
+
+def _time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per call of each function, calls interleaved (see :func:`_time_rounds`)."""
+    return {name: (statistics.median(ts), min(ts)) for name, ts in _time_rounds(fns, repeats).items()}
+
+
+def _paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of ``times[r] / base[r]``: each round's variant against the original run next to it,
+    so that slow drifts of a shared machine cancel out."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -108,14 +131,15 @@ def _exact(out: torch.Tensor, ref: torch.Tensor) -> str:
 # ------------------------------------------------------------------------------------------ kernels
 
 
-def kernel_table(repeats: int) -> list[dict]:
+def kernel_table(repeats: int, device: torch.device) -> list[dict]:
     """Per-call medians of the candidate MeanSparse implementations on one feature map."""
     g = torch.Generator().manual_seed(0)
     op = MeanSparse(256, 1, ALPHA)
     op.mean.copy_(torch.randn(256, generator=g) * 0.5)
     op.var.copy_(torch.rand(256, generator=g) + 0.5)
+    op.to(device)
     ref = ReferenceMeanSparse(op)
-    x = torch.randn(8, 256, 56, 56, generator=g)
+    x = torch.randn(8, 256, 56, 56, generator=g).to(device)
     relu_op = copy.deepcopy(op)
     relu_op.activation = "relu"
     relu_inplace = copy.deepcopy(relu_op)
@@ -123,7 +147,7 @@ def kernel_table(repeats: int) -> list[dict]:
     scratch = x.clone()
 
     flat = x.view(8, 256, -1)
-    compiled = fast._compiled(fast._forward, ("bench", torch.float32, "cpu", 3, None))
+    compiled = fast._compiled(fast._forward, ("bench", torch.float32, device.type, 3, None))
     mu, thr, _ = _mean_and_threshold(op.mean, op.var, op.alpha, torch.float32)
     mu3, thr3 = mu.view(-1, 1), thr.view(-1, 1)
 
@@ -138,7 +162,7 @@ def kernel_table(repeats: int) -> list[dict]:
     def _(x):
         return torch.empty_like(x)
 
-    small = torch.randn(2, 256, 8, 8, generator=g)
+    small = torch.randn(2, 256, 8, 8, generator=g).to(device)
     small_flat = small.view(2, 256, -1)
 
     def plain(t: torch.Tensor) -> torch.Tensor:
@@ -282,12 +306,14 @@ def _with_reference(model: nn.Module, *, inclusive: bool) -> nn.Module:
     return ref
 
 
-def bench_model(case: ModelCase, batch: int, repeats: int, compile_models: bool, log) -> ModelResult:
+def bench_model(
+    case: ModelCase, batch: int, repeats: int, compile_models: bool, device: torch.device, log
+) -> ModelResult:
     torch.manual_seed(0)
     shape = (batch, *case.shape[1:])
-    base = case.build().eval()
-    probe = torch.randn(1, *case.shape[1:])
-    x = torch.randn(shape)
+    base = case.build().eval().to(device)
+    probe = torch.randn(1, *case.shape[1:]).to(device)
+    x = torch.randn(shape).to(device)
     if case.channels_last:
         base = base.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -338,13 +364,15 @@ def bench_model(case: ModelCase, batch: int, repeats: int, compile_models: bool,
             compile_s[name] = time.perf_counter() - start
             fn()  # a compiled model's first runs after compilation are slower (lazy initialisation)
             log(f"  compiled {name} in {compile_s[name]:.0f} s")
-        med_eager = _time_round_robin(eager, repeats)
-        med_compiled = _time_round_robin(compiled, repeats) if compiled else {}
-    for mode, medians in (("eager", med_eager), ("compiled", med_compiled)):
-        for name, (sec, best) in medians.items():
+        rounds_eager = _time_rounds(eager, repeats)
+        rounds_compiled = _time_rounds(compiled, repeats) if compiled else {}
+    for mode, rounds in (("eager", rounds_eager), ("compiled", rounds_compiled)):
+        for name, times in rounds.items():
             exact = _exact(outputs[(mode, name)], expected) if name != "original" else ""
-            med0, min0 = medians["original"]
-            row = Row(case.name, name, mode, sec * 1e3, sec / med0, best * 1e3, best / min0, exact)
+            base = rounds["original"]
+            sec, best = statistics.median(times), min(times)
+            ratio = _paired_ratio(times, base)
+            row = Row(case.name, name, mode, sec * 1e3, ratio, best * 1e3, best / min(base), exact)
             row.compile_s = compile_s.get(name) if mode == "compiled" else None
             result.rows.append(row)
     return result
@@ -362,7 +390,10 @@ def _print_kernels(rows: list[dict]) -> None:
 
 
 def _print_models(results: list[ModelResult]) -> None:
-    print("\nModels: median ms per forward (torch.no_grad, eval); ratio to the original in the same mode")
+    print(
+        "\nModels: median ms per forward (torch.no_grad, eval); ratio to the original in the same mode: "
+        "median of the per-round ratios, and min / min"
+    )
     print(
         f"{'model':<15} {'variant':<20} {'mode':<9} {'ms':>10} {'ratio':>7} {'min ms':>10} {'ratio':>7}  "
         f"{'exact vs reference(<=)':<24} compile"
@@ -387,10 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where models and data live")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
     repeats = args.repeats or (2 if args.quick else 5)
     batches = {name: (QUICK_BATCH[name] if args.quick else case.shape[0]) for name, case in CASES.items()}
     for item in args.batch:
@@ -407,25 +442,27 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    kernels = [] if args.no_kernels else kernel_table(max(repeats * 4, 10))
+    kernels = [] if args.no_kernels else kernel_table(max(repeats * 4, 10), device)
     if kernels:
         _print_kernels(kernels)
     results = []
     for name in names:
         try:
-            results.append(bench_model(CASES[name], batches[name], repeats, not args.no_compile, log))
+            results.append(bench_model(CASES[name], batches[name], repeats, not args.no_compile, device, log))
         except Exception as e:  # noqa: BLE001 - report and go on with the other models
             log(f"{name}: skipped ({type(e).__name__}: {e})")
     _print_models(results)
     total = time.perf_counter() - start
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"\n{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+        f"\n{where}; {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
         f"torch {torch.__version__}, {args.threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, {repeats} repeats, total {total:.0f} s"
     )
     if args.json:
         payload = {
             "torch": torch.__version__,
+            "device": where,
             "threads": args.threads,
             "repeats": repeats,
             "alpha": ALPHA,
