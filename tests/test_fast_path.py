@@ -131,6 +131,24 @@ def test_band_edges_land_on_the_side_the_plain_formula_puts_them(kernel_calls):
     assert (y[:2] == 0).all() and bit_equal(y[2], x[2])
 
 
+def test_a_compiled_operator_matches_the_eager_one_on_band_edges_and_exports_without_custom_ops():
+    """Under torch.compile the thresholds come from one opaque per-channel operation (computed once per call,
+    not per element, with eager's sqrt); torch.export keeps the plain formula, so exported programs need no
+    graphsparse operator to load."""
+    channels = 4096
+    op = MeanSparse(channels, -1, 1.0)
+    op.var.copy_(torch.rand(channels, generator=torch.Generator().manual_seed(7)) * 2 + 0.1)
+    edge = op.alpha * op.var.sqrt()
+    x = torch.stack([edge, -edge, torch.nextafter(edge, torch.tensor(float("inf"))), edge * 0.5 + 1.0])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(op, dynamic=False)(x)
+    assert bit_equal(compiled, plain(op, x))
+    assert (compiled[:2] == 0).all() and bit_equal(compiled[2], x[2])
+    code = torch.export.export(op, (x,)).graph_module.print_readable(print_output=False)  # with submodules
+    assert "torch.ops.graphsparse" not in code and "torch.ops.aten.sqrt" in code
+
+
 @pytest.mark.parametrize("fast_on", [True, False])
 def test_cached_thresholds_follow_buffer_changes(fast_on):
     op = random_op(6, 1, 0.7)

@@ -20,6 +20,8 @@ instead (inductor fuses that into its own kernels). If compilation fails (no C++
 a one-line warning is issued once and the plain path is used from then on.
 
 Switch it with :func:`set_enabled` / :func:`enabled`, or ``GRAPHSPARSE_FAST=0`` in the environment.
+The same machinery (:func:`run_kernel`, :func:`channels_view`, :func:`applies`) compiles the float64
+batch-moment reduction of calibration (:mod:`graphsparse.moments`), under the same switch.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def _compiled(fn: Callable, key: tuple) -> Callable:
 
 
 def run_kernel(fn: Callable, key: tuple, *args):
-    """``fn(*args)`` compiled; on a compilation failure the notice is given once and ``fn`` runs eagerly."""
+    """``fn(*args)`` compiled (one compiled function per ``key``); on a compilation failure the notice is
+    given once per device and ``fn`` runs eagerly, there and from then on."""
     device = args[0].device.type
     if device not in _broken:
         try:
@@ -168,12 +171,12 @@ def _key(kind: str, flat: torch.Tensor, act: ActivationSpec | None = None) -> tu
 # ---------------------------------------------------------------------------------------- entry point
 
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 
 def tracing() -> bool:
     """Whether ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` is tracing the caller."""
-    return torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()
 
 
 def applies(x: torch.Tensor) -> bool:
