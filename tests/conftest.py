@@ -8,6 +8,25 @@ import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The kinds of compiled-kernel launches (graphsparse.ops.fast.run_kernel) made during a test, with the
+    kernels on and allowed on inputs of any size, so that a silent fall back to the plain path fails a test."""
+    from graphsparse.ops import fast
+
+    calls = []
+    run = fast.run_kernel
+
+    def spy(fn, key, *args):
+        calls.append(key[0])
+        return run(fn, key, *args)
+
+    monkeypatch.setattr(fast, "run_kernel", spy)
+    monkeypatch.setattr(fast, "MIN_NUMEL", 1)
+    with fast.enabled(True):
+        yield calls
+
+
 @pytest.fixture(scope="session")
 def robustbench_archs():
     """RobustBench's architecture modules (skips when robustbench is not installed)."""

@@ -34,21 +34,6 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    run = fast.run_kernel
-
-    def spy(fn, key, *args):
-        calls.append(key[0])
-        return run(fn, key, *args)
-
-    monkeypatch.setattr(fast, "run_kernel", spy)
-    monkeypatch.setattr(fast, "MIN_NUMEL", 1)
-    with fast.enabled(True):
-        yield calls
-
-
 def cuda_op(channels: int, axis: int, alpha: float = 0.7, seed: int = 0) -> MeanSparse:
     g = torch.Generator().manual_seed(seed)
     op = MeanSparse(channels, axis, alpha)

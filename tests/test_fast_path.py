@@ -46,20 +46,6 @@ def kernel_on_small_inputs(monkeypatch):
         yield
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the kernel launches (compiled or not) of the fast path."""
-    calls = []
-    run = fast.run_kernel
-
-    def spy(fn, key, *args):
-        calls.append(key[0])
-        return run(fn, key, *args)
-
-    monkeypatch.setattr(fast, "run_kernel", spy)
-    return calls
-
-
 def random_op(channels: int, axis: int, alpha: float, seed: int = 0) -> MeanSparse:
     g = torch.Generator().manual_seed(seed)
     op = MeanSparse(channels, axis, alpha)

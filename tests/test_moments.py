@@ -16,21 +16,6 @@ from graphsparse.ops import fast
 RTOL = 1e-10
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    run = fast.run_kernel
-
-    def spy(fn, key, *args):
-        calls.append(key[0])
-        return run(fn, key, *args)
-
-    monkeypatch.setattr(fast, "run_kernel", spy)
-    monkeypatch.setattr(fast, "MIN_NUMEL", 1)
-    with fast.enabled(True):
-        yield calls
-
-
 def reference(x: torch.Tensor, axis: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     wide = x.double()
     dims = [d for d in range(x.dim()) if d != axis % x.dim()]

@@ -17,6 +17,8 @@ over the variants (so that load from other processes hits them alike), ``torch.n
    ``ratio`` is the median over rounds of (variant's time / the original's time in the same round): each
    round runs every variant once, so a slow stretch of a shared machine hits a round's pair alike; ``min
    ratio`` is the best time over the original's best time.
+   ``fused graph, α = 0``: the fused model with every α at 0, where the operators return their input (the
+   activation still runs, in place): what executing the rewritten ``torch.fx`` graph costs by itself.
    ``exact``: every graphsparse variant's output against the reference formula in its ``<=`` form
    (graphsparse's band is inclusive, the reference's is not): ``bit-equal`` or the largest difference.
 
@@ -63,6 +65,7 @@ from graphsparse.ops import MeanSparse, fast  # noqa: E402
 from graphsparse.ops.meansparse import _mean_and_threshold, _mean_sparse  # noqa: E402
 
 ALPHA = 0.25
+GRAPH_ONLY = "fused graph, α = 0"
 
 
 class ReferenceMeanSparse(nn.Module):
@@ -325,6 +328,8 @@ def bench_model(
     replaced = _calibrate_like(rewritten, x[: min(batch, 4)])
     fused = copy.deepcopy(rewritten)
     n_fused = fuse_activations(fused)
+    graph_only = copy.deepcopy(fused)
+    gs.set_alpha(graph_only, 0.0)  # operators return their input: the rewritten graph's own cost
     reference = _with_reference(rewritten, inclusive=False)
     reference_le = _with_reference(rewritten, inclusive=True)
     result = ModelResult(case.name, shape, len(gs.operators(rewritten)), n_fused, replaced)
@@ -340,6 +345,7 @@ def bench_model(
         "graphsparse plain": plain_path,
         "graphsparse fast": lambda: rewritten(x),
         "graphsparse fused": lambda: fused(x),
+        GRAPH_ONLY: lambda: graph_only(x),
     }
     compiled_models = {}
     compile_s: dict[str, float] = {}
@@ -368,7 +374,7 @@ def bench_model(
         rounds_compiled = _time_rounds(compiled, repeats) if compiled else {}
     for mode, rounds in (("eager", rounds_eager), ("compiled", rounds_compiled)):
         for name, times in rounds.items():
-            exact = _exact(outputs[(mode, name)], expected) if name != "original" else ""
+            exact = _exact(outputs[(mode, name)], expected) if name not in ("original", GRAPH_ONLY) else ""
             base = rounds["original"]
             sec, best = statistics.median(times), min(times)
             ratio = _paired_ratio(times, base)
