@@ -3,9 +3,12 @@
 The plain formula ``where(|x − μ| <= thr, μ, x)`` makes four memory passes with three temporaries; the
 kernel (``torch.compile``, inductor, dynamic shapes) makes one, applies a fused ReLU / LeakyReLU in the
 same pass, and for an in-place operator writes no new tensor at all. Measured with
-``tools/bench_ops.py`` (2 CPU cores, 8×256×56×56 float32): plain formula ~10× a ReLU, kernel ~1×, kernel
-with fused ReLU in place ~0.65×. A ``torch.library`` custom op around the same kernel adds dispatch cost
-and nothing else, and would hide the formula from inductor in compiled models, so it is not used.
+``tools/bench_ops.py`` (2 CPU cores, 8×256×56×56 float32, time of one out-of-place ReLU = 1): plain formula
+8-10×, kernel 1.2-1.3×, kernel with fused ReLU in place 0.85-0.9× (an in-place ReLU alone: 0.65×). A
+``torch.library`` custom op around the same kernel adds dispatch cost and nothing else, and would hide the
+formula from inductor in compiled models, so it is not used. Each call costs ~20 µs of ``torch.compile``
+dispatch; on maps whose spatial size is not a multiple of the vector width (7×7, 14×14) the kernel's
+masked tail loads make it 2-3× an in-place ReLU (see issue 8's notes).
 
 The kernel is bit-equal to the plain formula: the same operations on the same per-channel ``μ`` and
 threshold (computed by eager PyTorch, whose ``sqrt`` can differ from a compiled one in the last bit), a

@@ -6,7 +6,9 @@ Per channel ``c`` with mean ``μ_c``, population variance ``σ_c²`` and a thres
     y = x     elsewhere
 
 ``α = 0`` is a bit-exact identity whatever the statistics (``-0.0``, NaN and inf pass through unchanged),
-and so is every channel whose band is empty (``α·σ_c == 0``, e.g. ``σ_c == 0``).
+and so is every channel whose band is empty (``α·σ_c == 0``, e.g. ``σ_c == 0``). In eager mode an operator
+whose every band is empty returns its input tensor itself, without any work (what calibration and the
+base-model rows of an evaluation run, at α = 0).
 The statistics are buffers (``mean``, ``var``, ``alpha``) and take effect as soon as they are set; there is
 no hidden "calibrated" flag, so a fresh operator (zeros everywhere) passes its input through.
 
