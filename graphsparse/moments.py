@@ -7,8 +7,9 @@ update, so the result does not depend on batch sizes, their order, or how the da
 The moments of one batch come from :func:`batch_moments`: a compiled two-pass reduction (``torch.compile``,
 the same machinery as :mod:`graphsparse.ops.fast`) that reads the float32/float16/bfloat16 values where
 they lie and accumulates in float64 -- first the per-channel mean, then the sum of squared deviations from
-it, the textbook two-pass algorithm, without a float64 copy of the batch. Measured (``tools/bench_calibrate.py``,
-2 cores, an 8×64×112×112 float32 map): ~1 ms, against ~33 ms for ``torch.var_mean`` of a float64 copy.
+it, the textbook two-pass algorithm, without a float64 copy of the batch. Measured with
+``python tools/bench_calibrate.py --quick --no-memory --kernels`` (2 cores, one 8×64×112×112 float32 map):
+~2 ms, against ~31 ms for ``torch.var_mean`` of a float64 copy.
 Where the kernel does not apply (small inputs, other layouts, tracing, compiler unavailable) the same
 moments come from ``torch.var_mean`` in float64, in chunks of at most :data:`CHUNK_ELEMENTS` elements.
 """

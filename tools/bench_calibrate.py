@@ -51,6 +51,7 @@ every residual-add output: the most sites, so the worst case), on random data:
     python tools/bench_calibrate.py              # resnet50, batch 16, 224², 10 batches, 3 repeats
     python tools/bench_calibrate.py --quick      # resnet18, batch 8, 5 batches
     python tools/bench_calibrate.py --json calib_bench.json --decompose
+    python tools/bench_calibrate.py --quick --no-memory --kernels   # + one map's moments: kernel vs var_mean
 
 Threads: ``torch.set_num_threads(2)`` (``--threads``). Measured on 2 cores shared with another job: the
 full run 140 s, the quick one 40 s (``--decompose`` adds a third of the timing part). Load from other
@@ -273,6 +274,30 @@ def _print(cfg: dict, timing: dict, memory: dict | None) -> None:
     )
 
 
+def moments_kernels(repeats: int = 30) -> dict[str, float]:
+    """Median ms of one map's batch moments: the compiled two-pass kernel against ``torch.var_mean`` of a
+    float64 copy (what calibration did before), on an 8×64×112×112 float32 map (resnet's stem output)."""
+    from graphsparse import moments
+    from graphsparse.ops import fast
+
+    x = torch.randn(8, 64, 112, 112, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    dims = [0, 2, 3]
+    variants = {
+        "compiled two-pass (graphsparse)": lambda: moments.batch_moments(x, 1),
+        "var_mean of a float64 copy": lambda: torch.var_mean(x.double(), dim=dims, correction=0),
+    }
+    with fast.enabled(True):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for fn in variants.values():
+            fn()  # warm-up (compiles)
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 8, 5 batches")
@@ -283,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-batches", type=int, default=2, help="batches in the warm memory pass (default 2)")
     parser.add_argument("--decompose", action="store_true", help="also time the rewritten model without hooks")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--kernels", action="store_true", help="also time one map's batch moments, kernel vs var_mean")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     parser.add_argument("--mode", choices=("plain", "calibrate"), default=None, help=argparse.SUPPRESS)
@@ -304,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     memory = None if args.no_memory else measure_memory(args, cfg)
     wall = time.perf_counter() - start
     _print(cfg, timing, memory)
+    kernels = moments_kernels() if args.kernels else None
+    if kernels:
+        print("\nbatch moments of one 8x64x112x112 float32 map, median ms")
+        for name, ms in kernels.items():
+            print(f"{name:<36} {ms:8.2f}")
     print(f"\nwall time {wall:.0f} s")
     if args.json is not None:
         result = {
@@ -312,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "target": TARGET,
             "timing": timing,
             "memory": memory,
+            "moments_kernels_ms": kernels,
             "wall_s": wall,
             "versions": {
                 "python": platform.python_version(),
