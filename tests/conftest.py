@@ -8,20 +8,38 @@ import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+class Launches(list):
+    """Kinds of kernel launches (``forward``, ``forward_inplace``, ``moments``, ...) in order, and in
+    ``backends`` which kernel ran each: ``"compiled"`` (torch.compile) or ``"cpp"`` (the C++ CPU kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backends: list[str] = []
+
+    def record(self, kind: str, backend: str) -> None:
+        self.append(kind)
+        self.backends.append(backend)
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The kinds of compiled-kernel launches (graphsparse.ops.fast.run_kernel) made during a test, with the
-    kernels on and allowed on inputs of any size, so that a silent fall back to the plain path fails a test."""
-    from graphsparse.ops import fast
+    """The kernel launches made during a test (:class:`Launches`), with the kernels on and allowed on inputs
+    of any size, so that a silent fall back to the plain path fails a test."""
+    from graphsparse.ops import cpu_kernel, fast
 
-    calls = []
-    run = fast.run_kernel
+    calls = Launches()
+    run, launch = fast.run_kernel, cpu_kernel.launch
 
-    def spy(fn, key, *args):
-        calls.append(key[0])
+    def spy_compiled(fn, key, *args):
+        calls.record(key[0], "compiled")
         return run(fn, key, *args)
 
-    monkeypatch.setattr(fast, "run_kernel", spy)
+    def spy_cpp(kind, *args):
+        calls.record(kind, "cpp")
+        return launch(kind, *args)
+
+    monkeypatch.setattr(fast, "run_kernel", spy_compiled)
+    monkeypatch.setattr(cpu_kernel, "launch", spy_cpp)
     monkeypatch.setattr(fast, "MIN_NUMEL", 1)
     with fast.enabled(True):
         yield calls

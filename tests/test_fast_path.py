@@ -1,9 +1,11 @@
-"""The fast MeanSparse path (compiled kernel) and the fused MeanSparse + activation form.
+"""The fast MeanSparse path (the C++ CPU kernel and the compiled kernel) and the fused MeanSparse + activation form.
 
 Both must be invisible except for speed: bit-equal outputs and gradients against the plain formula,
 a fallback with a single notice when the compiler fails, and models that still export and compile.
 Inputs are kept small and ``fast.MIN_NUMEL`` is lowered so that the kernel runs on them; the number of
-distinct kernels (each one a compilation) is kept small.
+distinct kernels (each one a compilation) is kept small. Tests taking the ``backend`` fixture run twice on
+float32 CPU inputs: through the C++ kernel (``cpp``) and through the compiled one it falls back to
+(``compiled``).
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import copy
 import shutil
 import warnings
 
+import hypothesis.strategies as st
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import graphsparse as gs
 from graphsparse.fuse import fuse_activations, residual_add
-from graphsparse.ops import MeanSparse, fast
+from graphsparse.ops import MeanSparse, cpu_kernel, fast
 from graphsparse.rewrite import OperatorSlot
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -44,6 +48,20 @@ def kernel_on_small_inputs(monkeypatch):
     monkeypatch.setattr(fast, "MIN_NUMEL", 1)
     with fast.enabled(True):
         yield
+
+
+@pytest.fixture(params=["cpp", "compiled"])
+def backend(request):
+    """The kernel float32 CPU inputs go through: the C++ one (which must build here) or the compiled one."""
+    use_cpp = request.param == "cpp"
+    if use_cpp:
+        assert cpu_kernel.available(), f"the C++ kernel did not build: {cpu_kernel.unavailable_reason()}"
+    previous = cpu_kernel.is_enabled()
+    cpu_kernel.set_enabled(use_cpp)
+    try:
+        yield request.param
+    finally:
+        cpu_kernel.set_enabled(previous)
 
 
 def random_op(channels: int, axis: int, alpha: float, seed: int = 0) -> MeanSparse:
@@ -86,7 +104,7 @@ LAYOUT_IDS = ["nchw", "channels_last", "tokens"]
 
 @pytest.mark.parametrize("alpha", [0.7, 0.0])
 @pytest.mark.parametrize("shape, axis, channels_last", LAYOUTS, ids=LAYOUT_IDS)
-def test_fast_path_is_bit_equal_to_the_plain_formula(shape, axis, channels_last, alpha, kernel_calls):
+def test_fast_path_is_bit_equal_to_the_plain_formula(shape, axis, channels_last, alpha, backend, kernel_calls):
     op = random_op(shape[axis], axis, alpha)
     x = tricky_input(shape, axis, op)
     if channels_last:
@@ -99,11 +117,11 @@ def test_fast_path_is_bit_equal_to_the_plain_formula(shape, axis, channels_last,
         assert bit_equal(y, x)  # an exact identity, -0.0 and NaN included
         assert y is x and not kernel_calls  # every band empty: no work at all
     else:
-        assert kernel_calls == ["forward"]
+        assert kernel_calls == ["forward"] and kernel_calls.backends == [backend]
         assert (y != x).any()
 
 
-def test_band_edges_land_on_the_side_the_plain_formula_puts_them(kernel_calls):
+def test_band_edges_land_on_the_side_the_plain_formula_puts_them(backend, kernel_calls):
     """Values exactly on α·σ as eager PyTorch computes it: its sqrt and a compiled one can differ in the
     last bit (they do for ~15 % of these variances on x86), so the kernel must not recompute it."""
     channels = 4096
@@ -112,7 +130,7 @@ def test_band_edges_land_on_the_side_the_plain_formula_puts_them(kernel_calls):
     edge = op.alpha * op.var.sqrt()
     x = torch.stack([edge, -edge, torch.nextafter(edge, torch.tensor(float("inf")))])
     y = op(x)
-    assert kernel_calls == ["forward"]
+    assert kernel_calls == ["forward"] and kernel_calls.backends == [backend]
     assert bit_equal(y, plain(op, x))
     assert (y[:2] == 0).all() and bit_equal(y[2], x[2])
 
@@ -157,7 +175,7 @@ def test_half_precision_rounds_like_eager(dtype, kernel_calls):
     op = random_op(6, 1, 0.9)
     x = tricky_input((4, 6, 9, 9), 1, op, dtype=dtype)
     y = op(x)
-    assert kernel_calls == ["forward"]
+    assert kernel_calls == ["forward"] and kernel_calls.backends == ["compiled"]  # the C++ kernel is float32
     assert y.dtype == dtype
     assert bit_equal(y, plain(op, x))  # emulate_precision_casts: x - mu is rounded to dtype, as in eager
 
@@ -172,15 +190,18 @@ def test_other_layouts_and_small_inputs_use_the_plain_path(kernel_calls, monkeyp
     assert not kernel_calls
 
 
-def test_inplace_operator_overwrites_its_input_only_without_autograd():
+def test_inplace_operator_overwrites_its_input_only_without_autograd(backend, kernel_calls):
     op = random_op(6, 1, 0.7)
     op.activation, op.inplace = "relu", True
     x = tricky_input((2, 6, 5, 7), 1, op)
     expected = F.relu(plain(op, x))
     buf = x.clone()
+    version = buf._version
     with torch.no_grad():
         y = op(buf)
-    assert y.data_ptr() == buf.data_ptr() and bit_equal(y, expected)
+    assert y is buf and bit_equal(y, expected)
+    assert kernel_calls == ["forward_inplace"] and kernel_calls.backends == [backend]
+    assert buf._version > version  # autograd's version counter sees the write
 
     xg = x.clone().requires_grad_()
     y = op(xg)
@@ -188,11 +209,105 @@ def test_inplace_operator_overwrites_its_input_only_without_autograd():
     assert bit_equal(xg.detach(), x)
 
 
+KERNEL_ACTIVATIONS = [("relu", ()), ("leaky_relu", (("negative_slope", 0.1),)), ("silu", ())]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("activation", KERNEL_ACTIVATIONS, ids=["relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("shape, axis, channels_last", LAYOUTS, ids=LAYOUT_IDS)
+def test_fused_activation_is_bit_equal_in_one_launch(
+    shape, axis, channels_last, activation, inplace, backend, kernel_calls
+):
+    """relu and leaky_relu inside the kernel (-0.0 and NaN as eager PyTorch gives them), silu after it."""
+    op = random_op(shape[axis], axis, 0.7)
+    op.activation, op.inplace = activation, inplace
+    x = tricky_input(shape, axis, op)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    name, args = activation
+    expected = getattr(F, name)(plain(random_op(shape[axis], axis, 0.7), x), **dict(args))
+    buf = x.clone(memory_format=torch.preserve_format)
+    with torch.no_grad():
+        y = op(buf)
+    assert bit_equal(y, expected) and y.stride() == x.stride()
+    assert (y is buf) == inplace
+    assert kernel_calls == ["forward_inplace" if inplace else "forward"] and kernel_calls.backends == [backend]
+
+
+def test_cpp_kernel_splits_work_across_threads_exactly(kernel_calls):
+    """Rows split between two threads (the input is several times the parallel grain), in both layouts."""
+    op = random_op(40, 1, 0.8)
+    op.activation = "relu"
+    x = tricky_input((3, 40, 37, 29), 1, op)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert bit_equal(op(t), F.relu(plain(random_op(40, 1, 0.8), t)))
+    finally:
+        torch.set_num_threads(threads)
+    assert kernel_calls.backends == ["cpp", "cpp"]
+
+
+def values_near_the_bands(shape, axis: int, op: MeanSparse, seed: int) -> torch.Tensor:
+    """Values around each channel's band, a quarter of them replaced by band edges, means, -0.0, NaN, ±inf."""
+    g = torch.Generator().manual_seed(seed)
+    view = [1] * len(shape)
+    view[axis] = -1
+    mean, band = op.mean.view(view), (op.alpha * op.var.sqrt()).view(view)
+    x = mean + 2 * band * torch.randn(shape, generator=g)
+    specials = [mean + band, mean - band, mean, -0.0, float("nan"), float("inf"), -float("inf")]
+    pick = torch.randint(0, 4 * len(specials), shape, generator=g)
+    for i, value in enumerate(specials):
+        x = torch.where(pick == i, value, x)
+    return x
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 24),
+    spatial=st.lists(st.integers(1, 19), max_size=2),
+    layout=st.sampled_from(["contiguous", "channels_last", "channels_innermost"]),
+    activation=st.sampled_from([None, *KERNEL_ACTIVATIONS[:2]]),
+    inplace=st.booleans(),
+    alpha=st.sampled_from([0.05, 0.7, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_kernel_equals_the_plain_formula_on_any_shape(
+    batch, channels, spatial, layout, activation, inplace, alpha, seed
+):
+    """Odd lengths exercise the vector loops' tails; every layout the kernel accepts."""
+    if layout == "channels_last" and len(spatial) != 2:
+        layout = "contiguous"
+    axis = -1 if layout == "channels_innermost" else 1
+    shape = (batch, *spatial, channels) if axis == -1 else (batch, channels, *spatial)
+    op = random_op(channels, axis, alpha, seed=seed)
+    op.activation, op.inplace = activation, inplace
+    x = values_near_the_bands(shape, axis, op, seed)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = plain(random_op(channels, axis, alpha, seed=seed), x)
+    if activation is not None:
+        expected = getattr(F, activation[0])(expected, **dict(activation[1]))
+    launches = []
+    launch = cpu_kernel.launch
+    cpu_kernel.launch = lambda kind, *args: launches.append(kind) or launch(kind, *args)
+    try:
+        with torch.no_grad():
+            y = op(x.clone(memory_format=torch.preserve_format))
+    finally:
+        cpu_kernel.launch = launch
+    assert bit_equal(y, expected) and y.stride() == x.stride()
+    kind = "forward_inplace" if inplace else "forward"
+    assert launches == ([] if channels == 1 else [kind])  # random_op empties channel 0's band
+
+
 # ------------------------------------------------------------------------------------------ backward
 
 
 @pytest.mark.parametrize("mode", ["exact", "straight_through"])
-def test_gradients_equal_the_plain_ops(mode, kernel_calls):
+def test_gradients_equal_the_plain_ops(mode, backend, kernel_calls):
     op = random_op(6, 1, 0.9)
     op.backward_mode = mode
     x = tricky_input((2, 6, 5, 7), 1, op).nan_to_num(0.0, 0.0, 0.0)
@@ -205,6 +320,7 @@ def test_gradients_equal_the_plain_ops(mode, kernel_calls):
         (g,) = torch.autograd.grad((y * w).sum(), xg)
         grads.append((y.detach(), g))
     assert kernel_calls == ["forward_mask" if mode == "exact" else "forward_out"]
+    assert kernel_calls.backends == [backend]
     assert bit_equal(grads[0][0], grads[1][0])
     assert bit_equal(grads[0][1], grads[1][1])
     assert (grads[1][1] == w).all() == (mode == "straight_through")
@@ -236,6 +352,7 @@ def test_fused_gradient_is_the_composition(act, mode):
 
 
 def test_compiler_failure_falls_back_with_one_notice(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_enabled", False)  # float32 on CPU would not reach torch.compile
     def broken_compile(fn, **kwargs):
         def call(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore details")
@@ -260,6 +377,39 @@ def test_compiler_failure_falls_back_with_one_notice(monkeypatch):
     op.activation = None
     assert bit_equal(y1, plain(op, x)) and bit_equal(y2, plain(op, x.to(torch.float16)))
     assert bit_equal(y3, F.relu(plain(op, x)))
+
+
+def test_cpp_build_failure_falls_back_to_the_compiled_kernel_with_one_notice(monkeypatch, kernel_calls):
+    from torch.utils import cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore details")
+
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    monkeypatch.setattr(cpu_kernel, "_op", None)
+    monkeypatch.setattr(cpu_kernel, "_failure", None)
+    op = random_op(6, 1, 0.7)
+    x = tricky_input((2, 6, 5, 7), 1, op)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1, y2 = op(x), op(x)
+    notices = [w for w in caught if "MeanSparse CPU kernel could not be built" in str(w.message)]
+    assert len(notices) == 1 and "\n" not in str(notices[0].message)
+    assert "Ninja is required" in cpu_kernel.unavailable_reason()
+    assert kernel_calls.backends == ["compiled", "compiled"]
+    assert bit_equal(y1, plain(op, x)) and bit_equal(y2, y1)
+
+
+def test_cpp_kernel_rejects_bad_arguments_by_name():
+    assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+    kernel = torch.ops.graphsparse.mean_sparse_cpu
+    x, mu = torch.randn(2, 3, 4), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="thr must be a contiguous CPU tensor of Float"):
+        kernel(x, mu, mu.double(), x, None, 0, 0.0)
+    with pytest.raises(RuntimeError, match="mu has 4 elements, expected 3"):
+        kernel(x, torch.zeros(4), mu, x, None, 0, 0.0)
+    with pytest.raises(RuntimeError, match="band mask is only computed without an activation"):
+        kernel(x, mu, mu, torch.empty_like(x), torch.empty_like(x, dtype=torch.bool), 1, 0.0)
 
 
 def test_switch_and_environment(monkeypatch):
@@ -362,7 +512,7 @@ def test_rewritten_resnet18_exports_and_fuses():
 
 
 @pytest.mark.parametrize("mode", ["exact", "straight_through"])
-def test_an_in_place_activation_may_follow_the_kernel_under_autograd(mode, kernel_calls):
+def test_an_in_place_activation_may_follow_the_kernel_under_autograd(mode, backend, kernel_calls):
     """The ReLU(inplace=True) after an operator in every rewritten timm ResNet: the kernel's output must
     not be a view, or autograd refuses the in-place update."""
     op = random_op(6, 1, 0.7)
@@ -375,6 +525,7 @@ def test_an_in_place_activation_may_follow_the_kernel_under_autograd(mode, kerne
             torch.relu_(op(leaf)).square().sum().backward()
         grads.append(leaf.grad)
     assert kernel_calls == ["forward_mask" if mode == "exact" else "forward_out"]
+    assert kernel_calls.backends == [backend]
     assert bit_equal(grads[0], grads[1])
 
 

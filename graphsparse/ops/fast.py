@@ -1,18 +1,21 @@
-"""The fast MeanSparse path: one compiled elementwise kernel that reads ``x`` once and writes ``y`` once.
+"""The fast MeanSparse path: one kernel that reads ``x`` once and writes ``y`` once.
 
 The plain formula ``where(|x − μ| <= thr, μ, x)`` makes four memory passes with three temporaries; the
-kernel (``torch.compile``, inductor, dynamic shapes) makes one, applies a fused ReLU / LeakyReLU in the
-same pass, and for an in-place operator writes no new tensor at all. Measured with
-``tools/bench_ops.py`` (2 CPU cores, 8×256×56×56 float32, time of one out-of-place ReLU = 1): plain formula
-8-10×, kernel 1.2-1.3×, kernel with fused ReLU in place 0.85-0.9× (an in-place ReLU alone: 0.65×). A
-``torch.library`` custom op around the same kernel adds dispatch cost and nothing else, and would hide the
-formula from inductor in compiled models, so it is not used. Each call costs ~20 µs of ``torch.compile``
-dispatch; on maps whose spatial size is not a multiple of the vector width (7×7, 14×14) the kernel's
-masked tail loads make it 2-3× an in-place ReLU (see issue 8's notes).
+kernel makes one, applies a fused ReLU / LeakyReLU in the same pass, and for an in-place operator writes no
+new tensor at all. Two kernels, one semantics:
 
-The kernel is bit-equal to the plain formula: the same operations on the same per-channel ``μ`` and
-threshold (computed by eager PyTorch, whose ``sqrt`` can differ from a compiled one in the last bit), a
-select of the original bits, and ``emulate_precision_casts`` so that float16/bfloat16 intermediates round
+- float32 on CPU: a C++ loop (:mod:`graphsparse.ops.cpu_kernel`, the ``graphsparse::mean_sparse_cpu``
+  operator, built on first use). With a fused in-place ReLU it costs about what the in-place ReLU it
+  replaces costs, on every map size (the "site maps" rows of ``python tools/bench_ops.py``).
+- everything else (float16/bfloat16, CUDA; and float32 on CPU when the C++ kernel cannot be built):
+  ``torch.compile`` (inductor, dynamic shapes) of the elementwise function. On CPU it costs ~20 µs of
+  dispatch a call, and on maps whose spatial size is not a multiple of the vector width (7×7, 14×14) its
+  masked tail loads make it 2-3× an in-place ReLU; hence the C++ kernel. A ``torch.library`` custom op
+  around the compiled kernel adds dispatch cost and nothing else, so it is called directly.
+
+Both are bit-equal to the plain formula: the same operations on the same per-channel ``μ`` and threshold
+(computed by eager PyTorch, whose ``sqrt`` can differ from a compiled one in the last bit), a select of
+the original bits, and (compiled) ``emulate_precision_casts`` so that float16/bfloat16 intermediates round
 as in eager mode. Gradients: exact (zero inside the band, from the band mask saved by the kernel) or
 straight-through (identity), as the plain path.
 
@@ -22,7 +25,8 @@ functorch transform is tracing, or a dispatch mode / autocast is active, the cal
 instead (inductor fuses that into its own kernels). If compilation fails (no C++ compiler, no Triton),
 a one-line warning is issued once and the plain path is used from then on.
 
-Switch it with :func:`set_enabled` / :func:`enabled`, or ``GRAPHSPARSE_FAST=0`` in the environment.
+Switch it with :func:`set_enabled` / :func:`enabled`, or ``GRAPHSPARSE_FAST=0`` in the environment
+(``GRAPHSPARSE_CPU_KERNEL=0`` keeps the path but uses the compiled kernel on CPU too).
 The same machinery (:func:`run_kernel`, :func:`channels_view`, :func:`applies`) compiles the float64
 batch-moment reduction of calibration (:mod:`graphsparse.moments`), under the same switch.
 """
@@ -38,6 +42,7 @@ from contextlib import contextmanager
 
 import torch
 
+from graphsparse.ops import cpu_kernel
 from graphsparse.ops.fused import INPLACE, KERNEL_EXACT, ActivationSpec, apply_activation
 
 __all__ = [
@@ -106,9 +111,17 @@ def _forward_out(x, mu, thr, act: ActivationSpec | None, out) -> torch.Tensor:
     return out.copy_(_forward(x, mu, thr, act))
 
 
-def _forward_mask(x, mu, thr, out, inside) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_mask(x, mu, thr, act: None, out, inside) -> tuple[torch.Tensor, torch.Tensor]:
     mask = (x - mu).abs() <= thr
     return out.copy_(torch.where(mask, mu, x)), inside.copy_(mask)
+
+
+_KERNELS = {
+    "forward": _forward,  # a new output
+    "forward_inplace": _forward_inplace,  # into x
+    "forward_out": _forward_out,  # into a given output
+    "forward_mask": _forward_mask,  # into a given output, and the band mask (no activation)
+}
 
 
 def _compiled(fn: Callable, key: tuple) -> Callable:
@@ -171,6 +184,23 @@ def _key(kind: str, flat: torch.Tensor, act: ActivationSpec | None = None) -> tu
     return (kind, flat.dtype, flat.device.type, flat.dim(), act)
 
 
+def _launch(
+    kind: str, flat: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, act: ActivationSpec | None, *outs
+) -> torch.Tensor:
+    """One launch of kernel ``kind`` (see ``_KERNELS``) on ``flat`` = :func:`channels_view` of the input:
+    the C++ kernel for float32 on CPU (:mod:`graphsparse.ops.cpu_kernel`), the compiled one otherwise.
+    Returns the output (``flat`` itself in place)."""
+    if cpu_kernel.handles(flat, act):
+        if kind == "forward_inplace":
+            outs = (flat,)
+        elif kind == "forward":
+            outs = (torch.empty_like(flat),)
+        cpu_kernel.launch(kind, flat, mu, thr, act, *outs)
+        return outs[0]
+    result = run_kernel(_KERNELS[kind], _key(kind, flat, act), *_kernel_args(flat, mu, thr), act, *outs)
+    return result[0] if kind == "forward_mask" else result
+
+
 # ---------------------------------------------------------------------------------------- entry point
 
 
@@ -207,14 +237,13 @@ class _FastMeanSparse(torch.autograd.Function):
         # The kernel writes into tensors shaped like x: an output that is a view (of a flat kernel output)
         # could not be modified in place afterwards (e.g. by the ReLU(inplace=True) that follows).
         ctx.straight_through = straight_through
-        args = _kernel_args(channels_view(x.detach(), axis), mu, thr)
+        flat = channels_view(x.detach(), axis)
         y = torch.empty_like(x)
         if straight_through:
-            run_kernel(_forward_out, _key("forward_out", args[0]), *args, None, channels_view(y, axis))
+            _launch("forward_out", flat, mu, thr, None, channels_view(y, axis))
             return y
         inside = torch.empty_like(x, dtype=torch.bool)
-        outs = (channels_view(y, axis), channels_view(inside, axis))
-        run_kernel(_forward_mask, _key("forward_mask", args[0]), *args, *outs)
+        _launch("forward_mask", flat, mu, thr, None, channels_view(y, axis), channels_view(inside, axis))
         ctx.save_for_backward(inside)
         return y
 
@@ -257,13 +286,12 @@ def mean_sparse(
         y = _FastMeanSparse.apply(x, mu, thr, axis, straight_through)
         return y if activation is None else apply_activation(activation, y)
     in_kernel = activation if activation is not None and activation[0] in KERNEL_EXACT else None
-    args = _kernel_args(flat, mu, thr)
     with torch.no_grad():
         if inplace and (activation is None or activation[0] in INPLACE):
-            run_kernel(_forward_inplace, _key("forward_inplace", flat, in_kernel), *args, in_kernel)
+            _launch("forward_inplace", flat, mu, thr, in_kernel)
             y = x
         else:
-            y = _unflat(run_kernel(_forward, _key("forward", flat, in_kernel), *args, in_kernel), x)
+            y = _unflat(_launch("forward", flat, mu, thr, in_kernel), x)
         if activation is not None and in_kernel is None:
             y = apply_activation(activation, y, inplace=True)  # y is ours: no new tensor
     return y

@@ -1,0 +1,135 @@
+// MeanSparse on the CPU, float32, one pass: out = act(where(|x - mu| <= thr, mu, x)), and optionally the band
+// mask. Built on first use by graphsparse/ops/cpu_kernel.py (torch.utils.cpp_extension) and registered as
+// the operator graphsparse::mean_sparse_cpu.
+//
+// The arithmetic is the eager formula's, in the same float32 precision and order (a subtraction, fabs, a
+// compare, selects), so results are bit-equal to it, -0.0, NaN and inf included. Compile without
+// -ffast-math. Rows are split across torch's intra-op threads (at::parallel_for) the way TensorIterator
+// splits an elementwise op, so each thread reads the part of x that it (in the op before) just wrote.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+enum Activation : int64_t { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
+
+// One element: MeanSparse, then the activation as eager PyTorch computes it (relu keeps -0.0 and NaN,
+// leaky_relu is `v > 0 ? v : v * slope`).
+template <Activation A>
+inline float element(float v, float m, float t, float slope, bool& in_band) {
+  in_band = std::fabs(v - m) <= t;
+  float y = in_band ? m : v;
+  if constexpr (A == kRelu) y = y < 0.0f ? 0.0f : y;
+  if constexpr (A == kLeakyRelu) y = y > 0.0f ? y : y * slope;
+  return y;
+}
+
+// n elements of one channel (scalar mu, thr): the (N, C, L) layout, one row per (n, c).
+template <Activation A, bool Mask>
+void channel_row(const float* x, float* __restrict__ y, bool* __restrict__ in, int64_t n, float m, float t,
+                 float slope) {
+  for (int64_t i = 0; i < n; ++i) {
+    bool b;
+    y[i] = element<A>(x[i], m, t, slope, b);
+    if constexpr (Mask) in[i] = b;
+  }
+}
+
+// In place: x and y are the same memory, which the restrict-qualified version above must not be told.
+template <Activation A, bool Mask>
+void channel_row_inplace(float* p, bool* __restrict__ in, int64_t n, float m, float t, float slope) {
+  for (int64_t i = 0; i < n; ++i) {
+    bool b;
+    p[i] = element<A>(p[i], m, t, slope, b);
+    if constexpr (Mask) in[i] = b;
+  }
+}
+
+// One position of every channel (vector mu, thr): the (M, C) layout, channels innermost.
+template <Activation A, bool Mask>
+void position_row(const float* x, float* y, bool* in, int64_t c, const float* __restrict__ m,
+                  const float* __restrict__ t, float slope) {
+  for (int64_t i = 0; i < c; ++i) {
+    bool b;
+    y[i] = element<A>(x[i], m[i], t[i], slope, b);
+    if constexpr (Mask) in[i] = b;
+  }
+}
+
+template <Activation A, bool Mask>
+void run(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& thr, const at::Tensor& out,
+         const c10::optional<at::Tensor>& inside, double slope_) {
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  bool* ip = Mask ? inside->mutable_data_ptr<bool>() : nullptr;
+  const float* mp = mu.const_data_ptr<float>();
+  const float* tp = thr.const_data_ptr<float>();
+  const float slope = static_cast<float>(slope_);
+  const bool same = static_cast<const void*>(xp) == static_cast<void*>(yp);
+  if (x.dim() == 3) {  // (N, C, L)
+    const int64_t channels = x.size(1), length = x.size(2), rows = x.size(0) * channels;
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, length));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = r % channels, offset = r * length;
+        if (same) {
+          channel_row_inplace<A, Mask>(yp + offset, Mask ? ip + offset : nullptr, length, mp[c], tp[c], slope);
+        } else {
+          channel_row<A, Mask>(xp + offset, yp + offset, Mask ? ip + offset : nullptr, length, mp[c], tp[c], slope);
+        }
+      }
+    });
+  } else {  // (M, C)
+    const int64_t channels = x.size(1), rows = x.size(0);
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, channels));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t offset = r * channels;
+        position_row<A, Mask>(xp + offset, yp + offset, Mask ? ip + offset : nullptr, channels, mp, tp, slope);
+      }
+    });
+  }
+}
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
+              "graphsparse::mean_sparse_cpu: ", name, " must be a contiguous CPU tensor of ", dtype);
+  TORCH_CHECK(numel < 0 || t.numel() == numel, "graphsparse::mean_sparse_cpu: ", name, " has ", t.numel(),
+              " elements, expected ", numel);
+}
+
+void mean_sparse_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& thr, const at::Tensor& out,
+                     const c10::optional<at::Tensor>& inside, int64_t activation, double slope) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "graphsparse::mean_sparse_cpu: x must be (M, C) or (N, C, L)");
+  check(x, "x", at::kFloat, -1);
+  check(mu, "mu", at::kFloat, x.size(1));
+  check(thr, "thr", at::kFloat, x.size(1));
+  check(out, "out", at::kFloat, x.numel());
+  if (inside.has_value()) check(*inside, "inside", at::kBool, x.numel());
+  TORCH_CHECK(!inside.has_value() || activation == kNone,
+              "graphsparse::mean_sparse_cpu: the band mask is only computed without an activation");
+  const bool mask = inside.has_value();
+  switch (activation) {
+    case kNone:
+      return mask ? run<kNone, true>(x, mu, thr, out, inside, slope) : run<kNone, false>(x, mu, thr, out, inside, slope);
+    case kRelu:
+      return run<kRelu, false>(x, mu, thr, out, inside, slope);
+    case kLeakyRelu:
+      return run<kLeakyRelu, false>(x, mu, thr, out, inside, slope);
+    default:
+      TORCH_CHECK(false, "graphsparse::mean_sparse_cpu: unknown activation code ", activation);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(graphsparse, m) {
+  m.def("mean_sparse_cpu(Tensor x, Tensor mu, Tensor thr, Tensor(a!) out, Tensor(b!)? inside, int activation, "
+        "float slope) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(graphsparse, CPU, m) { m.impl("mean_sparse_cpu", &mean_sparse_cpu); }
