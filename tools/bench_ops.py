@@ -1,19 +1,25 @@
 """Operator speed: MeanSparse paths side by side, eager and under ``torch.compile`` (issue 8, DESIGN §8).
 
-Two tables, both from one process, medians of repeated runs after a warm-up, runs interleaved round-robin
+Three tables, all from one process, medians of repeated runs after a warm-up, runs interleaved round-robin
 over the variants (so that load from other processes hits them alike), ``torch.no_grad``, eval mode:
 
 1. Kernels: one resnet50-sized feature map (8×256×56×56, float32): a ReLU (the cost of one memory pass),
    the reference formula, graphsparse's plain formula, the compiled kernel called directly and through a
-   ``torch.library`` custom op, and the kernel with a fused ReLU (out of place / in place). Also the
+   ``torch.library`` custom op, the C++ CPU kernel (``graphsparse::mean_sparse_cpu``), and the fast path
+   with a fused ReLU (out of place / in place; on CPU also in place through the compiled kernel). Also the
    per-call overhead on a small map. This is the measurement behind the choice of the fast path.
-2. Models, same weights and inputs for every variant: the original; the reference formula
+2. Site maps: the fused in-place MeanSparse + ReLU on the input map of each of a rewritten resnet50's 49
+   sites (batch 8), each timed alone and summed per forward, against the in-place ReLUs it replaces; C++
+   and compiled kernels. The operators' own cost, without the rest of the model's noise.
+3. Models, same weights and inputs for every variant: the original; the reference formula
    ``torch.where(|x − μ| < α·σ, μ, x)`` as a plain module at the same sites; graphsparse eager (plain
-   path, kernel off), graphsparse fast (compiled kernel), graphsparse fused (``fuse_activations``); and the
-   original, reference, graphsparse and fused models under ``torch.compile`` (inside a compiled model the
-   operator always uses the plain formula, so "plain" and "fast" are one compiled variant). Ratios are to
-   the original (compiled ones to the compiled original). Statistics are computed from the model's own
-   features on the probe batch (per-channel mean and variance, so the band looks calibrated), α = 0.25.
+   path, kernel off), graphsparse fast (the fast path's kernel: C++ for float32 on CPU), graphsparse fused
+   (``fuse_activations``), the fused model through the compiled kernel (CPU only: ``fused, compiled
+   kernel``); and the original, reference, graphsparse and fused models under ``torch.compile`` (inside a
+   compiled model the operator always uses the plain formula, so "plain" and "fast" are one compiled
+   variant). Ratios are to the original (compiled ones to the compiled original). Statistics are computed
+   from the model's own features on the probe batch (per-channel mean and variance, so the band looks
+   calibrated), α = 0.25.
    ``ratio`` is the median over rounds of (variant's time / the original's time in the same round): each
    round runs every variant once, so a slow stretch of a shared machine hits a round's pair alike; ``min
    ratio`` is the best time over the original's best time.
@@ -61,11 +67,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphsparse as gs  # noqa: E402
 from graphsparse.fuse import fuse_activations  # noqa: E402
-from graphsparse.ops import MeanSparse, fast  # noqa: E402
+from graphsparse.ops import MeanSparse, cpu_kernel, fast  # noqa: E402
 from graphsparse.ops.meansparse import _mean_and_threshold, _mean_sparse  # noqa: E402
 
 ALPHA = 0.25
 GRAPH_ONLY = "fused graph, α = 0"
+COMPILED_KERNEL = "fused, compiled kernel"
 
 
 class ReferenceMeanSparse(nn.Module):
@@ -148,6 +155,7 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
     relu_inplace = copy.deepcopy(relu_op)
     relu_inplace.inplace = True
     scratch = x.clone()
+    on_cpu = device.type == "cpu" and cpu_kernel.available()
 
     flat = x.view(8, 256, -1)
     compiled = fast._compiled(fast._forward, ("bench", torch.float32, device.type, 3, None))
@@ -179,25 +187,37 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
         "graphsparse plain formula": lambda: plain(x),
         "compiled kernel (torch.compile fn)": lambda: kernel(flat),
         "custom op -> compiled kernel": lambda: custom(flat),
-        "MeanSparse fast path": lambda: op(x),
-        "MeanSparse + relu fused": lambda: relu_op(x),
-        "MeanSparse + relu fused, in place": lambda: relu_inplace(scratch),
     }
+    if on_cpu:
+        cpp = torch.ops.graphsparse.mean_sparse_cpu.default
+        out = torch.empty_like(flat)
+        candidates["C++ kernel (mean_sparse_cpu op)"] = lambda: cpp(flat, mu, thr, out, None, 0, 0.0)
+    candidates.update(
+        {
+            "MeanSparse fast path": lambda: op(x),
+            "MeanSparse + relu fused": lambda: relu_op(x),
+            "MeanSparse + relu fused, in place": lambda: relu_inplace(scratch),
+        }
+    )
+    if on_cpu:
+        candidates["  the same, compiled kernel"] = lambda: _compiled_kernel_only(relu_inplace, scratch)
     overhead = {
         "small map: plain formula": lambda: plain(small),
         "small map: compiled kernel": lambda: kernel(small_flat),
         "small map: custom op": lambda: custom(small_flat),
     }
     with torch.no_grad():
+        for fn in list(candidates.values()) + list(overhead.values()):
+            fn()  # warm-up (compiles)
         checks = {
             "compiled kernel (torch.compile fn)": kernel(flat).view_as(x),
             "custom op -> compiled kernel": custom(flat).view_as(x),
             "MeanSparse fast path": op(x),
             "MeanSparse + relu fused": relu_op(x),
         }
+        if on_cpu:
+            checks["C++ kernel (mean_sparse_cpu op)"] = out.view_as(x)
         expected = plain(x)
-        for fn in list(candidates.values()) + list(overhead.values()):
-            fn()  # warm-up (compiles)
         medians = _time_round_robin(candidates, repeats)
         small_medians = _time_round_robin(overhead, repeats * 5)
     rows = []
@@ -211,6 +231,62 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
     for name, (sec, best) in small_medians.items():
         rows.append({"kernel": name, "ms": sec * 1e3, "min_ms": best * 1e3, "x_relu": None, "exact": ""})
     return rows
+
+
+def _compiled_kernel_only(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``module(t)`` with the C++ kernel switched off: float32 CPU inputs go through the compiled kernel."""
+    cpu_kernel.set_enabled(False)
+    try:
+        return module(t)
+    finally:
+        cpu_kernel.set_enabled(True)
+
+
+def site_maps_table(repeats: int, device: torch.device) -> list[dict]:
+    """The fused in-place operator on the input maps of a rewritten timm resnet50's 49 sites (batch 8), each
+    map timed alone, summed per forward: the operators' share of a forward, against the in-place ReLUs they
+    replace. Rows: ``relu_`` (the original model's cost), the C++ kernel, the compiled kernel."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = gs.rewrite(timm.create_model("resnet50"), "before_activations", torch.randn(1, 3, 224, 224))
+    shapes: dict[tuple[int, ...], int] = {}
+
+    def record(op, args):
+        shape = (8, *args[0].shape[1:])
+        shapes[shape] = shapes.get(shape, 0) + 1
+
+    hooks = [op.register_forward_pre_hook(record) for op in gs.operators(model).values()]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    g = torch.Generator().manual_seed(0)
+    totals = {"relu_ (the original's ReLUs)": 0.0, "fused in place, C++ kernel": 0.0, "fused in place, compiled": 0.0}
+    with torch.no_grad():
+        for shape, count in shapes.items():
+            op = MeanSparse(shape[1], 1, ALPHA)
+            op.var.copy_(torch.rand(shape[1], generator=g) + 0.5)
+            op.activation, op.inplace = "relu", True
+            op.to(device)
+            x = torch.randn(shape, generator=g).to(device)
+            fns = {
+                "relu_ (the original's ReLUs)": lambda x=x: torch.relu_(x),
+                "fused in place, C++ kernel": lambda op=op, x=x: op(x),
+                "fused in place, compiled": lambda op=op, x=x: _compiled_kernel_only(op, x),
+            }
+            if not (device.type == "cpu" and cpu_kernel.available()):
+                del fns["fused in place, C++ kernel"]
+            for fn in fns.values():
+                fn()  # warm-up
+            for name, (sec, _) in _time_round_robin(fns, repeats).items():
+                totals[name] += sec * count
+    base = totals["relu_ (the original's ReLUs)"]
+    sites = sum(shapes.values())
+    return [
+        {"variant": name, "sites": sites, "ms": sec * 1e3, "x_relu_": sec / base}
+        for name, sec in totals.items()
+        if sec > 0
+    ]
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -347,6 +423,8 @@ def bench_model(
         "graphsparse fused": lambda: fused(x),
         GRAPH_ONLY: lambda: graph_only(x),
     }
+    if device.type == "cpu" and cpu_kernel.available():
+        eager[COMPILED_KERNEL] = lambda: _compiled_kernel_only(fused, x)
     compiled_models = {}
     compile_s: dict[str, float] = {}
     if compile_models:
@@ -395,13 +473,21 @@ def _print_kernels(rows: list[dict]) -> None:
         print(f"{r['kernel']:<40} {r['ms']:>9.3f} {r['min_ms']:>9.3f} {ratio:>7}  {r['exact']}")
 
 
+def _print_sites(rows: list[dict]) -> None:
+    sites = rows[0]["sites"] if rows else 0
+    print(f"\nSite maps: resnet50's {sites} operator inputs (batch 8), MeanSparse + ReLU in place, ms per forward")
+    print(f"{'variant':<40} {'ms':>9} {'x relu_':>8}")
+    for r in rows:
+        print(f"{r['variant']:<40} {r['ms']:>9.2f} {r['x_relu_']:>8.2f}")
+
+
 def _print_models(results: list[ModelResult]) -> None:
     print(
         "\nModels: median ms per forward (torch.no_grad, eval); ratio to the original in the same mode: "
         "median of the per-round ratios, and min / min"
     )
     print(
-        f"{'model':<15} {'variant':<20} {'mode':<9} {'ms':>10} {'ratio':>7} {'min ms':>10} {'ratio':>7}  "
+        f"{'model':<15} {'variant':<22} {'mode':<9} {'ms':>10} {'ratio':>7} {'min ms':>10} {'ratio':>7}  "
         f"{'exact vs reference(<=)':<24} compile"
     )
     for res in results:
@@ -410,7 +496,7 @@ def _print_models(results: list[ModelResult]) -> None:
         for r in res.rows:
             comp = f"{r.compile_s:.0f} s" if r.compile_s is not None else ""
             print(
-                f"{'':<15} {r.variant:<20} {r.mode:<9} {r.ms:>10.1f} {r.ratio:>7.3f} {r.min_ms:>10.1f} "
+                f"{'':<15} {r.variant:<22} {r.mode:<9} {r.ms:>10.1f} {r.ratio:>7.3f} {r.min_ms:>10.1f} "
                 f"{r.min_ratio:>7.3f}  {r.exact:<24} {comp}"
             )
 
@@ -449,8 +535,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     kernels = [] if args.no_kernels else kernel_table(max(repeats * 4, 10), device)
+    sites = [] if args.no_kernels else site_maps_table(max(repeats * 4, 20), device)
     if kernels:
         _print_kernels(kernels)
+        _print_sites(sites)
     results = []
     for name in names:
         try:
@@ -476,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": os.getloadavg()[0],
             "total_s": total,
             "kernels": kernels,
+            "site_maps": sites,
             "models": [asdict(r) for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=2))
