@@ -12,7 +12,9 @@ module or call computed. Its gradient is the unfused pair's, in both backward mo
 the activation's gradient at the operator's output, MeanSparse taken as the identity). The ``state_dict`` is
 unchanged (activations have no parameters or buffers), and so is the graph everywhere else. An in-place
 activation makes the operator in place (:attr:`MeanSparse.inplace`): it overwrites its input, as the
-activation overwrote it, whenever no gradient is recorded.
+activation overwrote it, whenever no gradient is recorded. So does an operator whose input is the fresh
+output of a convolution, normalisation or linear module that nothing else reads (MeanSparse before a GELU,
+or without an activation): it then allocates no tensor of its own.
 
 The same pass gives back the in-place residual additions that tracing took away: ``torch.fx`` records
 timm's ``x += shortcut`` as ``x + shortcut``, a new tensor per block (a profile of resnet50 at batch 8 on 2
@@ -171,6 +173,7 @@ def fuse_activations(model: nn.Module) -> int:
     count = 0
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         fused = _fuse_graph(gm)
+        _inplace_operators(gm)
         if fused + _inplace_adds(gm):
             gm.graph.lint()
             gm.recompile()
@@ -250,6 +253,22 @@ def _is_fresh(gm: fx.GraphModule, node: Any) -> bool:
         return False
     module = gm.get_submodule(str(node.target))
     return isinstance(module, _FRESH_OUTPUT) and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _inplace_operators(gm: fx.GraphModule) -> None:
+    """Operators whose input is a fresh module output that nothing else reads may overwrite it (as an
+    in-place activation's operator does): no new tensor for MeanSparse before a GELU, or with no activation.
+    Measured on convnext_tiny (batch 8): a new 38 MB tensor per site costs more than the kernel itself."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or calls[str(node.target)] != 1 or not node.args:
+            continue
+        op = gm.get_submodule(str(node.target))
+        if isinstance(op, MeanSparse) and _is_fresh(gm, node.args[0]):
+            op.inplace = True
 
 
 def _inplace_adds(gm: fx.GraphModule) -> int:

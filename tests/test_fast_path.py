@@ -539,6 +539,34 @@ def _residual_adds(model: nn.Module) -> list[torch.fx.Node]:
     ]
 
 
+def test_operators_overwrite_only_inputs_that_nothing_else_reads(kernel_calls):
+    class Mlps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            a = F.gelu(self.fc1(x))  # fc1's output is read by the operator alone: in place
+            b = self.fc2(a)
+            return self.fc3(F.gelu(b) + b)  # b is read twice: a new tensor
+
+    x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(9))
+    model = gs.rewrite(Mlps().eval(), "before_activations", x)
+    _randomise(model, alpha=0.6)
+    fused = copy.deepcopy(model)
+    assert fuse_activations(fused) == 2
+    ops = list(gs.operators(fused).values())
+    assert [op.inplace for op in ops] == [True, False]
+    with torch.no_grad():
+        out = fused(x)
+        assert kernel_calls == ["forward_inplace", "forward"]
+        assert bit_equal(out, model(x))
+    hooked = copy.deepcopy(model)
+    hooked.fc1.register_forward_hook(lambda m, i, o: None)  # a hook may keep the output: left alone
+    fuse_activations(hooked)
+    assert not any(op.inplace for op in gs.operators(hooked).values())
+
+
 def test_fusion_makes_residual_adds_in_place_only_where_nothing_else_reads_the_operand():
     class Blocks(nn.Module):
         def __init__(self):

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 import torch
 
 from graphsparse.ops import cpu_kernel
-from graphsparse.ops.fused import INPLACE, KERNEL_EXACT, ActivationSpec, apply_activation
+from graphsparse.ops.fused import KERNEL_EXACT, ActivationSpec, apply_activation
 
 __all__ = [
     "MIN_NUMEL",
@@ -274,8 +274,8 @@ def mean_sparse(
         axis: the channel axis of ``x``, in ``[0, x.dim())``.
         straight_through: identity gradient (BPDA) instead of the exact one.
         activation: applied to the result; inside the kernel for :data:`~graphsparse.ops.fused.KERNEL_EXACT`.
-        inplace: write the result into ``x`` and return ``x``, when no gradient is recorded and the
-            activation (if any) can work in place.
+        inplace: ``x`` may be overwritten (when no gradient is recorded): MeanSparse's result is written
+            into it, and the activation (if any and not in the kernel) then runs in place where it can.
     """
     if not applies(x):
         return None
@@ -287,11 +287,11 @@ def mean_sparse(
         return y if activation is None else apply_activation(activation, y)
     in_kernel = activation if activation is not None and activation[0] in KERNEL_EXACT else None
     with torch.no_grad():
-        if inplace and (activation is None or activation[0] in INPLACE):
+        if inplace:
             _launch("forward_inplace", flat, mu, thr, in_kernel)
             y = x
         else:
             y = _unflat(_launch("forward", flat, mu, thr, in_kernel), x)
         if activation is not None and in_kernel is None:
-            y = apply_activation(activation, y, inplace=True)  # y is ours: no new tensor
+            y = apply_activation(activation, y, inplace=True)  # y is ours (x may be overwritten): no new tensor
     return y

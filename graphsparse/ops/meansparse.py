@@ -213,7 +213,8 @@ class MeanSparse(nn.Module):
             Its gradient is the activation's at the operator's output times MeanSparse's (identity under
             ``straight_through``), i.e. the gradient of the unfused pair.
         inplace: the operator may overwrite its input (as ``nn.ReLU(inplace=True)`` does), when no gradient
-            is recorded. Set by the fusion pass where the activation it absorbs was in place.
+            is recorded. Set by the fusion pass where the activation it absorbs was in place, or where its
+            input is the fresh output of a module that nothing else reads.
     """
 
     mean: torch.Tensor
