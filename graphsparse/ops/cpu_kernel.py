@@ -10,7 +10,7 @@ alone, 9.3 ms per forward with this kernel, 14.0 ms with the compiled one (the i
 through the compiled kernel in each run.
 
 The source (``csrc/meansparse_cpu.cpp``) is compiled by :func:`torch.utils.cpp_extension.load` the first
-time a process needs it (~25 s on 2 cores; a C++ compiler and ``ninja`` are needed) and cached under
+time a process needs it (9-23 s measured on 2 cores; a C++ compiler and ``ninja`` are needed) and cached under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the source's hash, so later
 processes only load it; concurrent builds (several workers) wait on the builder's file lock. If building
 fails, a one-line warning says why, once, and the compiled kernels are used instead.
@@ -75,7 +75,7 @@ def _build() -> None:
     # shared by machines of different CPUs stays safe). Measured: AVX-512 loops ~2x the speed of SSE2 ones.
     capability = torch.backends.cpu.get_cpu_capability()
     isa = _ISA_FLAGS.get(capability, [])
-    _log.info("graphsparse: building the MeanSparse CPU kernel (once per machine, ~25 s)")
+    _log.info("graphsparse: building the MeanSparse CPU kernel (once per machine, 10-30 s)")
     try:
         cpp_extension.load(
             name=f"graphsparse_meansparse_cpu_{digest}_{capability.lower()}",
