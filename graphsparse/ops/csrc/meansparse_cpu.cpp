@@ -4,8 +4,8 @@
 //
 // The arithmetic is the eager formula's, in the same float32 precision and order (a subtraction, fabs, a
 // compare, selects), so results are bit-equal to it, -0.0, NaN and inf included. Compile without
-// -ffast-math. Rows are split across torch's intra-op threads (at::parallel_for) the way TensorIterator
-// splits an elementwise op, so each thread reads the part of x that it (in the op before) just wrote.
+// -ffast-math. Rows are split across torch's intra-op threads (at::parallel_for: torch.set_num_threads
+// applies), at least at::internal::GRAIN_SIZE elements per task.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
