@@ -30,7 +30,7 @@ from graphsparse.rewrite import OperatorSlot
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 pytestmark = pytest.mark.skipif(
-    not (shutil.which("gcc") or shutil.which("g++") or shutil.which("c++") or torch.cuda.is_available()),
+    not (shutil.which("g++") or shutil.which("c++") or torch.cuda.is_available()),
     reason="no C++ compiler: the compiled kernel cannot be built here (the fallback test covers this case)",
 )
 
@@ -54,6 +54,8 @@ def kernel_on_small_inputs(monkeypatch):
 def backend(request):
     """The kernel float32 CPU inputs go through: the C++ one (which must build here) or the compiled one."""
     use_cpp = request.param == "cpp"
+    if use_cpp and not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler: the C++ kernel cannot be built here")
     if use_cpp:
         assert cpu_kernel.available(), f"the C++ kernel did not build: {cpu_kernel.unavailable_reason()}"
     previous = cpu_kernel.is_enabled()
