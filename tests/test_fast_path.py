@@ -58,12 +58,8 @@ def backend(request):
         pytest.skip("no C++ compiler: the C++ kernel cannot be built here")
     if use_cpp:
         assert cpu_kernel.available(), f"the C++ kernel did not build: {cpu_kernel.unavailable_reason()}"
-    previous = cpu_kernel.is_enabled()
-    cpu_kernel.set_enabled(use_cpp)
-    try:
+    with cpu_kernel.enabled(use_cpp):
         yield request.param
-    finally:
-        cpu_kernel.set_enabled(previous)
 
 
 def random_op(channels: int, axis: int, alpha: float, seed: int = 0) -> MeanSparse:

@@ -235,11 +235,8 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
 
 def _compiled_kernel_only(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """``module(t)`` with the C++ kernel switched off: float32 CPU inputs go through the compiled kernel."""
-    cpu_kernel.set_enabled(False)
-    try:
+    with cpu_kernel.enabled(False):
         return module(t)
-    finally:
-        cpu_kernel.set_enabled(True)
 
 
 def site_maps_table(repeats: int, device: torch.device) -> list[dict]:

@@ -15,7 +15,7 @@ time a process needs it (9-23 s measured on 2 cores; a C++ compiler and ``ninja`
 processes only load it; concurrent builds (several workers) wait on the builder's file lock. If building
 fails, a one-line warning says why, once, and the compiled kernels are used instead.
 
-Switch it off with :func:`set_enabled` or ``GRAPHSPARSE_CPU_KERNEL=0`` (the fast path then uses its
+Switch it off with :func:`set_enabled` / :func:`enabled` or ``GRAPHSPARSE_CPU_KERNEL=0`` (the fast path then uses its
 ``torch.compile`` kernel on CPU too).
 """
 
@@ -25,13 +25,24 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from graphsparse.ops.fused import ActivationSpec
 
-__all__ = ["ACTIVATIONS", "available", "handles", "is_enabled", "launch", "set_enabled", "unavailable_reason"]
+__all__ = [
+    "ACTIVATIONS",
+    "available",
+    "enabled",
+    "handles",
+    "is_enabled",
+    "launch",
+    "set_enabled",
+    "unavailable_reason",
+]
 
 SOURCE = Path(__file__).with_name("csrc") / "meansparse_cpu.cpp"
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
@@ -56,6 +67,17 @@ def set_enabled(flag: bool) -> None:
     """Allow (True) or forbid (False) the C++ kernel; when forbidden, float32 CPU inputs use the compiled one."""
     global _enabled
     _enabled = bool(flag)
+
+
+@contextmanager
+def enabled(flag: bool) -> Iterator[None]:
+    """:func:`set_enabled` for the duration of a ``with`` block (the previous setting is restored)."""
+    previous = _enabled
+    set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
 
 
 def unavailable_reason() -> str | None:
