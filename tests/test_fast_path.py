@@ -350,7 +350,7 @@ def test_fused_gradient_is_the_composition(act, mode):
 
 
 def test_compiler_failure_falls_back_with_one_notice(monkeypatch):
-    monkeypatch.setattr(cpu_kernel, "_enabled", False)  # float32 on CPU would not reach torch.compile
+    monkeypatch.setattr(cpu_kernel._switch, "on", False)  # float32 on CPU would not reach torch.compile
     def broken_compile(fn, **kwargs):
         def call(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore details")

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from graphsparse.ops.fused import ActivationSpec
+from graphsparse.ops.switch import Switch
 
 __all__ = [
     "ACTIVATIONS",
@@ -53,31 +51,17 @@ _ISA_FLAGS = {
     "AVX2": ["-mavx2"],
 }
 _log = logging.getLogger(__name__)
-_enabled = os.environ.get("GRAPHSPARSE_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+_switch = Switch("GRAPHSPARSE_CPU_KERNEL")
 _op = None  # torch.ops.graphsparse.mean_sparse_cpu.default, once loaded
 _failure: str | None = None
 
 
-def is_enabled() -> bool:
-    """Whether the fast path may use the C++ kernel on CPU."""
-    return _enabled
-
-
-def set_enabled(flag: bool) -> None:
-    """Allow (True) or forbid (False) the C++ kernel; when forbidden, float32 CPU inputs use the compiled one."""
-    global _enabled
-    _enabled = bool(flag)
-
-
-@contextmanager
-def enabled(flag: bool) -> Iterator[None]:
-    """:func:`set_enabled` for the duration of a ``with`` block (the previous setting is restored)."""
-    previous = _enabled
-    set_enabled(flag)
-    try:
-        yield
-    finally:
-        set_enabled(previous)
+is_enabled = _switch.is_enabled
+"""Whether the fast path may use the C++ kernel on CPU (``GRAPHSPARSE_CPU_KERNEL``, :func:`set_enabled`)."""
+set_enabled = _switch.set_enabled
+"""``set_enabled(flag)``: turn the switch on (True) or off (False)."""
+enabled = _switch.enabled
+"""``with enabled(flag):`` the switch set to ``flag`` inside the block, restored after it."""
 
 
 def unavailable_reason() -> str | None:
@@ -129,7 +113,7 @@ def available() -> bool:
 def handles(flat: torch.Tensor, activation: ActivationSpec | None) -> bool:
     """Whether the kernel runs on ``flat`` (a :func:`~graphsparse.ops.fast.channels_view`) with ``activation``."""
     return (
-        _enabled
+        _switch.on
         and flat.device.type == "cpu"
         and flat.dtype == torch.float32
         and (activation is None or activation[0] in ACTIVATIONS)

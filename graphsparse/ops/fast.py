@@ -34,16 +34,15 @@ batch-moment reduction of calibration (:mod:`graphsparse.moments`), under the sa
 from __future__ import annotations
 
 import math
-import os
 import types
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 
 from graphsparse.ops import cpu_kernel
 from graphsparse.ops.fused import KERNEL_EXACT, ActivationSpec, apply_activation
+from graphsparse.ops.switch import Switch
 
 __all__ = [
     "MIN_NUMEL",
@@ -61,31 +60,17 @@ __all__ = [
 MIN_NUMEL = 1 << 15
 """Smaller inputs use the plain formula: below this a compiled call's overhead outweighs the saving."""
 
-_enabled = os.environ.get("GRAPHSPARSE_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+_switch = Switch("GRAPHSPARSE_FAST")
 _broken: dict[str, str] = {}  # device type -> why compiling failed there
 _kernels: dict[tuple, Callable[..., torch.Tensor]] = {}
 
 
-def is_enabled() -> bool:
-    """Whether MeanSparse operators may use the compiled kernel."""
-    return _enabled
-
-
-def set_enabled(flag: bool) -> None:
-    """Allow (True) or forbid (False) the compiled kernel for every MeanSparse operator."""
-    global _enabled
-    _enabled = bool(flag)
-
-
-@contextmanager
-def enabled(flag: bool) -> Iterator[None]:
-    """:func:`set_enabled` for the duration of a ``with`` block (the previous setting is restored)."""
-    previous = _enabled
-    set_enabled(flag)
-    try:
-        yield
-    finally:
-        set_enabled(previous)
+is_enabled = _switch.is_enabled
+"""Whether MeanSparse operators may use the fast path's kernels (``GRAPHSPARSE_FAST``, :func:`set_enabled`)."""
+set_enabled = _switch.set_enabled
+"""``set_enabled(flag)``: turn the switch on (True) or off (False)."""
+enabled = _switch.enabled
+"""``with enabled(flag):`` the switch set to ``flag`` inside the block, restored after it."""
 
 
 def unavailable_reason(device_type: str = "cpu") -> str | None:
@@ -217,7 +202,7 @@ def applies(x: torch.Tensor) -> bool:
     if tracing():
         return False
     return (
-        _enabled
+        _switch.on
         and type(x) is torch.Tensor
         and x.numel() >= MIN_NUMEL
         and x.device.type not in _broken
