@@ -151,6 +151,42 @@ def test_a_compiled_operator_matches_the_eager_one_on_band_edges_and_exports_wit
     assert "torch.ops.graphsparse" not in code and "torch.ops.aten.sqrt" in code
 
 
+def test_a_compiled_operator_follows_buffer_changes_between_calls():
+    """The per-channel operation shares the eager cache: a compiled model must see α, σ² and μ changed in place
+    or loaded after it was compiled, never the thresholds it saw first."""
+    op = random_op(6, 1, 0.7)
+    x = tricky_input((2, 6, 5, 7), 1, op)
+    torch._dynamo.reset()
+    compiled = torch.compile(op, dynamic=False)
+    with torch.no_grad():
+        before = compiled(x)
+        assert bit_equal(before, plain(op, x))
+        op.alpha.fill_(0.0)
+        assert bit_equal(compiled(x), x)
+        gs.set_alpha(op, 0.7)
+        assert bit_equal(compiled(x), before)
+        op.var.mul_(4.0)
+        assert bit_equal(compiled(x), plain(op, x)) and not bit_equal(compiled(x), before)
+        op.mean.add_(0.5)
+        assert bit_equal(compiled(x), plain(op, x))
+        op.load_state_dict(random_op(6, 1, 0.7).state_dict())
+        assert bit_equal(compiled(x), before)
+
+
+def test_the_threshold_operation_returns_tensors_it_does_not_keep():
+    """Inductor may recycle the memory of an operation's outputs for its own buffers: writing into them must
+    not reach the cached pair the next call (or the eager operator) reads."""
+    op = random_op(6, 1, 0.7)
+    args = (op.mean, op.var, op.alpha, torch.float32)
+    mu, thr = torch.ops.graphsparse.mean_and_threshold(*args)
+    expected = (mu.clone(), thr.clone())
+    mu.fill_(123.0)
+    thr.fill_(-1.0)
+    again = torch.ops.graphsparse.mean_and_threshold(*args)
+    assert bit_equal(again[0], expected[0]) and bit_equal(again[1], expected[1])
+    assert again[0].data_ptr() != mu.data_ptr() and again[1].data_ptr() != thr.data_ptr()
+
+
 @pytest.mark.parametrize("fast_on", [True, False])
 def test_cached_thresholds_follow_buffer_changes(fast_on):
     op = random_op(6, 1, 0.7)
