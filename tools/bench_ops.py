@@ -21,8 +21,9 @@ over the variants (so that load from other processes hits them alike), ``torch.n
    from the model's own features on the probe batch (per-channel mean and variance, so the band looks
    calibrated), α = 0.25.
    ``ratio`` is the median over rounds of (variant's time / the original's time in the same round): each
-   round runs every variant once, so a slow stretch of a shared machine hits a round's pair alike; ``min
-   ratio`` is the best time over the original's best time.
+   round runs every variant once, so a slow stretch of a shared machine hits a round's pair alike, and
+   starts one variant later than the one before, so no variant always follows the same one; ``min
+   ratio`` is the best time over the original's best time. ``faults``: minor page faults per forward.
    ``fused graph, α = 0``: the fused model with every α at 0, where the operators return their input (the
    activation still runs, in place): what executing the rewritten ``torch.fx`` graph costs by itself.
    ``exact``: every graphsparse variant's output against the reference formula in its ``<=`` form
@@ -34,6 +35,11 @@ over the variants (so that load from other processes hits them alike), ``torch.n
     python tools/bench_ops.py --models resnet50 --no-compile
     python tools/bench_ops.py --device cuda --batch wrn28_10=128   # on a GPU machine
 
+By default the benchmark tells glibc's malloc to keep freed memory (``--malloc keep``, see
+:func:`keep_freed_memory`): with glibc's defaults every forward re-faults its pages, in numbers that depend
+on the process's allocation history, and the ratios then move by a few points from one process to the next.
+``--malloc system`` measures with the allocator as it is (or as ``LD_PRELOAD`` made it).
+
 WRN-28-10 at batch 128 takes ~20 s a forward on 2 loaded cores, so the full run uses batch 32 to stay near
 10 minutes (ratios barely depend on the batch); ``--batch wrn28_10=128`` runs the issue's size.
 """
@@ -42,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -66,6 +74,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphsparse as gs  # noqa: E402
+from graphsparse._files import atomic_write  # noqa: E402
 from graphsparse.fuse import fuse_activations  # noqa: E402
 from graphsparse.ops import MeanSparse, cpu_kernel, fast  # noqa: E402
 from graphsparse.ops.meansparse import _mean_and_threshold, _mean_sparse  # noqa: E402
@@ -105,16 +114,50 @@ def _sync() -> None:
 
 
 def _time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function in every round, calls interleaved: a, b, c, a, b, c, ..."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    """Seconds per call of each function in every round, calls interleaved: a, b, c, then b, c, a, ...
+
+    Each round starts one function later, so that no variant always runs right after the same one (the
+    previous call's memory and cache state then weigh on every variant alike)."""
+    return _time_and_count_rounds(fns, repeats)[0]
+
+
+def _time_and_count_rounds(
+    fns: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """:func:`_time_rounds`, and the mean number of minor page faults per call of each function."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    faults = dict.fromkeys(names, 0)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             _sync()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
-            fn()
+            fns[name]()
             _sync()
             times[name].append(time.perf_counter() - start)
-    return times
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return times, {name: n / max(repeats, 1) for name, n in faults.items()}
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc's malloc to keep the memory a process frees instead of handing it back to the system.
+
+    By default glibc serves large blocks with mmap and trims the heap, so a forward pass whose tensors were
+    freed by the previous one takes its pages anew: 15-40 thousand minor page faults per forward here, a
+    number that depends on the allocation history of the whole process and so weighs on variants unequally
+    (measured: the same compiled resnet50 pair 1.008 in one process, 1.020 in another with 15.6 k faults per
+    forward). jemalloc and tcmalloc, which PyTorch's CPU tuning guides recommend, keep freed memory too.
+    Returns what was done, for the report."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    except (OSError, AttributeError):
+        return "system (not glibc)"
+    return "glibc, freed memory kept" if ok else "system (mallopt refused)"
 
 
 def _time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
@@ -328,6 +371,7 @@ class Row:
     min_ratio: float
     exact: str = ""
     compile_s: float | None = None
+    page_faults: float = 0.0
 
 
 @dataclass
@@ -445,9 +489,9 @@ def bench_model(
             compile_s[name] = time.perf_counter() - start
             fn()  # a compiled model's first runs after compilation are slower (lazy initialisation)
             log(f"  compiled {name} in {compile_s[name]:.0f} s")
-        rounds_eager = _time_rounds(eager, repeats)
-        rounds_compiled = _time_rounds(compiled, repeats) if compiled else {}
-    for mode, rounds in (("eager", rounds_eager), ("compiled", rounds_compiled)):
+        rounds_eager, faults_eager = _time_and_count_rounds(eager, repeats)
+        rounds_compiled, faults_compiled = _time_and_count_rounds(compiled, repeats) if compiled else ({}, {})
+    for mode, rounds, faults in (("eager", rounds_eager, faults_eager), ("compiled", rounds_compiled, faults_compiled)):
         for name, times in rounds.items():
             exact = _exact(outputs[(mode, name)], expected) if name not in ("original", GRAPH_ONLY) else ""
             base = rounds["original"]
@@ -455,6 +499,7 @@ def bench_model(
             ratio = _paired_ratio(times, base)
             row = Row(case.name, name, mode, sec * 1e3, ratio, best * 1e3, best / min(base), exact)
             row.compile_s = compile_s.get(name) if mode == "compiled" else None
+            row.page_faults = faults[name]
             result.rows.append(row)
     return result
 
@@ -481,11 +526,11 @@ def _print_sites(rows: list[dict]) -> None:
 def _print_models(results: list[ModelResult]) -> None:
     print(
         "\nModels: median ms per forward (torch.no_grad, eval); ratio to the original in the same mode: "
-        "median of the per-round ratios, and min / min"
+        "median of the per-round ratios, and min / min; minor page faults per forward"
     )
     print(
-        f"{'model':<15} {'variant':<22} {'mode':<9} {'ms':>10} {'ratio':>7} {'min ms':>10} {'ratio':>7}  "
-        f"{'exact vs reference(<=)':<24} compile"
+        f"{'model':<15} {'variant':<22} {'mode':<9} {'ms':>10} {'ratio':>7} {'min ms':>10} {'ratio':>7} "
+        f"{'faults':>8}  {'exact vs reference(<=)':<24} compile"
     )
     for res in results:
         head = f"{res.model} {tuple(res.batch_shape)}: {res.sites} sites, {res.fused} fused, "
@@ -494,7 +539,7 @@ def _print_models(results: list[ModelResult]) -> None:
             comp = f"{r.compile_s:.0f} s" if r.compile_s is not None else ""
             print(
                 f"{'':<15} {r.variant:<22} {r.mode:<9} {r.ms:>10.1f} {r.ratio:>7.3f} {r.min_ms:>10.1f} "
-                f"{r.min_ratio:>7.3f}  {r.exact:<24} {comp}"
+                f"{r.min_ratio:>7.3f} {r.page_faults:>8.0f}  {r.exact:<24} {comp}"
             )
 
 
@@ -509,9 +554,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where models and data live")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "system"),
+        default="keep",
+        help="keep (default): glibc keeps freed memory, no page faults per forward (see keep_freed_memory); "
+        "system: the allocator as configured",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    malloc = keep_freed_memory() if args.malloc == "keep" else "system"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
@@ -548,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{where}; {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
         f"torch {torch.__version__}, {args.threads} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, {repeats} repeats, total {total:.0f} s"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, malloc: {malloc}, {repeats} repeats, "
+        f"total {total:.0f} s"
     )
     if args.json:
         payload = {
@@ -558,13 +612,14 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": repeats,
             "alpha": ALPHA,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "malloc": malloc,
             "load_average": os.getloadavg()[0],
             "total_s": total,
             "kernels": kernels,
             "site_maps": sites,
             "models": [asdict(r) for r in results],
         }
-        args.json.write_text(json.dumps(payload, indent=2))
+        atomic_write(args.json, json.dumps(payload, indent=2))
     return 0
 
 
