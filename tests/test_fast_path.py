@@ -11,6 +11,7 @@ float32 CPU inputs: through the C++ kernel (``cpp``) and through the compiled on
 from __future__ import annotations
 
 import copy
+import gc
 import shutil
 import warnings
 
@@ -171,6 +172,20 @@ def test_a_compiled_operator_follows_buffer_changes_between_calls():
         assert bit_equal(compiled(x), plain(op, x))
         op.load_state_dict(random_op(6, 1, 0.7).state_dict())
         assert bit_equal(compiled(x), before)
+
+
+def test_the_threshold_cache_lets_go_of_dropped_operators():
+    """The cache is keyed by the buffer's id: an entry must go with its buffer (no leak, and a new buffer that
+    gets the same id must never see the old thresholds)."""
+    from graphsparse.ops import meansparse
+
+    op = random_op(6, 1, 0.7)
+    op(tricky_input((2, 6, 5, 7), 1, op))
+    key = id(op.var)
+    assert key in meansparse._pairs
+    del op
+    gc.collect()
+    assert key not in meansparse._pairs
 
 
 def test_the_threshold_operation_returns_tensors_it_does_not_keep():
