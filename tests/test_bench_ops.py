@@ -1,0 +1,61 @@
+"""The measuring parts of tools/bench_ops.py: the interleaved round order and the stand-in models it times."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import graphsparse as gs
+from graphsparse.fuse import fuse_activations
+
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    saved = dict(os.environ)  # the script sets OMP_WAIT_POLICY for its own process
+    spec = importlib.util.spec_from_file_location("bench_ops", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_ops"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.modules.pop("bench_ops", None)
+    return module
+
+
+def test_rounds_run_every_variant_once_and_rotate_the_order(bench):
+    calls: list[str] = []
+    names = ["original", "a", "b"]
+    times, faults = bench._time_and_count_rounds({n: (lambda n=n: calls.append(n)) for n in names}, 6)
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == sorted(names) for r in rounds)
+    firsts = [r[0] for r in rounds]
+    assert all(firsts.count(n) == 2 for n in names)  # each variant leads as often as the others
+    assert [r.index("a") for r in rounds] != [rounds[0].index("a")] * 6  # positions move
+    assert all(len(t) == 6 for t in times.values()) and set(faults) == set(names)
+
+
+def test_activations_only_keeps_the_graph_and_drops_the_operators(bench):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.GELU()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    rewritten = gs.rewrite(model, "before_activations", x[:1])
+    bench._calibrate_like(rewritten, x)
+    fused = copy.deepcopy(rewritten)
+    assert fuse_activations(fused) == 2
+    stripped = bench._replace_operators(fused, bench.ActivationOnly)
+    assert not gs.operators(stripped) and len(gs.operators(fused)) == 2
+    gs.set_alpha(fused, 0.0)
+    with torch.no_grad():
+        assert torch.equal(stripped(x), fused(x))
+        assert torch.equal(stripped(x), model(x))
