@@ -40,7 +40,7 @@ over the variants (so that load from other processes hits them alike), ``torch.n
 
 By default the benchmark tells glibc's malloc to keep freed memory (``--malloc keep``, see
 :func:`keep_freed_memory`): with glibc's defaults every forward re-faults its pages, in numbers that depend
-on the process's allocation history, and the ratios then move by a few points from one process to the next.
+on the process's allocation history rather than on the variant timed.
 ``--malloc system`` measures with the allocator as it is (or as ``LD_PRELOAD`` made it).
 
 WRN-28-10 at batch 128 takes ~20 s a forward on 2 loaded cores, so the full run uses batch 32 to stay near
@@ -165,11 +165,11 @@ def keep_freed_memory() -> str:
     """Tell glibc's malloc to keep the memory a process frees instead of handing it back to the system.
 
     By default glibc serves large blocks with mmap and trims the heap, so a forward pass whose tensors were
-    freed by the previous one takes its pages anew: 15-40 thousand minor page faults per forward here, a
-    number that depends on the allocation history of the whole process and so weighs on variants unequally
-    (measured: the same compiled resnet50 pair 1.008 in one process, 1.020 in another with 15.6 k faults per
-    forward). jemalloc and tcmalloc, which PyTorch's CPU tuning guides recommend, keep freed memory too.
-    Returns what was done, for the report."""
+    freed by the previous one takes its pages anew: up to ~40 thousand minor page faults per resnet50 forward
+    here, a number that depends on what the process allocated before rather than on the variant (measured:
+    the same compiled resnet50 took 0 faults per forward in one process and 15.6 k in another). jemalloc and
+    tcmalloc, which PyTorch's CPU tuning guides recommend, keep freed memory too. Returns what was done, for
+    the report."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
@@ -554,7 +554,7 @@ def _print_models(results: list[ModelResult]) -> None:
         "median of the per-round ratios, and min / min; minor page faults per forward"
     )
     print(
-        f"{'model':<15} {'variant':<22} {'mode':<9} {'ms':>10} {'ratio':>7} {'min ms':>10} {'ratio':>7} "
+        f"{'model':<15} {'variant':<23} {'mode':<9} {'ms':>10} {'ratio':>7} {'min ms':>10} {'ratio':>7} "
         f"{'faults':>8}  {'exact vs reference(<=)':<24} compile"
     )
     for res in results:
@@ -563,7 +563,7 @@ def _print_models(results: list[ModelResult]) -> None:
         for r in res.rows:
             comp = f"{r.compile_s:.0f} s" if r.compile_s is not None else ""
             print(
-                f"{'':<15} {r.variant:<22} {r.mode:<9} {r.ms:>10.1f} {r.ratio:>7.3f} {r.min_ms:>10.1f} "
+                f"{'':<15} {r.variant:<23} {r.mode:<9} {r.ms:>10.1f} {r.ratio:>7.3f} {r.min_ms:>10.1f} "
                 f"{r.min_ratio:>7.3f} {r.page_faults:>8.0f}  {r.exact:<24} {comp}"
             )
 
