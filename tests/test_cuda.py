@@ -71,6 +71,31 @@ def test_cuda_kernel_is_bit_equal_to_the_plain_formula(kernel_calls, shape, axis
     assert y.is_cuda and bit_equal(y, expected) and (y != x).any()
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_compiled_operator_on_the_gpu_follows_buffer_changes(mode):
+    """On CUDA the compiled thresholds are computed from the buffers in every call (no cache): CUDA graphs
+    (``reduce-overhead``) replay those kernels, so α and σ² changed in place must show in a replay."""
+    op = cuda_op(6, 1)
+    x = cuda_input((4, 6, 9, 7), 1, op, torch.float32)
+
+    def plain() -> torch.Tensor:
+        with fast.enabled(False):
+            return op(x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(op, mode=mode, dynamic=False)
+    with torch.no_grad():
+        for _ in range(3):  # CUDA graph trees record on a later call than the first
+            before = compiled(x).clone()
+        assert bit_equal(before, plain()) and not bit_equal(before, x)
+        op.alpha.fill_(0.0)
+        assert bit_equal(compiled(x).clone(), x)
+        op.alpha.fill_(0.7)
+        op.var.mul_(4.0)
+        after = compiled(x).clone()
+        assert bit_equal(after, plain()) and not bit_equal(after, before)
+
+
 @pytest.mark.parametrize("mode", ["exact", "straight_through"])
 def test_cuda_kernel_gradients_match_the_plain_formula(kernel_calls, mode):
     op = cuda_op(6, 1)

@@ -134,6 +134,10 @@ _library.define("mean_and_threshold(Tensor mean, Tensor var, Tensor alpha, Scala
 def _mean_and_threshold_op(
     mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if var.device.type != "cpu":
+        # CUDA graphs (``mode="reduce-overhead"``) replay the kernels launched here, not this function: they
+        # must read the buffers themselves, and a cache miss's host sync would break the capture.
+        return _compute_mean_and_threshold(mean, var, alpha, dtype)
     mu, thr, _ = _cached_mean_and_threshold(mean, var, alpha, dtype)
     return mu.clone(), thr.clone()
 
