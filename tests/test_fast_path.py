@@ -152,28 +152,6 @@ def test_a_compiled_operator_matches_the_eager_one_on_band_edges_and_exports_wit
     assert "torch.ops.graphsparse" not in code and "torch.ops.aten.sqrt" in code
 
 
-def test_a_compiled_operator_follows_buffer_changes_between_calls():
-    """The per-channel operation shares the eager cache: a compiled model must see α, σ² and μ changed in place
-    or loaded after it was compiled, never the thresholds it saw first."""
-    op = random_op(6, 1, 0.7)
-    x = tricky_input((2, 6, 5, 7), 1, op)
-    torch._dynamo.reset()
-    compiled = torch.compile(op, dynamic=False)
-    with torch.no_grad():
-        before = compiled(x)
-        assert bit_equal(before, plain(op, x))
-        op.alpha.fill_(0.0)
-        assert bit_equal(compiled(x), x)
-        gs.set_alpha(op, 0.7)
-        assert bit_equal(compiled(x), before)
-        op.var.mul_(4.0)
-        assert bit_equal(compiled(x), plain(op, x)) and not bit_equal(compiled(x), before)
-        op.mean.add_(0.5)
-        assert bit_equal(compiled(x), plain(op, x))
-        op.load_state_dict(random_op(6, 1, 0.7).state_dict())
-        assert bit_equal(compiled(x), before)
-
-
 def test_the_threshold_cache_lets_go_of_dropped_operators():
     """The cache is keyed by the buffer's id: an entry must go with its buffer (no leak, and a new buffer that
     gets the same id must never see the old thresholds)."""
@@ -202,21 +180,31 @@ def test_the_threshold_operation_returns_tensors_it_does_not_keep():
     assert again[0].data_ptr() != mu.data_ptr() and again[1].data_ptr() != thr.data_ptr()
 
 
-@pytest.mark.parametrize("fast_on", [True, False])
-def test_cached_thresholds_follow_buffer_changes(fast_on):
+@pytest.mark.parametrize("path", ["fast", "plain", "compiled"])
+def test_cached_thresholds_follow_buffer_changes(path):
+    """Eager and compiled calls share one threshold cache: every call must see α, σ² and μ changed in place or
+    loaded after the first call (for a compiled model: after it was compiled), never the thresholds it saw
+    first."""
     op = random_op(6, 1, 0.7)
     x = tricky_input((2, 6, 5, 7), 1, op)
-    with fast.enabled(fast_on):
-        before = op(x)
+    run = op
+    if path == "compiled":
+        torch._dynamo.reset()
+        run = torch.compile(op, dynamic=False)
+    with fast.enabled(path != "plain"), torch.no_grad():
+        before = run(x)
+        assert bit_equal(before, plain(op, x))
         op.alpha.fill_(0.0)
-        assert bit_equal(op(x), x)
+        assert bit_equal(run(x), x)
         gs.set_alpha(op, 0.7)
-        assert bit_equal(op(x), before)
+        assert bit_equal(run(x), before)
         op.var.mul_(4.0)
-        assert not bit_equal(op(x), before)
+        assert bit_equal(run(x), plain(op, x)) and not bit_equal(run(x), before)
+        op.mean.add_(0.5)
+        assert bit_equal(run(x), plain(op, x))
         op.load_state_dict(random_op(6, 1, 0.7).state_dict())
-        assert bit_equal(op(x), before)
-        assert bit_equal(op(x.half()), plain(op, x.half()))  # another dtype, another threshold
+        assert bit_equal(run(x), before)
+        assert bit_equal(run(x.half()), plain(op, x.half()))  # another dtype, another threshold
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
