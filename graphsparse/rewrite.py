@@ -8,6 +8,7 @@ a :class:`RewriteInfo` (plan, recipe, records) that :func:`graphsparse.save` wri
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,7 @@ def apply_plan(
             raise PlanError(
                 f"site {site.id!r}: no operator for action {entry.action!r}{closest(entry.action, factories)}"
             )
-        op = factory(site, entry)
+        op = factory(site, entry).to(_site_device(cap.model, site))
         replace = entry.action != "meansparse"
         if site.reached == "graph":
             _insert_in_graph(cap.graphs[site.graph_module], site, op, replace=replace)
@@ -172,6 +173,24 @@ def apply_plan(
     else:
         setattr(model, _INFO_ATTR, info)
     return model
+
+
+def _site_device(model: nn.Module, site: Site) -> torch.device:
+    """Where the site's module keeps its weights (the nearest enclosing module that has any; else the
+    model's first): a model rewritten on the GPU gets its operators on the GPU."""
+    path = site.module
+    while True:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is not None:
+            tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+            if tensor is not None:
+                return tensor.device
+        if not path:
+            return torch.device("cpu")
+        path = path.rpartition(".")[0]
 
 
 def _extra_factories() -> dict[str, Any]:

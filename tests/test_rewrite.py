@@ -167,3 +167,22 @@ def test_deepcopy_keeps_the_rewrite_info():
     clone = copy.deepcopy(rewritten)
     assert gs.rewrite_info(clone).records == {"calibration": {"samples": 3}}
     assert gs.rewrite_info(clone).plan.to_json() == gs.rewrite_info(rewritten).plan.to_json()
+
+
+def test_operators_are_placed_where_their_module_keeps_its_weights():
+    """A model rewritten on the GPU gets GPU operators (else its forward fails on mixed devices). Checked
+    on the meta device: the capture is made on the CPU, then one stage moves before the plan applies."""
+    from graphsparse.capture import capture
+    from graphsparse.plan import make_plan
+    from graphsparse.rewrite import apply_plan
+    from graphsparse.sites import sites_of_capture
+
+    model = timm.create_model("resnet18")
+    cap = capture(model, torch.randn(1, 3, 64, 64), copy=True)
+    sites = sites_of_capture(cap)
+    cap.model.layer1.to("meta")  # its sites follow it, not the model's first weights
+    rewritten = apply_plan(cap, make_plan(sites, "after_addition"), sites=sites)
+    ops = gs.operators(rewritten)
+    devices = {site: op.mean.device.type for site, op in ops.items()}
+    assert len(ops) > 2
+    assert all(dev == ("meta" if site.startswith("layer1.") else "cpu") for site, dev in devices.items()), devices
