@@ -10,7 +10,8 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 
 class Launches(list):
     """Kinds of kernel launches (``forward``, ``forward_inplace``, ``moments``, ...) in order, and in
-    ``backends`` which kernel ran each: ``"compiled"`` (torch.compile) or ``"cpp"`` (the C++ CPU kernel)."""
+    ``backends`` which kernel ran each: ``"compiled"`` (torch.compile), ``"cpp"`` (the C++ CPU kernel) or
+    ``"triton"`` (the CUDA kernel)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -25,21 +26,27 @@ class Launches(list):
 def kernel_calls(monkeypatch):
     """The kernel launches made during a test (:class:`Launches`), with the kernels on and allowed on inputs
     of any size, so that a silent fall back to the plain path fails a test."""
-    from graphsparse.ops import cpu_kernel, fast
+    from graphsparse.ops import cpu_kernel, fast, triton_kernel
 
     calls = Launches()
-    run, launch = fast.run_kernel, cpu_kernel.launch
+    run = fast.run_kernel
 
     def spy_compiled(fn, key, *args):
         calls.record(key[0], "compiled")
         return run(fn, key, *args)
 
-    def spy_cpp(kind, *args):
-        calls.record(kind, "cpp")
-        return launch(kind, *args)
+    def spy(module, backend):
+        launch = module.launch
+
+        def spied(kind, *args):
+            calls.record(kind, backend)
+            return launch(kind, *args)
+
+        monkeypatch.setattr(module, "launch", spied)
 
     monkeypatch.setattr(fast, "run_kernel", spy_compiled)
-    monkeypatch.setattr(cpu_kernel, "launch", spy_cpp)
+    spy(cpu_kernel, "cpp")
+    spy(triton_kernel, "triton")
     monkeypatch.setattr(fast, "MIN_NUMEL", 1)
     with fast.enabled(True):
         yield calls

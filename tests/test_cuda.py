@@ -1,4 +1,4 @@
-"""The CUDA paths: the fast MeanSparse kernel (Triton through inductor), the batch-moment kernel,
+"""The CUDA paths: the fast MeanSparse kernels (Triton, and its torch.compile fallback), the batch-moment kernel,
 calibration on the GPU and the NCCL merge. Skipped where there is no GPU; on a GPU machine run
 
     python -m pytest tests/test_cuda.py
@@ -18,7 +18,7 @@ from torch import nn
 
 from graphsparse.calibrate import calibrate
 from graphsparse.moments import batch_moments
-from graphsparse.ops import MeanSparse, fast, straight_through
+from graphsparse.ops import MeanSparse, fast, straight_through, triton_kernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -32,6 +32,23 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.shape == b.shape
         and torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype]))
     )
+
+
+def assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor) -> None:
+    """Bit-equal, or an error listing the first mismatches: input, actual and expected values and bits."""
+    if bit_equal(actual, expected):
+        return
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    bits = BITS[actual.dtype]
+    a, e, i = (t.detach().contiguous().view(bits).flatten() for t in (actual, expected, x))
+    where = (a != e).nonzero().flatten()[:6].tolist()
+    af, ef, xf = (t.detach().contiguous().flatten().float() for t in (actual, expected, x))
+    lines = [
+        f"flat {k}: x={xf[k].item()!r} ({i[k].item():#x}) got {af[k].item()!r} ({a[k].item():#x}) "
+        f"expected {ef[k].item()!r} ({e[k].item():#x})"
+        for k in where
+    ]
+    raise AssertionError(f"{int((a != e).sum())} elements differ:\n" + "\n".join(lines))
 
 
 def cuda_op(channels: int, axis: int, alpha: float = 0.7, seed: int = 0) -> MeanSparse:
@@ -57,18 +74,26 @@ def cuda_input(shape, axis: int, op: MeanSparse, dtype: torch.dtype, seed: int =
 LAYOUTS = [((4, 6, 9, 7), 1, False), ((4, 6, 9, 7), 1, True), ((5, 33, 6), -1, False)]
 
 
+def kernel_backend(backend: str):
+    """``triton``: the fast path's CUDA kernel; ``compiled``: its torch.compile fallback (Triton off)."""
+    return triton_kernel.enabled(backend == "triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape, axis, channels_last", LAYOUTS, ids=["nchw", "channels_last", "tokens"])
-def test_cuda_kernel_is_bit_equal_to_the_plain_formula(kernel_calls, shape, axis, channels_last, dtype):
+def test_cuda_kernel_is_bit_equal_to_the_plain_formula(kernel_calls, shape, axis, channels_last, dtype, backend):
     op = cuda_op(shape[axis], axis)
     x = cuda_input(shape, axis, op, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with fast.enabled(False):
         expected = op(x)
-    y = op(x)
-    assert kernel_calls == ["forward"]
-    assert y.is_cuda and bit_equal(y, expected) and (y != x).any()
+    with kernel_backend(backend):
+        y = op(x)
+    assert kernel_calls == ["forward"] and kernel_calls.backends == [backend]
+    assert y.is_cuda and (y != x).any()
+    assert_bit_equal(y, expected, x)
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
@@ -111,20 +136,54 @@ def test_cuda_kernel_gradients_match_the_plain_formula(kernel_calls, mode):
                 op(leaf).square().sum().backward()
         grads.append(leaf.grad)
     assert kernel_calls == ["forward_out" if mode == "straight_through" else "forward_mask"]
+    assert kernel_calls.backends == ["triton"]
     assert bit_equal(grads[0], grads[1])
 
 
-def test_cuda_fused_relu_in_place_is_bit_equal(kernel_calls):
+ACTIVATIONS = [("relu", ()), ("leaky_relu", (("negative_slope", 0.1),))]
+
+
+@pytest.mark.parametrize("backend", ["triton", "compiled"])
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "out_of_place"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=["relu", "leaky_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_fused_activation_is_bit_equal(kernel_calls, dtype, activation, inplace, backend):
+    """Eager CUDA relu turns -0.0 into +0.0 (the CPU keeps it): the kernels must follow the device."""
     op = cuda_op(6, 1)
-    op.activation, op.inplace = "relu", True
-    x = cuda_input((4, 6, 9, 7), 1, op, torch.float32)
+    op.activation, op.inplace = activation, inplace
+    x = cuda_input((4, 6, 9, 7), 1, op, dtype)
     with fast.enabled(False):
         expected = op(x.clone())
     z = x.clone()
-    with torch.no_grad():
+    with torch.no_grad(), kernel_backend(backend):
         y = op(z)
-    assert kernel_calls == ["forward_inplace"] and y is z
-    assert bit_equal(y, expected)
+    assert kernel_calls == ["forward_inplace" if inplace else "forward"] and kernel_calls.backends == [backend]
+    assert (y is z) == inplace
+    assert_bit_equal(y, expected, x)
+
+
+def test_a_model_rewritten_on_the_gpu_calibrates_and_runs_there(kernel_calls):
+    """Operators are made where the model lives; calibration and the fast path then stay on the GPU."""
+    import timm
+
+    import graphsparse as gs
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", num_classes=10).eval().to(CUDA)
+    x = torch.randn(4, 3, 64, 64, device=CUDA)
+    rewritten = gs.rewrite(base, "after_addition", x[:1], alpha=0.25)
+    ops = gs.operators(rewritten)
+    assert ops and all(op.mean.is_cuda for op in ops.values())
+    with torch.no_grad():
+        assert torch.equal(rewritten(x), base(x))  # before calibration: the identity
+    calibrate(rewritten, [x, x.flip(0)])
+    before = len(kernel_calls)
+    with torch.no_grad():
+        y = rewritten(x)
+        with fast.enabled(False):
+            expected = rewritten(x)
+    assert kernel_calls.backends[before:] == ["triton"] * len(ops)
+    assert bit_equal(y, expected) and not torch.equal(y, base(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

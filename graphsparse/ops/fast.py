@@ -2,13 +2,15 @@
 
 The plain formula ``where(|x − μ| <= thr, μ, x)`` makes four memory passes with three temporaries; the
 kernel makes one, applies a fused ReLU / LeakyReLU in the same pass, and for an in-place operator writes no
-new tensor at all. Two kernels, one semantics:
+new tensor at all. Three kernels, one semantics:
 
 - float32 on CPU: a C++ loop (:mod:`graphsparse.ops.cpu_kernel`, the ``graphsparse::mean_sparse_cpu``
   operator, built on first use). With a fused in-place ReLU it costs about what the in-place ReLU it
   replaces costs, on every map size (the "site maps" rows of ``python tools/bench_ops.py``).
-- everything else (float16/bfloat16, CUDA; and float32 on CPU when the C++ kernel cannot be built):
-  ``torch.compile`` (inductor, dynamic shapes) of the elementwise function. On CPU it costs ~20 µs of
+- CUDA, all three dtypes: a Triton kernel launched directly (:mod:`graphsparse.ops.triton_kernel`); a
+  compiled function's guards and wrapper cost more than the kernel on a GPU.
+- everything else (float16/bfloat16 on CPU; and whatever the other two cannot run: no C++ compiler, no
+  Triton): ``torch.compile`` (inductor, dynamic shapes) of the elementwise function. On CPU it costs ~20 µs of
   dispatch a call, and on maps whose spatial size is not a multiple of the vector width (7×7, 14×14) its
   masked tail loads make it 2-3× an in-place ReLU; hence the C++ kernel. A ``torch.library`` custom op
   around the compiled kernel adds dispatch cost and nothing else, so it is called directly.
@@ -33,6 +35,7 @@ batch-moment reduction of calibration (:mod:`graphsparse.moments`), under the sa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 import warnings
@@ -40,7 +43,7 @@ from collections.abc import Callable
 
 import torch
 
-from graphsparse.ops import cpu_kernel
+from graphsparse.ops import cpu_kernel, triton_kernel
 from graphsparse.ops.fused import KERNEL_EXACT, ActivationSpec, apply_activation
 from graphsparse.ops.switch import Switch
 
@@ -85,7 +88,19 @@ def unavailable_reason(device_type: str = "cpu") -> str | None:
 
 def _forward(x, mu, thr, act: ActivationSpec | None) -> torch.Tensor:
     y = torch.where((x - mu).abs() <= thr, mu, x)
+    if act is not None and act[0] == "relu" and y.device.type == "cuda":
+        return _cuda_relu(y)
     return y if act is None else apply_activation(act, y)
+
+
+def _cuda_relu(y: torch.Tensor) -> torch.Tensor:
+    """Eager CUDA's relu, bit for bit: +0.0 for -0.0 (inductor's relu keeps -0.0) and NaN kept with its bits
+    (a float select ``y <= 0 ? 0 : y`` is compiled to a max instruction, which returns a canonical NaN)."""
+    wide = y.dtype == torch.float32
+    bits = y.view(torch.int32 if wide else torch.int16)
+    inf = 0x7F800000 if wide else (0x7C00 if y.dtype == torch.float16 else 0x7F80)
+    keep = (bits > 0) | ((bits & (0x7FFFFFFF if wide else 0x7FFF)) > inf)
+    return torch.where(keep, bits, 0).view(y.dtype)
 
 
 def _forward_inplace(x, mu, thr, act: ActivationSpec | None) -> torch.Tensor:
@@ -175,13 +190,16 @@ def _launch(
     """One launch of kernel ``kind`` (see ``_KERNELS``) on ``flat`` = :func:`channels_view` of the input:
     the C++ kernel for float32 on CPU (:mod:`graphsparse.ops.cpu_kernel`), the compiled one otherwise.
     Returns the output (``flat`` itself in place)."""
-    if cpu_kernel.handles(flat, act):
+    native = cpu_kernel if cpu_kernel.handles(flat, act) else None
+    if native is None and triton_kernel.handles(flat, act):
+        native = triton_kernel
+    if native is not None:
         if kind == "forward_inplace":
             outs = (flat,)
         elif kind == "forward":
             outs = (torch.empty_like(flat),)
-        cpu_kernel.launch(kind, flat, mu, thr, act, *outs)
-        return outs[0]
+        if native.launch(kind, flat, mu, thr, act, *outs) is not None:
+            return outs[0]
     result = run_kernel(_KERNELS[kind], _key(kind, flat, act), *_kernel_args(flat, mu, thr), act, *outs)
     return result[0] if kind == "forward_mask" else result
 
@@ -267,11 +285,13 @@ def mean_sparse(
     flat = channels_view(x, axis)
     if flat is None:
         return None
-    if torch.is_grad_enabled() and x.requires_grad:
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode and x.requires_grad:
         y = _FastMeanSparse.apply(x, mu, thr, axis, straight_through)
         return y if activation is None else apply_activation(activation, y)
     in_kernel = activation if activation is not None and activation[0] in KERNEL_EXACT else None
-    with torch.no_grad():
+    # no_grad: one compiled variant (dynamo guards on grad mode); skipped when already off (~1 µs a call)
+    with torch.no_grad() if grad_mode else contextlib.nullcontext():
         if inplace:
             _launch("forward_inplace", flat, mu, thr, in_kernel)
             y = x

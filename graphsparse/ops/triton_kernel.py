@@ -1,0 +1,200 @@
+"""The MeanSparse CUDA kernel: one Triton kernel, launched directly from Python.
+
+The fast path (:mod:`graphsparse.ops.fast`) runs CUDA tensors (float32, float16, bfloat16) through this
+kernel. Why not the ``torch.compile`` kernel the CPU uses for half precision: on a GPU a compiled function's
+dynamo guards and wrapper cost more than the kernel itself on the maps of a rewritten model (measured on an
+H100 with ``python tools/bench_ops.py --device cuda``: the compiled kernel made resnet50's fused operators
+several times the cost of the in-place ReLUs they replace). A direct Triton launch costs a few microseconds.
+
+Bit-equal to the plain formula on the same device: ``x − μ`` is computed in float32 and rounded to the
+input's dtype (what eager PyTorch's CUDA kernels do for float16/bfloat16), the band test compares exactly,
+and the output selects the original bits. The fused activations are written as eager CUDA computes them:
+``relu`` gives +0.0 for -0.0 (CUDA's ``clamp_min`` is ``fmaxf``; the CPU keeps -0.0) and keeps NaN bits,
+``leaky_relu`` is ``y > 0 ? y : y·slope`` with the slope in float32.
+
+Triton is compiled on the first launch of each (dtype, activation, mask) variant. Where Triton is missing or
+compiling fails, a one-line warning says why, once, and the fast path falls back to its compiled kernel.
+Switch it off with :func:`set_enabled` / :func:`enabled` or ``GRAPHSPARSE_TRITON_KERNEL=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from graphsparse.ops.fused import ActivationSpec
+from graphsparse.ops.switch import Switch
+
+__all__ = [
+    "ACTIVATIONS",
+    "available",
+    "enabled",
+    "handles",
+    "is_enabled",
+    "launch",
+    "set_enabled",
+    "unavailable_reason",
+]
+
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+"""Activations the kernel applies in its own pass (name -> the kernel's code), None for none."""
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK = 1024
+"""Elements per program: 8 per thread with 4 warps, two 16-byte loads of float32."""
+
+_ABS_MASK = {torch.float32: 0x7FFFFFFF, torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF}
+_INF_BITS = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+_switch = Switch("GRAPHSPARSE_TRITON_KERNEL")
+_kernel = None  # the triton.jit function, once Triton imported
+_failure: str | None = None
+
+is_enabled = _switch.is_enabled
+"""Whether the fast path may use the Triton kernel on CUDA (``GRAPHSPARSE_TRITON_KERNEL``, :func:`set_enabled`)."""
+set_enabled = _switch.set_enabled
+"""``set_enabled(flag)``: turn the switch on (True) or off (False)."""
+enabled = _switch.enabled
+"""``with enabled(flag):`` the switch set to ``flag`` inside the block, restored after it."""
+
+
+def unavailable_reason() -> str | None:
+    """Why importing Triton or compiling the kernel failed (None when it has not failed)."""
+    return _failure
+
+
+def _define():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def mean_sparse_kernel(
+        x_ptr,
+        out_ptr,
+        inside_ptr,
+        mu_ptr,
+        thr_ptr,
+        numel,
+        channels,
+        inner,  # elements per channel row: 1 for (M, C), L for (N, C, L)
+        slope,
+        ACTIVATION: tl.constexpr,
+        MASK: tl.constexpr,
+        WIDE: tl.constexpr,  # int64 offsets (numel >= 2**31)
+        HALF: tl.constexpr,  # float16 / bfloat16 (16-bit words)
+        ABS_MASK: tl.constexpr,  # all bits but the sign
+        INF_BITS: tl.constexpr,  # the bits of +inf: larger magnitudes are NaN
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if WIDE:
+            pid = pid.to(tl.int64)
+        offsets = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = offsets < numel
+        x = tl.load(x_ptr + offsets, mask=valid)
+        channel = (offsets // inner) % channels
+        mu = tl.load(mu_ptr + channel, mask=valid)
+        thr = tl.load(thr_ptr + channel, mask=valid)
+        diff = (x.to(tl.float32) - mu.to(tl.float32)).to(x.dtype)  # rounded as eager rounds it
+        band = tl.abs(diff.to(tl.float32)) <= thr.to(tl.float32)
+        y = tl.where(band, mu, x)
+        if ACTIVATION == 1:
+            # On the bits: a float select `y <= 0 ? 0 : y` is compiled to a max instruction, which returns a
+            # canonical NaN instead of the input's (seen on an H100). Keeps positive values and every NaN.
+            if HALF:
+                bits = y.to(tl.int16, bitcast=True)
+            else:
+                bits = y.to(tl.int32, bitcast=True)
+            keep = (bits > 0) | ((bits & ABS_MASK) > INF_BITS)
+            y = tl.where(keep, bits, tl.zeros_like(bits)).to(x.dtype, bitcast=True)
+        if ACTIVATION == 2:
+            y = tl.where(y > 0, y, (y.to(tl.float32) * slope).to(x.dtype))
+        tl.store(out_ptr + offsets, y, mask=valid)
+        if MASK:
+            tl.store(inside_ptr + offsets, band, mask=valid)
+
+    return mean_sparse_kernel
+
+
+def _fail(e: BaseException, stage: str) -> None:
+    global _failure
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    _failure = f"{type(e).__name__}: {lines[0][:200]}"
+    warnings.warn(
+        f"graphsparse: the MeanSparse Triton kernel is unavailable ({stage}: {_failure}); "
+        "using the torch.compile kernel on CUDA",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def available() -> bool:
+    """Whether Triton imports (and no launch has failed) in this process."""
+    global _kernel
+    if _kernel is None and _failure is None:
+        try:
+            _kernel = _define()
+        except Exception as e:  # noqa: BLE001 - no Triton, or a broken one: the compiled kernel takes over
+            _fail(e, "import")
+    return _kernel is not None and _failure is None
+
+
+def handles(flat: torch.Tensor, activation: ActivationSpec | None) -> bool:
+    """Whether the kernel runs on ``flat`` (a :func:`~graphsparse.ops.fast.channels_view`) with ``activation``."""
+    return (
+        _switch.on
+        and flat.device.type == "cuda"
+        and flat.dtype in DTYPES
+        and (activation is None or activation[0] in ACTIVATIONS)
+        and available()
+    )
+
+
+def launch(
+    kind: str,
+    flat: torch.Tensor,
+    mu: torch.Tensor,
+    thr: torch.Tensor,
+    activation: ActivationSpec | None,
+    out: torch.Tensor,
+    inside: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Write ``activation(where(|flat − μ| <= thr, μ, flat))`` into ``out`` (``flat`` itself for in place),
+    and the band mask into ``inside`` when given; returns ``out``, or None when compiling the kernel failed
+    (the caller then uses another kernel). ``kind`` names the launch, as in :mod:`~graphsparse.ops.cpu_kernel`."""
+    name, args = activation if activation is not None else (None, ())
+    slope = float(dict(args).get("negative_slope", 0.01)) if name == "leaky_relu" else 0.0
+    numel = flat.numel()
+    inner = flat.shape[2] if flat.dim() == 3 else 1
+    grid = ((numel + BLOCK - 1) // BLOCK,)
+    here = flat.device.index == torch.cuda.current_device()  # a device switch costs more than this test
+    try:
+        with contextlib.nullcontext() if here else torch.cuda.device(flat.device):
+            _kernel[grid](
+                flat,
+                out,
+                inside if inside is not None else out,
+                mu,
+                thr,
+                numel,
+                flat.shape[1],
+                inner,
+                slope,
+                ACTIVATION=ACTIVATIONS[name],
+                MASK=inside is not None,
+                WIDE=numel >= 2**31 - BLOCK,
+                HALF=flat.dtype != torch.float32,
+                ABS_MASK=_ABS_MASK[flat.dtype],
+                INF_BITS=_INF_BITS[flat.dtype],
+                BLOCK=BLOCK,
+                num_warps=4,
+            )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a compiler failure (an unsupported GPU, say): nothing was written
+        _fail(e, "compile")
+        return None
+    if out is flat:
+        torch.autograd.graph.increment_version(flat)  # an in-place write, as copy_ would have recorded
+    return out
