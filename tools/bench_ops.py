@@ -5,21 +5,22 @@ over the variants (so that load from other processes hits them alike), ``torch.n
 
 1. Kernels: one resnet50-sized feature map (8×256×56×56, float32): a ReLU (the cost of one memory pass),
    the reference formula, graphsparse's plain formula, the compiled kernel called directly and through a
-   ``torch.library`` custom op, the C++ CPU kernel (``graphsparse::mean_sparse_cpu``), and the fast path
-   with a fused ReLU (out of place / in place; on CPU also in place through the compiled kernel). Also the
-   per-call overhead on a small map. This is the measurement behind the choice of the fast path.
+   ``torch.library`` custom op, the C++ CPU kernel (``graphsparse::mean_sparse_cpu``) or the Triton kernel
+   (CUDA), and the fast path with a fused ReLU (out of place / in place; also in place through the
+   compiled kernel). Also the per-call overhead on a small map. This is the measurement behind the choice
+   of the fast path.
 2. Site maps: the fused in-place MeanSparse + ReLU on the input map of each of a rewritten resnet50's 49
    sites (batch 8), each timed alone and summed per forward, against the in-place ReLUs it replaces; C++
-   and compiled kernels. The operators' own cost, without the rest of the model's noise.
+   (or Triton) and compiled kernels. The operators' own cost, without the rest of the model's noise.
 3. Models, same weights and inputs for every variant: the original; the reference formula
    ``torch.where(|x − μ| < α·σ, μ, x)`` as a plain module at the same sites; graphsparse eager (plain
-   path, kernel off), graphsparse fast (the fast path's kernel: C++ for float32 on CPU), graphsparse fused
-   (``fuse_activations``), the fused model through the compiled kernel (CPU only: ``fused, compiled
-   kernel``); and the original, reference, graphsparse and fused models under ``torch.compile`` (inside a
-   compiled model the operator always uses the plain formula, so "plain" and "fast" are one compiled
-   variant). Ratios are to the original (compiled ones to the compiled original). Statistics are computed
-   from the model's own features on the probe batch (per-channel mean and variance, so the band looks
-   calibrated), α = 0.25.
+   path, kernel off), graphsparse fast (the fast path's kernel: C++ for float32 on CPU, Triton on CUDA),
+   graphsparse fused (``fuse_activations``), the fused model through the compiled kernel (``fused,
+   compiled kernel``); and the original, reference, graphsparse and fused models under
+   ``torch.compile`` (inside a compiled model the operator always uses the plain formula, so "plain" and
+   "fast" are one compiled variant). Ratios are to the original (compiled ones to the compiled
+   original). Statistics are computed from the model's own features on the probe batch (per-channel
+   mean and variance, so the band looks calibrated), α = 0.25.
    ``ratio`` is the median over rounds of (variant's time / the original's time in the same round): each
    round runs every variant once, so a slow stretch of a shared machine hits a round's pair alike, and
    starts one variant later than the one before, so no variant always follows the same one; ``min
@@ -79,7 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import graphsparse as gs  # noqa: E402
 from graphsparse._files import atomic_write  # noqa: E402
 from graphsparse.fuse import fuse_activations  # noqa: E402
-from graphsparse.ops import MeanSparse, cpu_kernel, fast  # noqa: E402
+from graphsparse.ops import MeanSparse, cpu_kernel, fast, triton_kernel  # noqa: E402
 from graphsparse.ops.fused import apply_activation  # noqa: E402
 from graphsparse.ops.meansparse import _mean_and_threshold, _mean_sparse  # noqa: E402
 
@@ -217,6 +218,7 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
     relu_inplace.inplace = True
     scratch = x.clone()
     on_cpu = device.type == "cpu" and cpu_kernel.available()
+    on_gpu = device.type == "cuda" and triton_kernel.available()
 
     flat = x.view(8, 256, -1)
     compiled = fast._compiled(fast._forward, ("bench", torch.float32, device.type, 3, None))
@@ -253,6 +255,10 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
         cpp = torch.ops.graphsparse.mean_sparse_cpu.default
         out = torch.empty_like(flat)
         candidates["C++ kernel (mean_sparse_cpu op)"] = lambda: cpp(flat, mu, thr, out, None, 0, 0.0)
+    if on_gpu:
+        out = torch.empty_like(flat)
+        launch = triton_kernel.launch
+        candidates["Triton kernel (direct launch)"] = lambda: launch("forward_out", flat, mu, thr, None, out)
     candidates.update(
         {
             "MeanSparse fast path": lambda: op(x),
@@ -260,7 +266,7 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
             "MeanSparse + relu fused, in place": lambda: relu_inplace(scratch),
         }
     )
-    if on_cpu:
+    if on_cpu or on_gpu:
         candidates["  the same, compiled kernel"] = lambda: _compiled_kernel_only(relu_inplace, scratch)
     overhead = {
         "small map: plain formula": lambda: plain(small),
@@ -278,6 +284,8 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
         }
         if on_cpu:
             checks["C++ kernel (mean_sparse_cpu op)"] = out.view_as(x)
+        if on_gpu:
+            checks["Triton kernel (direct launch)"] = out.view_as(x)
         expected = plain(x)
         medians = _time_round_robin(candidates, repeats)
         small_medians = _time_round_robin(overhead, repeats * 5)
@@ -295,15 +303,16 @@ def kernel_table(repeats: int, device: torch.device) -> list[dict]:
 
 
 def _compiled_kernel_only(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """``module(t)`` with the C++ kernel switched off: float32 CPU inputs go through the compiled kernel."""
-    with cpu_kernel.enabled(False):
+    """``module(t)`` with the C++ and Triton kernels switched off: the fast path uses its compiled kernel."""
+    with cpu_kernel.enabled(False), triton_kernel.enabled(False):
         return module(t)
 
 
 def site_maps_table(repeats: int, device: torch.device) -> list[dict]:
     """The fused in-place operator on the input maps of a rewritten timm resnet50's 49 sites (batch 8), each
     map timed alone, summed per forward: the operators' share of a forward, against the in-place ReLUs they
-    replace. Rows: ``relu_`` (the original model's cost), the C++ kernel, the compiled kernel."""
+    replace. Rows: ``relu_`` (the original model's cost), the C++ (CPU) or Triton (CUDA) kernel, the compiled
+    kernel."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = gs.rewrite(timm.create_model("resnet50"), "before_activations", torch.randn(1, 3, 224, 224))
@@ -319,7 +328,9 @@ def site_maps_table(repeats: int, device: torch.device) -> list[dict]:
     for h in hooks:
         h.remove()
     g = torch.Generator().manual_seed(0)
-    totals = {"relu_ (the original's ReLUs)": 0.0, "fused in place, C++ kernel": 0.0, "fused in place, compiled": 0.0}
+    native = "fused in place, " + ("Triton kernel" if device.type == "cuda" else "C++ kernel")
+    has_native = cpu_kernel.available() if device.type == "cpu" else triton_kernel.available()
+    totals = {"relu_ (the original's ReLUs)": 0.0, native: 0.0, "fused in place, compiled": 0.0}
     with torch.no_grad():
         for shape, count in shapes.items():
             op = MeanSparse(shape[1], 1, ALPHA)
@@ -329,11 +340,11 @@ def site_maps_table(repeats: int, device: torch.device) -> list[dict]:
             x = torch.randn(shape, generator=g).to(device)
             fns = {
                 "relu_ (the original's ReLUs)": lambda x=x: torch.relu_(x),
-                "fused in place, C++ kernel": lambda op=op, x=x: op(x),
+                native: lambda op=op, x=x: op(x),
                 "fused in place, compiled": lambda op=op, x=x: _compiled_kernel_only(op, x),
             }
-            if not (device.type == "cpu" and cpu_kernel.available()):
-                del fns["fused in place, C++ kernel"]
+            if not has_native:
+                del fns[native]
             for fn in fns.values():
                 fn()  # warm-up
             for name, (sec, _) in _time_round_robin(fns, repeats).items():
@@ -487,7 +498,7 @@ def bench_model(
         "graphsparse fused": lambda: fused(x),
         GRAPH_ONLY: lambda: graph_only(x),
     }
-    if device.type == "cpu" and cpu_kernel.available():
+    if cpu_kernel.available() if device.type == "cpu" else triton_kernel.available():
         eager[COMPILED_KERNEL] = lambda: _compiled_kernel_only(fused, x)
     compiled_models = {}
     compile_s: dict[str, float] = {}
