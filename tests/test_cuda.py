@@ -162,6 +162,18 @@ def test_cuda_fused_activation_is_bit_equal(kernel_calls, dtype, activation, inp
     assert_bit_equal(y, expected, x)
 
 
+def test_operators_left_on_the_cpu_fail_clearly_and_leave_the_kernel_on(kernel_calls):
+    """A GPU input through an operator still on the CPU: PyTorch's own device error, not a kernel reading
+    host memory, and the Triton kernel stays available for the next call."""
+    op = cuda_op(6, 1).cpu()
+    x = cuda_input((4, 6, 9, 7), 1, op, torch.float32)
+    with pytest.raises(RuntimeError, match="device"):
+        op(x)
+    assert kernel_calls == [] and triton_kernel.unavailable_reason() is None
+    op.to(CUDA)
+    assert op(x).is_cuda and kernel_calls.backends == ["triton"]
+
+
 def test_a_model_rewritten_on_the_gpu_calibrates_and_runs_there(kernel_calls):
     """Operators are made where the model lives; calibration and the fast path then stay on the GPU."""
     import timm

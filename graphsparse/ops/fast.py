@@ -280,7 +280,7 @@ def mean_sparse(
         inplace: ``x`` may be overwritten (when no gradient is recorded): MeanSparse's result is written
             into it, and the activation (if any and not in the kernel) then runs in place where it can.
     """
-    if not applies(x):
+    if not applies(x) or mu.device != x.device:  # mixed devices: the plain formula says so clearly
         return None
     flat = channels_view(x, axis)
     if flat is None:
