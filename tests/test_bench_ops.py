@@ -59,3 +59,32 @@ def test_activations_only_keeps_the_graph_and_drops_the_operators(bench):
     with torch.no_grad():
         assert torch.equal(stripped(x), fused(x))
         assert torch.equal(stripped(x), model(x))
+
+
+def test_profile_compiled_stand_ins_compute_the_fused_model(bench):
+    """tools/profile_compiled.py's constant-threshold operators and its op-threshold switch change where the
+    thresholds come from, not what the model computes."""
+    saved_env, saved_path = dict(os.environ), list(sys.path)  # the script imports bench_ops from tools/
+    spec = importlib.util.spec_from_file_location("profile_compiled", BENCH.with_name("profile_compiled.py"))
+    profiler = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(profiler)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.path[:] = saved_path
+        sys.modules.pop("bench_ops", None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.GELU()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    rewritten = gs.rewrite(model, "before_activations", x[:1])
+    bench._calibrate_like(rewritten, x)
+    fuse_activations(rewritten)
+    constant = bench._replace_operators(rewritten, profiler.ConstantThresholds)
+    assert not gs.operators(constant)
+    with torch.no_grad():
+        expected = rewritten(x)
+        assert not torch.equal(expected, model(x))
+        assert torch.equal(constant(x), expected)
+        with profiler.thresholds_from_the_op():
+            assert torch.equal(rewritten(x), expected)

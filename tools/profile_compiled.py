@@ -1,0 +1,153 @@
+"""Compiled models on a GPU: kernels and CUDA time per forward, by where the thresholds come from.
+
+Under ``torch.compile`` on a GPU the per-channel pair (μ, α·σ) is traced with the operator, so inductor fuses
+it into the kernel that applies it; on CPU it comes from the ``graphsparse::mean_and_threshold`` operator
+(see ``graphsparse/ops/meansparse.py``). This script measures that choice on the GPU, each variant compiled
+with the default mode and profiled with ``torch.profiler`` (CUDA activity only, so host overhead is left out;
+``tools/bench_ops.py`` gives wall-clock ratios):
+
+- ``original``: the model as built;
+- ``graphsparse fused``: the rewritten, fused model as shipped (thresholds traced);
+- ``thresholds from the op``: the same with the thresholds from the library operator, as on CPU;
+- ``constant thresholds``: each operator replaced by the same formula on precomputed per-channel buffers
+  (what no per-call computation costs);
+- ``activations only``: each operator replaced by the activation it absorbed.
+
+    python tools/profile_compiled.py                       # resnet50 b8, WRN-28-10 b128
+    python tools/profile_compiled.py --models convnext_tiny --batch convnext_tiny=64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_ops  # noqa: E402
+
+import graphsparse as gs  # noqa: E402
+import graphsparse.ops.meansparse as meansparse  # noqa: E402
+from graphsparse.fuse import fuse_activations  # noqa: E402
+from graphsparse.ops import MeanSparse  # noqa: E402
+from graphsparse.ops.fused import apply_activation  # noqa: E402
+
+
+class ConstantThresholds(nn.Module):
+    """A fused operator's formula on per-channel μ and threshold computed once, kept as buffers."""
+
+    def __init__(self, op: MeanSparse) -> None:
+        super().__init__()
+        with torch.no_grad():
+            mu, thr = meansparse._compute_mean_and_threshold(op.mean, op.var, op.alpha, torch.float32)
+        shape = [-1, 1, 1] if op.channel_axis == 1 else [-1]  # NCHW maps, or channels last
+        self.register_buffer("mu", mu.view(shape))
+        self.register_buffer("thr", thr.view(shape))
+        self.activation = op.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.where((x - self.mu).abs() <= self.thr, self.mu, x)
+        return y if self.activation is None else apply_activation(self.activation, y)
+
+
+@contextlib.contextmanager
+def thresholds_from_the_op():
+    """Compiled operators take their thresholds from ``graphsparse::mean_and_threshold`` on every device."""
+    traced = meansparse._mean_and_threshold
+
+    def from_op(mean, var, alpha, dtype):
+        if torch.compiler.is_compiling():
+            mu, thr = torch.ops.graphsparse.mean_and_threshold(mean, var, alpha, dtype)
+            return mu, thr, False
+        return traced(mean, var, alpha, dtype)
+
+    meansparse._mean_and_threshold = from_op
+    try:
+        yield
+    finally:
+        meansparse._mean_and_threshold = traced
+
+
+def build(name: str, batch: int, device: torch.device) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The original model, its rewritten and fused copy (statistics as in bench_ops) and an input batch."""
+    case = bench_ops.CASES[name]
+    torch.manual_seed(0)
+    base = case.build().eval().to(device)
+    x = torch.randn(batch, *case.shape[1:], device=device)
+    if case.channels_last:
+        base = base.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rewritten = gs.rewrite(base, case.rule, x[:1])
+    if case.channels_last:
+        rewritten = rewritten.to(memory_format=torch.channels_last)
+    bench_ops._calibrate_like(rewritten, x[:4])
+    fused = copy.deepcopy(rewritten)
+    fuse_activations(fused)
+    return base, fused, x
+
+
+def cuda_profile(fn, repeats: int) -> tuple[float, float]:
+    """(kernels, CUDA milliseconds) per call of ``fn``, after three warm-up calls."""
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(events) / repeats, sum(e.device_time for e in events) / repeats / 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,wrn28_10", help=f"subset of {', '.join(bench_ops.CASES)}")
+    parser.add_argument("--batch", action="append", default=[], metavar="MODEL=N", help="batch size of a model")
+    parser.add_argument("--repeats", type=int, default=5, help="profiled forwards per variant")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("a CUDA device is needed: this script profiles GPU kernels")
+    batches = {"resnet50": 8, "wrn28_10": 128, "convnext_tiny": 8}
+    for item in args.batch:
+        name, _, value = item.partition("=")
+        if name not in bench_ops.CASES or not value.isdigit():
+            parser.error(f"--batch {item!r}: expected MODEL=N with MODEL one of {', '.join(bench_ops.CASES)}")
+        batches[name] = int(value)
+    device = torch.device("cuda")
+    print(f"{'model':<20} {'variant':<26} {'kernels':>8} {'CUDA ms':>9} {'ratio':>7}")
+    for name in [n.strip() for n in args.models.split(",") if n.strip()]:
+        base, fused, x = build(name, batches[name], device)
+        variants = [
+            ("original", base, contextlib.nullcontext),
+            ("graphsparse fused", fused, contextlib.nullcontext),
+            ("thresholds from the op", fused, thresholds_from_the_op),
+            ("constant thresholds", bench_ops._replace_operators(fused, ConstantThresholds), contextlib.nullcontext),
+            ("activations only", bench_ops._replace_operators(fused, bench_ops.ActivationOnly), contextlib.nullcontext),
+        ]
+        baseline = None
+        for label, model, context in variants:
+            torch._dynamo.reset()
+            with context():
+                compiled = torch.compile(model)
+                kernels, ms = cuda_profile(lambda compiled=compiled, x=x: compiled(x), args.repeats)
+            baseline = baseline or ms
+            case = f"{name} b{batches[name]}"
+            print(f"{case:<20} {label:<26} {kernels:>8.0f} {ms:>9.3f} {ms / baseline:>7.3f}")
+    print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.repeats} profiled forwards")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
