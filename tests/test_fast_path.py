@@ -1,4 +1,4 @@
-"""The fast MeanSparse path (the C++ CPU kernel and the compiled kernel) and the fused MeanSparse + activation form.
+"""The fast MeanSparse path (the C++ CPU kernel, the compiled kernel, the Triton fallback) and the fused form.
 
 Both must be invisible except for speed: bit-equal outputs and gradients against the plain formula,
 a fallback with a single notice when the compiler fails, and models that still export and compile.
@@ -25,7 +25,7 @@ from torch import nn
 
 import graphsparse as gs
 from graphsparse.fuse import fuse_activations, residual_add
-from graphsparse.ops import MeanSparse, cpu_kernel, fast
+from graphsparse.ops import MeanSparse, cpu_kernel, fast, triton_kernel
 from graphsparse.rewrite import OperatorSlot
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -435,6 +435,47 @@ def test_cpp_build_failure_falls_back_to_the_compiled_kernel_with_one_notice(mon
     assert "Ninja is required" in cpu_kernel.unavailable_reason()
     assert kernel_calls.backends == ["compiled", "compiled"]
     assert bit_equal(y1, plain(op, x)) and bit_equal(y2, y1)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_triton_compile_failure_falls_back_to_the_compiled_kernel_with_one_notice(
+    monkeypatch, kernel_calls, inplace
+):
+    """Checked on CPU tensors: the Triton kernel stands in as a kernel whose compilation fails, so each
+    launch kind's fallback receives the arguments it takes."""
+
+    class FailingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PTXAS error: sm_xx is not supported\nmore details")
+
+            return launch
+
+    monkeypatch.setattr(triton_kernel, "_kernel", FailingKernel())
+    monkeypatch.setattr(triton_kernel, "_failure", None)
+    monkeypatch.setattr(triton_kernel, "handles", lambda flat, act: triton_kernel.available())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # CPU tensors have no device index
+    op = random_op(6, 1, 0.7)
+    op.activation, op.inplace = "relu", inplace
+    x = tricky_input((2, 6, 5, 7), 1, op)
+    expected = plain(op, x.clone())
+    with warnings.catch_warnings(record=True) as caught, cpu_kernel.enabled(False):
+        warnings.simplefilter("always")
+        y1 = op(x.clone())
+        leaf = x.clone().requires_grad_()
+        op.activation = None
+        op(leaf).sum().backward()  # the band-mask launch
+        y2 = op(x.clone())
+    notices = [w for w in caught if "MeanSparse Triton kernel is unavailable" in str(w.message)]
+    assert len(notices) == 1 and "\n" not in str(notices[0].message)
+    assert "PTXAS error" in triton_kernel.unavailable_reason()
+    first = "forward_inplace" if inplace else "forward"
+    assert kernel_calls == [first, first, "forward_mask", first]
+    assert kernel_calls.backends == ["triton", "compiled", "compiled", "compiled"]
+    assert bit_equal(y1, expected) and bit_equal(y2, plain(op, x))
+    reference = x.clone().requires_grad_()
+    plain(op, reference).sum().backward()
+    assert bit_equal(leaf.grad, reference.grad)
 
 
 def test_cpp_kernel_rejects_bad_arguments_by_name():

@@ -188,18 +188,20 @@ def _launch(
     kind: str, flat: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, act: ActivationSpec | None, *outs
 ) -> torch.Tensor:
     """One launch of kernel ``kind`` (see ``_KERNELS``) on ``flat`` = :func:`channels_view` of the input:
-    the C++ kernel for float32 on CPU (:mod:`graphsparse.ops.cpu_kernel`), the compiled one otherwise.
+    the C++ kernel for float32 on CPU (:mod:`graphsparse.ops.cpu_kernel`), the Triton kernel on CUDA
+    (:mod:`graphsparse.ops.triton_kernel`), the compiled one otherwise or when Triton fails to compile.
     Returns the output (``flat`` itself in place)."""
     native = cpu_kernel if cpu_kernel.handles(flat, act) else None
     if native is None and triton_kernel.handles(flat, act):
         native = triton_kernel
     if native is not None:
+        into = outs
         if kind == "forward_inplace":
-            outs = (flat,)
+            into = (flat,)
         elif kind == "forward":
-            outs = (torch.empty_like(flat),)
-        if native.launch(kind, flat, mu, thr, act, *outs) is not None:
-            return outs[0]
+            into = (torch.empty_like(flat),)
+        if native.launch(kind, flat, mu, thr, act, *into) is not None:
+            return into[0]
     result = run_kernel(_KERNELS[kind], _key(kind, flat, act), *_kernel_args(flat, mu, thr), act, *outs)
     return result[0] if kind == "forward_mask" else result
 
