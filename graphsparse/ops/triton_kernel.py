@@ -2,9 +2,11 @@
 
 The fast path (:mod:`graphsparse.ops.fast`) runs CUDA tensors (float32, float16, bfloat16) through this
 kernel. Why not the ``torch.compile`` kernel the CPU uses for half precision: on a GPU a compiled function's
-dynamo guards and wrapper cost more than the kernel itself on the maps of a rewritten model (measured on an
-H100 with ``python tools/bench_ops.py --device cuda``: the compiled kernel made resnet50's fused operators
-several times the cost of the in-place ReLUs they replace). A direct Triton launch costs a few microseconds.
+dynamo guards and wrapper cost more than the kernel. Measured on an H100 with ``python tools/bench_ops.py
+--device cuda`` (each call timed with a sync): on an 8×256×56×56 float32 map 0.090 ms a call launched
+directly, 0.173 ms through the compiled function (a ReLU: 0.049 ms); resnet50's 49 fused in-place operators
+at batch 8, 5.2 ms per forward against 8.9 ms (the in-place ReLUs they replace: 1.4 ms). What remains is
+host time: Triton's launcher costs ~30 µs a call on that machine's host, ``torch.relu_`` ~9 µs.
 
 Bit-equal to the plain formula on the same device: ``x − μ`` is computed in float32 and rounded to the
 input's dtype (what eager PyTorch's CUDA kernels do for float16/bfloat16), the band test compares exactly,
