@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from graphsparse.ops.fused import ActivationSpec
+from graphsparse.ops.fused import ActivationSpec, kernel_activation
 from graphsparse.ops.switch import Switch
 
 __all__ = [
@@ -133,8 +133,7 @@ def launch(
     """Write ``activation(where(|flat − μ| <= thr, μ, flat))`` into ``out`` (``flat`` itself for in place),
     and the band mask into ``inside`` when given; returns ``out``. ``kind`` names the launch, as the compiled
     kernels' keys do (``forward``, ``forward_inplace``, ``forward_out``, ``forward_mask``)."""
-    name, args = activation if activation is not None else (None, ())
-    slope = float(dict(args).get("negative_slope", 0.01)) if name == "leaky_relu" else 0.0
+    name, slope = kernel_activation(activation)
     _op(flat, mu, thr, out, inside, ACTIVATIONS[name], slope)
     if out is flat:
         torch.autograd.graph.increment_version(flat)  # an in-place write, as copy_ would have recorded

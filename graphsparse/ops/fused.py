@@ -17,7 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ActivationSpec", "FUNCTIONS", "INPLACE", "KERNEL_EXACT", "apply_activation", "check_activation"]
+__all__ = [
+    "ActivationSpec",
+    "FUNCTIONS",
+    "INPLACE",
+    "KERNEL_EXACT",
+    "apply_activation",
+    "check_activation",
+    "kernel_activation",
+]
 
 ActivationSpec = tuple[str, tuple[tuple[str, Any], ...]]
 
@@ -76,3 +84,11 @@ def apply_activation(spec: ActivationSpec, y: torch.Tensor, *, inplace: bool = F
     if inplace and name in INPLACE:
         kwargs["inplace"] = True
     return FUNCTIONS[name](y, **kwargs)
+
+
+def kernel_activation(spec: ActivationSpec | None) -> tuple[str | None, float]:
+    """``(name, negative slope)`` of a :data:`KERNEL_EXACT` activation (or None) as the kernels take it."""
+    if spec is None:
+        return None, 0.0
+    name, args = spec
+    return name, float(dict(args).get("negative_slope", 0.01)) if name == "leaky_relu" else 0.0

@@ -1,6 +1,7 @@
 """An on/off switch read from an environment variable, with a ``with``-block form.
 
-The fast path (``GRAPHSPARSE_FAST``) and its C++ CPU kernel (``GRAPHSPARSE_CPU_KERNEL``) each have one;
+The fast path (``GRAPHSPARSE_FAST``), its C++ CPU kernel (``GRAPHSPARSE_CPU_KERNEL``) and its Triton kernel
+(``GRAPHSPARSE_TRITON_KERNEL``) each have one;
 modules expose its bound methods as their ``is_enabled`` / ``set_enabled`` / ``enabled`` functions.
 """
 

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from graphsparse.ops.fused import ActivationSpec
+from graphsparse.ops.fused import ActivationSpec, kernel_activation
 from graphsparse.ops.switch import Switch
 
 __all__ = [
@@ -53,12 +53,8 @@ _switch = Switch("GRAPHSPARSE_TRITON_KERNEL")
 _kernel = None  # the triton.jit function, once Triton imported
 _failure: str | None = None
 
-is_enabled = _switch.is_enabled
-"""Whether the fast path may use the Triton kernel on CUDA (``GRAPHSPARSE_TRITON_KERNEL``, :func:`set_enabled`)."""
-set_enabled = _switch.set_enabled
-"""``set_enabled(flag)``: turn the switch on (True) or off (False)."""
-enabled = _switch.enabled
-"""``with enabled(flag):`` the switch set to ``flag`` inside the block, restored after it."""
+# Whether the fast path may use the Triton kernel on CUDA: ``GRAPHSPARSE_TRITON_KERNEL``, or these.
+is_enabled, set_enabled, enabled = _switch.is_enabled, _switch.set_enabled, _switch.enabled
 
 
 def unavailable_reason() -> str | None:
@@ -165,8 +161,7 @@ def launch(
     """Write ``activation(where(|flat − μ| <= thr, μ, flat))`` into ``out`` (``flat`` itself for in place),
     and the band mask into ``inside`` when given; returns ``out``, or None when compiling the kernel failed
     (the caller then uses another kernel). ``kind`` names the launch, as in :mod:`~graphsparse.ops.cpu_kernel`."""
-    name, args = activation if activation is not None else (None, ())
-    slope = float(dict(args).get("negative_slope", 0.01)) if name == "leaky_relu" else 0.0
+    name, slope = kernel_activation(activation)
     numel = flat.numel()
     inner = flat.shape[2] if flat.dim() == 3 else 1
     grid = ((numel + BLOCK - 1) // BLOCK,)
