@@ -1,7 +1,8 @@
 """The MeanSparse CPU kernel: a C++ loop, built on first use, registered as ``graphsparse::mean_sparse_cpu``.
 
-The fast path (:mod:`graphsparse.ops.fast`) runs float32 CPU tensors through this kernel and everything else
-(float16/bfloat16, CUDA) through its ``torch.compile`` kernels. Why a second kernel: on CPU, inductor's
+The fast path (:mod:`graphsparse.ops.fast`) runs float32 CPU tensors through this kernel, CUDA tensors
+through a Triton kernel (:mod:`graphsparse.ops.triton_kernel`) and half precision on CPU through its
+``torch.compile`` kernels. Why a second kernel: on CPU, inductor's
 code for this elementwise op is 2-3× an in-place ReLU on 7×7 and 14×14 maps (masked tail loads) and costs
 ~20 µs of dispatch a call; the C++ loop costs about what an in-place ReLU costs. Measured with
 ``python tools/bench_ops.py`` (2 CPU cores): resnet50's 49 fused in-place operators at batch 8, each timed

@@ -15,7 +15,7 @@ new tensor at all. Three kernels, one semantics:
   masked tail loads make it 2-3× an in-place ReLU; hence the C++ kernel. A ``torch.library`` custom op
   around the compiled kernel adds dispatch cost and nothing else, so it is called directly.
 
-Both are bit-equal to the plain formula: the same operations on the same per-channel ``μ`` and threshold
+All three are bit-equal to the plain formula: the same operations on the same per-channel ``μ`` and threshold
 (computed by eager PyTorch, whose ``sqrt`` can differ from a compiled one in the last bit), a select of
 the original bits, and (compiled) ``emulate_precision_casts`` so that float16/bfloat16 intermediates round
 as in eager mode. Gradients: exact (zero inside the band, from the band mask saved by the kernel) or
@@ -28,7 +28,8 @@ instead (inductor fuses that into its own kernels). If compilation fails (no C++
 a one-line warning is issued once and the plain path is used from then on.
 
 Switch it with :func:`set_enabled` / :func:`enabled`, or ``GRAPHSPARSE_FAST=0`` in the environment
-(``GRAPHSPARSE_CPU_KERNEL=0`` keeps the path but uses the compiled kernel on CPU too).
+(``GRAPHSPARSE_CPU_KERNEL=0`` / ``GRAPHSPARSE_TRITON_KERNEL=0`` keep the path but use the compiled kernel on
+CPU / CUDA).
 The same machinery (:func:`run_kernel`, :func:`channels_view`, :func:`applies`) compiles the float64
 batch-moment reduction of calibration (:mod:`graphsparse.moments`), under the same switch.
 """

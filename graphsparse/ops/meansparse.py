@@ -135,8 +135,8 @@ def _mean_and_threshold_op(
     mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if var.device.type != "cpu":
-        # (compiled models trace the formula on GPUs; called directly) a cache miss's host sync would break
-        # a CUDA graph capture
+        # Reached only when called directly (compiled models trace the formula on GPUs). No cache: a miss's
+        # host sync would break a CUDA graph capture.
         return _compute_mean_and_threshold(mean, var, alpha, dtype)
     mu, thr, _ = _cached_mean_and_threshold(mean, var, alpha, dtype)
     return mu.clone(), thr.clone()
