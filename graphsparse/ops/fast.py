@@ -220,17 +220,16 @@ def tracing() -> bool:
 
 def applies(x: torch.Tensor) -> bool:
     """Whether the compiled kernel may run on ``x`` now (eager mode, plain tensor, nothing tracing)."""
-    if tracing():
+    if not _switch.on or type(x) is not torch.Tensor or tracing():
         return False
+    device = x.device.type  # once: each .device makes a new object (this runs once per operator call)
     return (
-        _switch.on
-        and type(x) is torch.Tensor
-        and x.numel() >= MIN_NUMEL
-        and x.device.type not in _broken
-        and x.device.type in ("cpu", "cuda")
+        x.numel() >= MIN_NUMEL
+        and (device == "cpu" or device == "cuda")
+        and device not in _broken
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
-        and not torch.is_autocast_enabled(x.device.type)
+        and not torch.is_autocast_enabled(device)
     )
 
 
