@@ -136,6 +136,4 @@ def launch(
     kernels' keys do (``forward``, ``forward_inplace``, ``forward_out``, ``forward_mask``)."""
     name, slope = kernel_activation(activation)
     _op(flat, mu, thr, out, inside, ACTIVATIONS[name], slope)
-    if out is flat:
-        torch.autograd.graph.increment_version(flat)  # an in-place write, as copy_ would have recorded
     return out

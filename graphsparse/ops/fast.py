@@ -97,10 +97,9 @@ def _forward(x, mu, thr, act: ActivationSpec | None) -> torch.Tensor:
 def _cuda_relu(y: torch.Tensor) -> torch.Tensor:
     """Eager CUDA's relu, bit for bit: +0.0 for -0.0 (inductor's relu keeps -0.0) and NaN kept with its bits
     (a float select ``y <= 0 ? 0 : y`` is compiled to a max instruction, which returns a canonical NaN)."""
-    wide = y.dtype == torch.float32
-    bits = y.view(torch.int32 if wide else torch.int16)
-    inf = 0x7F800000 if wide else (0x7C00 if y.dtype == torch.float16 else 0x7F80)
-    keep = (bits > 0) | ((bits & (0x7FFFFFFF if wide else 0x7FFF)) > inf)
+    words, abs_mask, inf_bits = triton_kernel.FLOAT_BITS[y.dtype]
+    bits = y.view(words)
+    keep = (bits > 0) | ((bits & abs_mask) > inf_bits)
     return torch.where(keep, bits, 0).view(y.dtype)
 
 
@@ -202,6 +201,8 @@ def _launch(
         elif kind == "forward":
             into = (torch.empty_like(flat),)
         if native.launch(kind, flat, mu, thr, act, *into) is not None:
+            if into[0] is flat:
+                torch.autograd.graph.increment_version(flat)  # an in-place write, as copy_ would have recorded
             return into[0]
     result = run_kernel(_KERNELS[kind], _key(kind, flat, act), *_kernel_args(flat, mu, thr), act, *outs)
     return result[0] if kind == "forward_mask" else result

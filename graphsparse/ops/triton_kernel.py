@@ -31,6 +31,7 @@ from graphsparse.ops.switch import Switch
 
 __all__ = [
     "ACTIVATIONS",
+    "FLOAT_BITS",
     "available",
     "enabled",
     "handles",
@@ -47,8 +48,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024
 """Elements per program: 8 per thread with 4 warps, two 16-byte loads of float32."""
 
-_ABS_MASK = {torch.float32: 0x7FFFFFFF, torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF}
-_INF_BITS = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+FLOAT_BITS = {
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+}
+"""dtype -> (integer dtype of its words, all bits but the sign, the bits of +inf): the CUDA relu works on
+bits, here and in the compiled kernel (``fast._cuda_relu``)."""
 _switch = Switch("GRAPHSPARSE_TRITON_KERNEL")
 _kernel = None  # the triton.jit function, once Triton imported
 _failure: str | None = None
@@ -165,6 +171,7 @@ def launch(
     numel = flat.numel()
     inner = flat.shape[2] if flat.dim() == 3 else 1
     grid = ((numel + BLOCK - 1) // BLOCK,)
+    _, abs_mask, inf_bits = FLOAT_BITS[flat.dtype]
     here = flat.device.index == torch.cuda.current_device()  # a device switch costs more than this test
     try:
         with contextlib.nullcontext() if here else torch.cuda.device(flat.device):
@@ -182,8 +189,8 @@ def launch(
                 MASK=inside is not None,
                 WIDE=numel >= 2**31 - BLOCK,
                 HALF=flat.dtype != torch.float32,
-                ABS_MASK=_ABS_MASK[flat.dtype],
-                INF_BITS=_INF_BITS[flat.dtype],
+                ABS_MASK=abs_mask,
+                INF_BITS=inf_bits,
                 BLOCK=BLOCK,
                 num_warps=4,
             )
@@ -192,6 +199,4 @@ def launch(
     except Exception as e:  # noqa: BLE001 - a compiler failure (an unsupported GPU, say): nothing was written
         _fail(e, "compile")
         return None
-    if out is flat:
-        torch.autograd.graph.increment_version(flat)  # an in-place write, as copy_ would have recorded
     return out
