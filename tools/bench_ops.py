@@ -460,14 +460,25 @@ def _with_reference(model: nn.Module, *, inclusive: bool) -> nn.Module:
     return _replace_operators(model, lambda op: ReferenceMeanSparse(op, inclusive=inclusive))
 
 
-def bench_model(
-    case: ModelCase, batch: int, repeats: int, compile_models: bool, device: torch.device, log
-) -> ModelResult:
+@dataclass
+class Prepared:
+    """One case ready to time: the original model, its rewritten copy with statistics, the fused copy of
+    that, the input batch, the fraction of values the operators replace and the number of fused pairs."""
+
+    base: nn.Module
+    rewritten: nn.Module
+    fused: nn.Module
+    x: torch.Tensor
+    replaced: float
+    n_fused: int
+
+
+def prepare(case: ModelCase, batch: int, device: torch.device) -> Prepared:
+    """The same weights, input and statistics (:func:`_calibrate_like`) for every variant of ``case``."""
     torch.manual_seed(0)
-    shape = (batch, *case.shape[1:])
     base = case.build().eval().to(device)
     probe = torch.randn(1, *case.shape[1:]).to(device)
-    x = torch.randn(shape).to(device)
+    x = torch.randn(batch, *case.shape[1:]).to(device)
     if case.channels_last:
         base = base.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -479,6 +490,15 @@ def bench_model(
     replaced = _calibrate_like(rewritten, x[: min(batch, 4)])
     fused = copy.deepcopy(rewritten)
     n_fused = fuse_activations(fused)
+    return Prepared(base, rewritten, fused, x, replaced, n_fused)
+
+
+def bench_model(
+    case: ModelCase, batch: int, repeats: int, compile_models: bool, device: torch.device, log
+) -> ModelResult:
+    ready = prepare(case, batch, device)
+    base, rewritten, fused, x = ready.base, ready.rewritten, ready.fused, ready.x
+    shape, replaced, n_fused = tuple(x.shape), ready.replaced, ready.n_fused
     graph_only = copy.deepcopy(fused)
     gs.set_alpha(graph_only, 0.0)  # operators return their input: the rewritten graph's own cost
     reference = _with_reference(rewritten, inclusive=False)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -35,9 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_ops  # noqa: E402
 
-import graphsparse as gs  # noqa: E402
 import graphsparse.ops.meansparse as meansparse  # noqa: E402
-from graphsparse.fuse import fuse_activations  # noqa: E402
 from graphsparse.ops import MeanSparse  # noqa: E402
 from graphsparse.ops.fused import apply_activation  # noqa: E402
 
@@ -77,26 +73,6 @@ def thresholds_from_the_op():
         meansparse._mean_and_threshold = traced
 
 
-def build(name: str, batch: int, device: torch.device) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """The original model, its rewritten and fused copy (statistics as in bench_ops) and an input batch."""
-    case = bench_ops.CASES[name]
-    torch.manual_seed(0)
-    base = case.build().eval().to(device)
-    x = torch.randn(batch, *case.shape[1:], device=device)
-    if case.channels_last:
-        base = base.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rewritten = gs.rewrite(base, case.rule, x[:1])
-    if case.channels_last:
-        rewritten = rewritten.to(memory_format=torch.channels_last)
-    bench_ops._calibrate_like(rewritten, x[:4])
-    fused = copy.deepcopy(rewritten)
-    fuse_activations(fused)
-    return base, fused, x
-
-
 def cuda_profile(fn, repeats: int) -> tuple[float, float]:
     """(kernels, CUDA milliseconds) per call of ``fn``, after three warm-up calls."""
     with torch.no_grad():
@@ -128,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     print(f"{'model':<20} {'variant':<26} {'kernels':>8} {'CUDA ms':>9} {'ratio':>7}")
     for name in [n.strip() for n in args.models.split(",") if n.strip()]:
-        base, fused, x = build(name, batches[name], device)
+        ready = bench_ops.prepare(bench_ops.CASES[name], batches[name], device)
+        base, fused, x = ready.base, ready.fused, ready.x
         variants = [
             ("original", base, contextlib.nullcontext),
             ("graphsparse fused", fused, contextlib.nullcontext),
