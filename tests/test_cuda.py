@@ -162,6 +162,67 @@ def test_cuda_fused_activation_is_bit_equal(kernel_calls, dtype, activation, inp
     assert_bit_equal(y, expected, x)
 
 
+class CountingKernel:
+    """The Triton kernel, counting the launches that go through Triton's own ``kernel[grid]`` path."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` whose data starts 4 bytes past a 16-byte boundary."""
+    buffer = torch.empty(x.numel() + 2, dtype=x.dtype, device=x.device)
+    view = buffer[2:].view(x.shape).copy_(x)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def test_direct_launches_follow_every_specialization(monkeypatch, kernel_calls):
+    """Each variant's first launch compiles it through ``kernel[grid]``; later launches of the same variant
+    call its launcher directly. A pointer off 16 bytes, a size not a multiple of 16, a single channel or a
+    channels-last map is a variant of its own: reusing another's binary would be wrong (or fault)."""
+    counting = CountingKernel(triton_kernel._kernel)
+    monkeypatch.setattr(triton_kernel, "_kernel", counting)
+    monkeypatch.setattr(triton_kernel, "_direct", {})
+    cases = []
+    for shape, axis in [((8, 16, 8, 8), 1), ((3, 5, 7, 7), 1), ((4, 1, 16, 16), 1), ((6, 40, 33), -1)]:
+        op = cuda_op(shape[axis], axis)
+        op.var.clamp_(min=0.5)  # no empty band: a single channel's operator would return x untouched
+        x = cuda_input(shape, axis, op, torch.float32)
+        cases += [(op, x), (op, _misaligned(x))]
+    op = cuda_op(16, 1)
+    cases.append((op, cuda_input((8, 16, 8, 8), 1, op, torch.float32).contiguous(memory_format=torch.channels_last)))
+    for _ in range(2):
+        for op, x in cases:
+            with fast.enabled(False):
+                expected = op(x)
+            assert_bit_equal(op(x), expected, x)
+        assert counting.calls == len(triton_kernel._direct) == len(cases)  # the second round: direct only
+    assert kernel_calls.backends == ["triton"] * (2 * len(cases))
+
+
+def test_a_triton_launch_hook_sees_every_launch(monkeypatch, kernel_calls):
+    """A profiler's hook (``triton.knobs.runtime.launch_enter_hook``) is called for direct launches' variants
+    too: they then go through Triton's own path."""
+    knobs = pytest.importorskip("triton").knobs
+    seen = []
+    hook = seen.append
+    op = cuda_op(6, 1)
+    x = cuda_input((4, 6, 9, 7), 1, op, torch.float32)
+    op(x)  # compiled and remembered
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        op(x), op(x)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    op(x)
+    assert len(seen) == 2 and kernel_calls.backends == ["triton"] * 4
+
+
 def test_operators_left_on_the_cpu_fail_clearly_and_leave_the_kernel_on(kernel_calls):
     """A GPU input through an operator still on the CPU: PyTorch's own device error, not a kernel reading
     host memory, and the Triton kernel stays available for the next call."""

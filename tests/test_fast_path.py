@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import types
 import warnings
 
 import hypothesis.strategies as st
@@ -476,6 +477,112 @@ def test_triton_compile_failure_falls_back_to_the_compiled_kernel_with_one_notic
     reference = x.clone().requires_grad_()
     plain(op, reference).sum().backward()
     assert bit_equal(leaf.grad, reference.grad)
+
+
+def _stand_in_kernel_run(flat, out, mask_out, mu, thr, numel, channels, inner, slope, code, masked, *constexprs):
+    """What the Triton kernel computes, on CPU tensors (the stand-ins below run it)."""
+    shape = (-1,) if flat.dim() == 2 else (-1, 1)
+    mu, thr = mu.view(shape), thr.view(shape)
+    band = (flat - mu).abs() <= thr
+    y = torch.where(band, mu, flat)
+    y = torch.relu(y) if code == 1 else F.leaky_relu(y, slope) if code == 2 else y
+    out.copy_(y)
+    if masked:
+        mask_out.copy_(band)
+
+
+class StandInTriton:
+    """Triton's ``kernel[grid](...)`` on CPU tensors: returns a compiled-kernel stand-in whose launcher takes
+    every argument of the signature after the grid, stream, function and metadata (Triton 3.6's layout)."""
+
+    def __init__(self):
+        self.jit_launches, self.direct_launches = 0, 0
+        self.refuse = False  # the direct launcher raises TypeError (another Triton's argument layout)
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps):
+            self.jit_launches += 1
+            _stand_in_kernel_run(*args)
+            compiled = types.SimpleNamespace(function=object(), packed_metadata=(4, 1, 0))
+            compiled.src = types.SimpleNamespace(signature=dict.fromkeys(range(len(args))))
+            compiled.run = self.launcher
+            return compiled
+
+        return launch
+
+    def launcher(self, grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter, exit_, *args):
+        if self.refuse:
+            raise TypeError("function takes exactly 22 arguments (25 given)")
+        self.direct_launches += 1
+        _stand_in_kernel_run(*args)
+
+
+@pytest.fixture
+def stand_in_triton(monkeypatch):
+    """The Triton kernel path on CPU tensors, through :class:`StandInTriton`; the C++ kernel off."""
+    triton = StandInTriton()
+    monkeypatch.setattr(triton_kernel, "_kernel", triton)
+    monkeypatch.setattr(triton_kernel, "_failure", None)
+    monkeypatch.setattr(triton_kernel, "_direct", {})
+    monkeypatch.setattr(triton_kernel, "_stream", lambda device: 0)
+    monkeypatch.setattr(triton_kernel, "_knobs", None)
+    monkeypatch.setattr(triton_kernel, "handles", lambda flat, act: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # CPU tensors have no device index
+    with cpu_kernel.enabled(False):
+        yield triton
+
+
+def _off_by_4_bytes(x: torch.Tensor) -> torch.Tensor:
+    view = torch.empty(x.numel() + 1)[1:].view(x.shape).copy_(x)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def test_triton_variants_compile_once_then_launch_directly(stand_in_triton, kernel_calls):
+    """Checked on CPU tensors with a stand-in: a variant's first launch goes through ``kernel[grid]``, later
+    ones through its launcher; whatever Triton specializes on (an unaligned pointer, a size's multiples, the
+    band-mask output, the activation) makes a variant of its own."""
+    op = random_op(6, 1, 0.7)
+    op.activation = "relu"
+    x = tricky_input((2, 6, 5, 7), 1, op)
+    inputs = [x, x, _off_by_4_bytes(x), x[:, :, :4].contiguous(), x.contiguous(memory_format=torch.channels_last), x]
+    outputs = [op(t) for t in inputs]
+    for t, y in zip(inputs, outputs):
+        assert bit_equal(y, plain(op, t))
+    assert (stand_in_triton.jit_launches, stand_in_triton.direct_launches) == (4, 2)
+    op.activation = None
+    leaf = x.clone().requires_grad_()
+    op(leaf).sum().backward()  # the band-mask launch: a variant of its own
+    op(x)  # out of place without activation: another one
+    assert (stand_in_triton.jit_launches, stand_in_triton.direct_launches) == (6, 2)
+    reference = x.clone().requires_grad_()
+    plain(op, reference).sum().backward()
+    assert bit_equal(leaf.grad, reference.grad)
+    assert kernel_calls.backends == ["triton"] * 8
+
+
+def test_a_refused_direct_launch_falls_back_to_triton_for_good(stand_in_triton, kernel_calls):
+    op = random_op(6, 1, 0.7)
+    x = tricky_input((2, 6, 5, 7), 1, op)
+    op(x)
+    stand_in_triton.refuse = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice: Triton's own path still runs the kernel
+        ys = [op(x) for _ in range(3)]
+    assert all(bit_equal(y, plain(op, x)) for y in ys)
+    assert (stand_in_triton.jit_launches, stand_in_triton.direct_launches) == (4, 0)
+    assert triton_kernel.unavailable_reason() is None and kernel_calls.backends == ["triton"] * 4
+
+
+def test_triton_launch_hooks_keep_launches_on_tritons_own_path(stand_in_triton, monkeypatch):
+    op = random_op(6, 1, 0.7)
+    x = tricky_input((2, 6, 5, 7), 1, op)
+    runtime = types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[print]), launch_exit_hook=None)
+    monkeypatch.setattr(triton_kernel, "_knobs", types.SimpleNamespace(runtime=runtime))
+    op(x), op(x)
+    runtime.launch_enter_hook.calls = []  # a chain emptied again
+    op(x)
+    assert (stand_in_triton.jit_launches, stand_in_triton.direct_launches) == (2, 1)
 
 
 def test_cpp_kernel_rejects_bad_arguments_by_name():

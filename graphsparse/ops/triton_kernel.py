@@ -22,6 +22,7 @@ Switch it off with :func:`set_enabled` / :func:`enabled` or ``GRAPHSPARSE_TRITON
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 
 import torch
@@ -57,7 +58,12 @@ FLOAT_BITS = {
 bits, here and in the compiled kernel (``fast._cuda_relu``)."""
 _switch = Switch("GRAPHSPARSE_TRITON_KERNEL")
 _kernel = None  # the triton.jit function, once Triton imported
+_knobs = None  # triton.knobs (launch hooks), where this Triton has it
+_stream = None  # device index -> its current CUDA stream, as Triton gets it
 _failure: str | None = None
+_direct: dict[tuple, tuple | None] = {}  # launch key -> (launcher, function, metadata) of a compiled variant
+_NEVER = ("direct launches refused",)  # key present: this Triton's launcher takes other arguments
+_log = logging.getLogger(__name__)
 
 # Whether the fast path may use the Triton kernel on CUDA: ``GRAPHSPARSE_TRITON_KERNEL``, or these.
 is_enabled, set_enabled, enabled = _switch.is_enabled, _switch.set_enabled, _switch.enabled
@@ -69,8 +75,12 @@ def unavailable_reason() -> str | None:
 
 
 def _define():
+    global _knobs, _stream
     import triton
     import triton.language as tl
+
+    _knobs = getattr(triton, "knobs", None)
+    _stream = triton.runtime.driver.active.get_current_stream
 
     @triton.jit
     def mean_sparse_kernel(
@@ -155,6 +165,31 @@ def handles(flat: torch.Tensor, activation: ActivationSpec | None) -> bool:
     )
 
 
+def _int_spec(value: int) -> tuple[bool, bool, bool]:
+    """What Triton specializes an int argument on: equal to 1, a multiple of 16, past int32."""
+    return value == 1, value % 16 == 0, value > 0x7FFFFFFF
+
+
+def _hooks_set() -> bool:
+    """Whether a Triton launch hook is installed (a profiler's): launches then go through Triton's own path,
+    which calls them."""
+    runtime = _knobs.runtime if _knobs is not None else None
+    hooks = (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None))
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+def _remember(key: tuple, compiled, args: tuple) -> None:
+    """Keep what a direct launch of ``compiled`` (Triton's CompiledKernel) needs, if this Triton exposes it as
+    expected: its launcher taking every argument of the signature, constexprs included (Triton 3.3+)."""
+    try:
+        launcher, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+        arity = len(compiled.src.signature)
+    except Exception:  # noqa: BLE001 - another Triton's internals: Triton's own launch path stays
+        return
+    if arity == len(args) and callable(launcher):
+        _direct[key] = (launcher, function, metadata)
+
+
 def launch(
     kind: str,
     flat: torch.Tensor,
@@ -166,34 +201,57 @@ def launch(
 ) -> torch.Tensor | None:
     """Write ``activation(where(|flat − μ| <= thr, μ, flat))`` into ``out`` (``flat`` itself for in place),
     and the band mask into ``inside`` when given; returns ``out``, or None when compiling the kernel failed
-    (the caller then uses another kernel). ``kind`` names the launch, as in :mod:`~graphsparse.ops.cpu_kernel`."""
+    (the caller then uses another kernel). ``kind`` names the launch, as in :mod:`~graphsparse.ops.cpu_kernel`.
+
+    The first launch of a variant goes through Triton's ``kernel[grid](...)``, which compiles it; later ones
+    call the compiled kernel's launcher directly, keyed by everything Triton specializes on (dtypes, 16-byte
+    alignment of each pointer, each int's value class): Triton's own path costs ~30 µs of host time a launch.
+    """
     name, slope = kernel_activation(activation)
     numel = flat.numel()
+    channels = flat.shape[1]
     inner = flat.shape[2] if flat.dim() == 3 else 1
-    grid = ((numel + BLOCK - 1) // BLOCK,)
+    grid = (numel + BLOCK - 1) // BLOCK
     _, abs_mask, inf_bits = FLOAT_BITS[flat.dtype]
-    here = flat.device.index == torch.cuda.current_device()  # a device switch costs more than this test
+    masked = inside is not None
+    mask_out = inside if masked else out
+    code = ACTIVATIONS[name]
+    wide = numel >= 2**31 - BLOCK
+    # the kernel's parameters, in order
+    args = (flat, out, mask_out, mu, thr, numel, channels, inner, slope)
+    args += (code, masked, wide, flat.dtype != torch.float32, abs_mask, inf_bits, BLOCK)
+    device = flat.device.index
+    key = (
+        device,
+        flat.dtype,
+        code,
+        masked,
+        wide,
+        _int_spec(numel),
+        _int_spec(channels),
+        _int_spec(inner),
+        flat.data_ptr() % 16 == 0,
+        out.data_ptr() % 16 == 0,
+        mask_out.data_ptr() % 16 == 0,
+        mu.data_ptr() % 16 == 0,
+        thr.data_ptr() % 16 == 0,
+    )
+    here = device == torch.cuda.current_device()  # a device switch costs more than this test
     try:
         with contextlib.nullcontext() if here else torch.cuda.device(flat.device):
-            _kernel[grid](
-                flat,
-                out,
-                inside if inside is not None else out,
-                mu,
-                thr,
-                numel,
-                flat.shape[1],
-                inner,
-                slope,
-                ACTIVATION=ACTIVATIONS[name],
-                MASK=inside is not None,
-                WIDE=numel >= 2**31 - BLOCK,
-                HALF=flat.dtype != torch.float32,
-                ABS_MASK=abs_mask,
-                INF_BITS=inf_bits,
-                BLOCK=BLOCK,
-                num_warps=4,
-            )
+            direct = _direct.get(key)
+            if direct is not None and not _hooks_set():
+                launcher, function, metadata = direct
+                try:
+                    launcher(grid, 1, 1, _stream(device), function, metadata, None, None, None, *args)
+                    return out
+                except TypeError as e:  # arguments parsed before anything runs: Triton's path instead
+                    _log.debug("graphsparse: direct Triton launch refused (%s); using kernel[grid]", e)
+                    _direct.clear()
+                    _direct[_NEVER] = None
+            compiled = _kernel[(grid,)](*args, num_warps=4)
+            if _NEVER not in _direct:
+                _remember(key, compiled, args)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - a compiler failure (an unsupported GPU, say): nothing was written
