@@ -115,7 +115,7 @@ def handles(flat: torch.Tensor, activation: ActivationSpec | None) -> bool:
     """Whether the kernel runs on ``flat`` (a :func:`~graphsparse.ops.fast.channels_view`) with ``activation``."""
     return (
         _switch.on
-        and flat.device.type == "cpu"
+        and flat.is_cpu
         and flat.dtype == torch.float32
         and (activation is None or activation[0] in ACTIVATIONS)
         and available()

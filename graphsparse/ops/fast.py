@@ -223,10 +223,11 @@ def applies(x: torch.Tensor) -> bool:
     """Whether the compiled kernel may run on ``x`` now (eager mode, plain tensor, nothing tracing)."""
     if not _switch.on or type(x) is not torch.Tensor or tracing():
         return False
-    device = x.device.type  # once: each .device makes a new object (this runs once per operator call)
+    # is_cpu / is_cuda: x.device.type makes two new objects (this runs once per operator call)
+    device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else None
     return (
-        x.numel() >= MIN_NUMEL
-        and (device == "cpu" or device == "cuda")
+        device is not None
+        and x.numel() >= MIN_NUMEL
         and device not in _broken
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0

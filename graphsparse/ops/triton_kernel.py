@@ -158,7 +158,7 @@ def handles(flat: torch.Tensor, activation: ActivationSpec | None) -> bool:
     """Whether the kernel runs on ``flat`` (a :func:`~graphsparse.ops.fast.channels_view`) with ``activation``."""
     return (
         _switch.on
-        and flat.device.type == "cuda"
+        and flat.is_cuda
         and flat.dtype in DTYPES
         and (activation is None or activation[0] in ACTIVATIONS)
         and available()
