@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,9 @@ def test_activations_only_keeps_the_graph_and_drops_the_operators(bench):
         assert torch.equal(stripped(x), model(x))
 
 
-def test_profile_compiled_stand_ins_compute_the_fused_model(bench):
-    """tools/profile_compiled.py's constant-threshold operators and its op-threshold switch change where the
-    thresholds come from, not what the model computes."""
-    saved_env, saved_path = dict(os.environ), list(sys.path)  # the script imports bench_ops from tools/
+def _load_profile_compiled():
+    """tools/profile_compiled.py as a module (it imports bench_ops from tools/: environment and path restored)."""
+    saved_env, saved_path = dict(os.environ), list(sys.path)
     spec = importlib.util.spec_from_file_location("profile_compiled", BENCH.with_name("profile_compiled.py"))
     profiler = importlib.util.module_from_spec(spec)
     try:
@@ -74,6 +74,13 @@ def test_profile_compiled_stand_ins_compute_the_fused_model(bench):
         os.environ.update(saved_env)
         sys.path[:] = saved_path
         sys.modules.pop("bench_ops", None)
+    return profiler
+
+
+def test_profile_compiled_stand_ins_compute_the_fused_model(bench):
+    """tools/profile_compiled.py's constant-threshold operators and its op-threshold switch change where the
+    thresholds come from, not what the model computes."""
+    profiler = _load_profile_compiled()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.GELU()).eval()
     x = torch.randn(2, 3, 12, 12)
@@ -88,3 +95,21 @@ def test_profile_compiled_stand_ins_compute_the_fused_model(bench):
         assert torch.equal(constant(x), expected)
         with profiler.thresholds_from_the_op():
             assert torch.equal(rewritten(x), expected)
+
+
+def test_profile_compiled_kernel_breakdown_sums_per_name_and_forward(bench):
+    profiler = _load_profile_compiled()
+    event = types.SimpleNamespace
+    events = [
+        event(name="triton_poi_fused_relu_1", device_time=30.0),
+        event(name="sm90_xmma_fprop_implicit_gemm", device_time=100.0),
+        event(name="triton_poi_fused_relu_1", device_time=50.0),
+        event(name="cudnn::conv2d_grouped", device_time=60.0),
+        event(name="triton_poi_fused_add_2", device_time=10.0),
+    ]
+    rows = profiler.kernel_breakdown(events, repeats=2)
+    assert rows == [
+        ("convolutions and products (cuDNN / cuBLAS)", 80.0, 1.0),
+        ("triton_poi_fused_relu_1", 40.0, 1.0),
+        ("triton_poi_fused_add_2", 5.0, 0.5),
+    ]

@@ -15,6 +15,11 @@ with the default mode and profiled with ``torch.profiler`` (CUDA activity only, 
 
     python tools/profile_compiled.py                       # resnet50 b8, WRN-28-10 b128
     python tools/profile_compiled.py --models convnext_tiny --batch convnext_tiny=64
+    python tools/profile_compiled.py --kernels 12          # and each variant's 12 costliest kernels
+
+``--kernels N`` lists, per variant, the N kernels that take the most CUDA time per forward (convolutions and
+matrix products summed into one line): where a variant's extra time goes, e.g. a kernel inductor splits off
+(an intermediate it writes to memory) or a fused kernel that grew slower.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -73,8 +79,26 @@ def thresholds_from_the_op():
         meansparse._mean_and_threshold = traced
 
 
-def cuda_profile(fn, repeats: int) -> tuple[float, float]:
-    """(kernels, CUDA milliseconds) per call of ``fn``, after three warm-up calls."""
+LIBRARY_KERNELS = ("conv", "gemm", "cutlass", "xmma", "sm80_", "sm90_", "sm100_", "implicit")
+"""Substrings of kernel names from cuDNN / cuBLAS / CUTLASS, summed as one "convolutions and products" line."""
+
+
+def kernel_breakdown(events, repeats: int) -> list[tuple[str, float, float]]:
+    """(kernel name, CUDA µs per forward, launches per forward) over profiler ``events``, costliest first;
+    library convolution and matrix-product kernels summed into one row."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for event in events:
+        name = event.name
+        if any(part in name.lower() for part in LIBRARY_KERNELS):
+            name = "convolutions and products (cuDNN / cuBLAS)"
+        totals[name][0] += event.device_time
+        totals[name][1] += 1
+    rows = [(name, us / repeats, count / repeats) for name, (us, count) in totals.items()]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def cuda_profile(fn, repeats: int) -> tuple[float, float, list]:
+    """(kernels, CUDA milliseconds, CUDA kernel events) per call of ``fn``, after three warm-up calls."""
     with torch.no_grad():
         for _ in range(3):
             fn()
@@ -84,7 +108,7 @@ def cuda_profile(fn, repeats: int) -> tuple[float, float]:
                 fn()
             torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(events) / repeats, sum(e.device_time for e in events) / repeats / 1e3
+    return len(events) / repeats, sum(e.device_time for e in events) / repeats / 1e3, events
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet50,wrn28_10", help=f"subset of {', '.join(bench_ops.CASES)}")
     parser.add_argument("--batch", action="append", default=[], metavar="MODEL=N", help="batch size of a model")
     parser.add_argument("--repeats", type=int, default=5, help="profiled forwards per variant")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N", help="list each variant's N costliest kernels")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("a CUDA device is needed: this script profiles GPU kernels")
@@ -118,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             torch._dynamo.reset()
             with context():
                 compiled = torch.compile(model)
-                kernels, ms = cuda_profile(lambda compiled=compiled, x=x: compiled(x), args.repeats)
+                kernels, ms, events = cuda_profile(lambda compiled=compiled, x=x: compiled(x), args.repeats)
             baseline = baseline or ms
             case = f"{name} b{batches[name]}"
             print(f"{case:<20} {label:<26} {kernels:>8.0f} {ms:>9.3f} {ms / baseline:>7.3f}")
+            for kernel, us, count in kernel_breakdown(events, args.repeats)[: args.kernels]:
+                print(f"{'':<20} {us:>9.1f} µs  ×{count:<5g} {kernel[:100]}")
     print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.repeats} profiled forwards")
     return 0
 
