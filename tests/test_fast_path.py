@@ -455,7 +455,7 @@ def test_triton_compile_failure_falls_back_to_the_compiled_kernel_with_one_notic
     monkeypatch.setattr(triton_kernel, "_kernel", FailingKernel())
     monkeypatch.setattr(triton_kernel, "_failure", None)
     monkeypatch.setattr(triton_kernel, "handles", lambda flat, act: triton_kernel.available())
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # CPU tensors have no device index
+    monkeypatch.setattr(triton_kernel, "_current_device", lambda: None)  # CPU tensors have no device index
     op = random_op(6, 1, 0.7)
     op.activation, op.inplace = "relu", inplace
     x = tricky_input((2, 6, 5, 7), 1, op)
@@ -527,7 +527,7 @@ def stand_in_triton(monkeypatch):
     monkeypatch.setattr(triton_kernel, "_stream", lambda device: 0)
     monkeypatch.setattr(triton_kernel, "_knobs", None)
     monkeypatch.setattr(triton_kernel, "handles", lambda flat, act: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # CPU tensors have no device index
+    monkeypatch.setattr(triton_kernel, "_current_device", lambda: None)  # CPU tensors have no device index
     with cpu_kernel.enabled(False):
         yield triton
 

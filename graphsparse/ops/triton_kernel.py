@@ -64,6 +64,7 @@ _failure: str | None = None
 _direct: dict[tuple, tuple | None] = {}  # launch key -> (launcher, function, metadata) of a compiled variant
 _NEVER = ("direct launches refused",)  # key present: this Triton's launcher takes other arguments
 _log = logging.getLogger(__name__)
+_current_device = torch.cuda.current_device  # the tests' CPU stand-ins replace it here, not in torch.cuda
 
 # Whether the fast path may use the Triton kernel on CUDA: ``GRAPHSPARSE_TRITON_KERNEL``, or these.
 is_enabled, set_enabled, enabled = _switch.is_enabled, _switch.set_enabled, _switch.enabled
@@ -236,7 +237,7 @@ def launch(
         mu.data_ptr() % 16 == 0,
         thr.data_ptr() % 16 == 0,
     )
-    here = device == torch.cuda.current_device()  # a device switch costs more than this test
+    here = device == _current_device()  # a device switch costs more than this test
     try:
         with contextlib.nullcontext() if here else torch.cuda.device(flat.device):
             direct = _direct.get(key)
