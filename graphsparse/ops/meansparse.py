@@ -166,7 +166,7 @@ def _mean_and_threshold(
     compiling = torch.compiler.is_compiling()
     if compiling and var.is_cpu and not fast.is_exporting():
         # not under export: keeps programs portable. On a GPU the formula is traced instead: inductor fuses
-        # it into the kernel that uses it, where the op would add six small kernels per operator (measured on
+        # it into the kernel that uses it, where the op would add seven small kernels per operator (measured on
         # an H100 with tools/profile_compiled.py, CUDA time per forward of compiled resnet50 at batch 8 over
         # the compiled original: 1.50 with the op, 1.08 traced; in an earlier run 1.47 and 1.04)
         mu, thr = torch.ops.graphsparse.mean_and_threshold(mean, var, alpha, dtype)
