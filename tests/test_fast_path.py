@@ -153,6 +153,23 @@ def test_a_compiled_operator_matches_the_eager_one_on_band_edges_and_exports_wit
     assert "torch.ops.graphsparse" not in code and "torch.ops.aten.sqrt" in code
 
 
+def test_is_exporting_is_true_under_export_only():
+    """torch 2.11's dynamo folds torch.compiler.is_exporting() to True under torch.compile as well; the fast
+    path's own test must tell the two apart (compiled CPU models call the threshold operator, exported ones
+    trace the formula)."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(fast.is_exporting())
+            return x + 1
+
+    torch._dynamo.reset()
+    torch.compile(Probe(), fullgraph=True)(torch.zeros(2))
+    torch.export.export(Probe(), (torch.zeros(2),))
+    assert seen[0] is False and seen[-1] is True and not fast.is_exporting()
+
+
 def test_the_threshold_cache_lets_go_of_dropped_operators():
     """The cache is keyed by the buffer's id: an entry must go with its buffer (no leak, and a new buffer that
     gets the same id must never see the old thresholds)."""

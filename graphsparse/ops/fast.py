@@ -87,8 +87,33 @@ def unavailable_reason(device_type: str = "cpu") -> str | None:
 # by eager PyTorch (see ``_mean_and_threshold`` there).
 
 
+# Half precision is handled on the bits, which is what makes the compiled kernels bit-equal to eager mode on
+# every torch release: a bit view needs the value rounded to its dtype, so inductor cannot skip rounding
+# ``x − μ`` (torch 2.11's did on CPU, ``emulate_precision_casts`` notwithstanding), and a select of bits keeps
+# NaN payloads that a trip through float32 would canonicalize (seen in bfloat16 on CPU).
+_HALF_BITS = {dtype: bits[:2] for dtype, bits in triton_kernel.FLOAT_BITS.items() if dtype != torch.float32}
+
+
+def _in_band(x, mu, thr) -> torch.Tensor:
+    """``|x − μ| <= thr``, ``x − μ`` rounded to ``x``'s dtype as eager mode rounds it. In half precision the
+    magnitudes compare as integers: for non-negative floats the order is the same, NaN's bits lie above
+    +inf's, and an empty band's -1 is negative."""
+    if x.dtype not in _HALF_BITS:
+        return (x - mu).abs() <= thr
+    words, abs_mask = _HALF_BITS[x.dtype]
+    return ((x - mu).view(words) & abs_mask) <= thr.view(words)
+
+
+def _select(band, mu, x) -> torch.Tensor:
+    """``where(band, μ, x)``, the original bits of either."""
+    if x.dtype not in _HALF_BITS:
+        return torch.where(band, mu, x)
+    words = _HALF_BITS[x.dtype][0]
+    return torch.where(band, mu.view(words), x.view(words)).view(x.dtype)
+
+
 def _forward(x, mu, thr, act: ActivationSpec | None) -> torch.Tensor:
-    y = torch.where((x - mu).abs() <= thr, mu, x)
+    y = _select(_in_band(x, mu, thr), mu, x)
     if act is not None and act[0] == "relu" and y.device.type == "cuda":
         return _cuda_relu(y)
     return y if act is None else apply_activation(act, y)
@@ -112,8 +137,8 @@ def _forward_out(x, mu, thr, act: ActivationSpec | None, out) -> torch.Tensor:
 
 
 def _forward_mask(x, mu, thr, act: None, out, inside) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = (x - mu).abs() <= thr
-    return out.copy_(torch.where(mask, mu, x)), inside.copy_(mask)
+    mask = _in_band(x, mu, thr)
+    return out.copy_(_select(mask, mu, x)), inside.copy_(mask)
 
 
 _KERNELS = {
@@ -211,7 +236,14 @@ def _launch(
 # ---------------------------------------------------------------------------------------- entry point
 
 
-is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+def is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing the caller (False under ``torch.compile``).
+
+    Reads the flag ``torch.export`` sets rather than calling ``torch.compiler.is_exporting()``: up to torch 2.11
+    at least, dynamo folds that call to True under ``torch.compile`` too (seen with 2.11.0; 2.13 reads the
+    flag), which made compiled CPU models trace the threshold formula instead of calling the
+    ``graphsparse::mean_and_threshold`` operator, and land values on band edges otherwise than eager mode."""
+    return getattr(torch.compiler, "_is_exporting_flag", False)
 
 
 def tracing() -> bool:
