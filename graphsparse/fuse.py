@@ -8,8 +8,11 @@ removed; its users read the operator instead. Operators wrapped with the activat
 ``nn.Identity``).
 
 The fused model computes the same values, bit for bit: the operator calls the very function the activation
-module or call computed. Its gradient is the unfused pair's, in both backward modes (``straight_through``:
-the activation's gradient at the operator's output, MeanSparse taken as the identity). The ``state_dict`` is
+module or call computed. Its gradient is the unfused pair's, bit for bit, in both backward modes
+(``straight_through``: the activation's gradient at the operator's output, MeanSparse taken as the
+identity); an activation that was in place is applied in place under autograd too
+(:attr:`MeanSparse.activation_inplace`), since ELU, CELU and SELU compute an in-place call's gradient from
+their output. The ``state_dict`` is
 unchanged (activations have no parameters or buffers), and so is the graph everywhere else. An in-place
 activation makes the operator in place (:attr:`MeanSparse.inplace`): it overwrites its input, as the
 activation overwrote it, whenever no gradient is recorded. So does an operator whose input is the fresh
@@ -20,9 +23,9 @@ The same pass gives back the in-place residual additions that tracing took away:
 timm's ``x += shortcut`` as ``x + shortcut``, a new tensor per block (a profile of resnet50 at batch 8 on 2
 cores showed the 16 additions taking about twice their in-place time). An addition whose first (or second)
 operand is the fresh output of a convolution, normalisation or linear module that nothing else reads becomes
-:func:`residual_add`, which adds into that operand whenever no gradient is recorded and the result has the
-operand's shape and dtype (the sum is the same, bit for bit: IEEE addition commutes); otherwise, and under
-``torch.compile`` / ``torch.export`` tracing, it is the plain ``a + b``.
+:func:`residual_add`, which adds into that operand whenever no gradient is recorded and both operands have
+the same shape, dtype and strides (the sum is the same, bit for bit: IEEE addition commutes, and the layout is
+the operands'); otherwise, and under ``torch.compile`` / ``torch.export`` tracing, it is the plain ``a + b``.
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
             continue
         spec, inplace = found
         op.activation = spec
-        op.inplace = inplace and spec[0] in INPLACE
+        op.inplace = op.activation_inplace = inplace and spec[0] in INPLACE
         user.replace_all_uses_with(node)
         gm.graph.erase_node(user)
         count += 1
@@ -222,7 +225,7 @@ def _fuse_slot(slot: OperatorSlot) -> int:
         return 0
     spec, inplace = found
     slot.op.activation = spec
-    slot.op.inplace = inplace and spec[0] in INPLACE
+    slot.op.inplace = slot.op.activation_inplace = inplace and spec[0] in INPLACE
     slot.act = nn.Identity()
     return 1
 
@@ -234,19 +237,22 @@ _FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Li
 _ADDS = (operator.add, torch.add)
 
 
-def residual_add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``fresh + other``, written into ``fresh`` when no gradient is recorded and the shapes and dtypes allow.
-
-    ``fresh`` must be a tensor nothing else reads (the fusion pass only passes such operands).
-    """
+def residual_add(a: torch.Tensor, b: torch.Tensor, into: int) -> torch.Tensor:
+    """``a + b``, written into operand ``into`` (0: ``a``, 1: ``b``) when no gradient is recorded and shapes,
+    dtypes and strides are the same; that operand must be a tensor nothing else reads (the fusion pass only
+    names such operands). The sum is the same, bit for bit (IEEE addition commutes), and so is its layout:
+    with other strides ``a + b`` may be laid out otherwise than either operand, and later reductions would
+    then sum in another order (a token MLP's ``x + mlp(x)``, x a transposed view; found by hypothesis)."""
+    fresh, other = (a, b) if into == 0 else (b, a)
     if (
         fast.tracing()
         or (torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad))
         or type(fresh) is not torch.Tensor
         or fresh.shape != other.shape
         or fresh.dtype != other.dtype
+        or fresh.stride() != other.stride()
     ):
-        return fresh + other
+        return a + b
     return fresh.add_(other)
 
 
@@ -283,9 +289,9 @@ def _inplace_adds(gm: fx.GraphModule) -> int:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
             continue
         if _is_fresh(gm, a):
-            node.target, node.args = residual_add, (a, b)
+            node.target, node.args = residual_add, (a, b, 0)
         elif _is_fresh(gm, b):
-            node.target, node.args = residual_add, (b, a)
+            node.target, node.args = residual_add, (a, b, 1)
         else:
             continue
         count += 1

@@ -789,7 +789,7 @@ def test_fusion_makes_residual_adds_in_place_only_where_nothing_else_reads_the_o
     fused = copy.deepcopy(model)
     fuse_activations(fused)
     adds = _residual_adds(fused)
-    assert [str(n.args[0].target) for n in adds] == ["bn", "conv3"]
+    assert [str(n.args[n.args[2]].target) for n in adds] == ["bn", "conv3"]
     with torch.no_grad():
         assert bit_equal(fused(x), model(x))
     leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -799,7 +799,7 @@ def test_fusion_makes_residual_adds_in_place_only_where_nothing_else_reads_the_o
     hooked = copy.deepcopy(model)
     hooked.bn.register_forward_hook(lambda m, i, o: None)  # a hook may keep the output: left alone
     fuse_activations(hooked)
-    assert [str(n.args[0].target) for n in _residual_adds(hooked)] == ["conv3"]
+    assert [str(n.args[n.args[2]].target) for n in _residual_adds(hooked)] == ["conv3"]
 
 
 def test_residual_add_writes_into_its_operand_only_without_autograd():
@@ -807,12 +807,25 @@ def test_residual_add_writes_into_its_operand_only_without_autograd():
     expected = a + b
     fresh = a.clone()
     with torch.no_grad():
-        assert residual_add(fresh, b) is fresh and bit_equal(fresh, expected)
-        assert bit_equal(residual_add(a, b[:1]), expected[:1] * 0 + a + b[:1])  # broadcast: a new tensor
+        assert residual_add(fresh, b, 0) is fresh and bit_equal(fresh, expected)
+        fresh = b.clone()
+        assert residual_add(a, fresh, 1) is fresh and bit_equal(fresh, expected)
+        assert bit_equal(residual_add(a, b[:1], 0), expected[:1] * 0 + a + b[:1])  # broadcast: a new tensor
     leaf = a.clone().requires_grad_()
-    y = residual_add(leaf, b)
+    y = residual_add(leaf, b, 0)
     assert y is not leaf and bit_equal(y.detach(), expected)
-    assert residual_add(a.double(), b).dtype == torch.float64
+    assert residual_add(a.double(), b, 0).dtype == torch.float64
+
+
+def test_residual_add_keeps_the_layout_of_a_plus_b():
+    """Operands laid out differently: ``a + b`` decides the result's strides (reductions after it sum in that
+    order), so nothing is written in place and the operands keep their order."""
+    fresh = torch.randn(2, 5, 3)  # contiguous, like a Linear's output
+    view = torch.randn(2, 3, 5).transpose(1, 2)  # a transposed view, like tokens from a feature map
+    expected = view + fresh
+    with torch.no_grad():
+        y = residual_add(view, fresh.clone(), 1)
+    assert y.stride() == expected.stride() != fresh.stride() and bit_equal(y, expected)
 
 
 def test_whole_model_compile_has_no_graph_break():

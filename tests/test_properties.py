@@ -7,6 +7,8 @@ architecture as Python code (``note(arch.source())``) and its expected sites.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import math
 import string
@@ -14,12 +16,12 @@ import string
 import pytest
 import torch
 import yaml
-from hypothesis import Phase, example, given, note, settings
+from hypothesis import Phase, assume, example, given, note, settings
 from hypothesis import strategies as st
 
 import graphsparse
-from graphsparse import RuleError, calibrate, find_sites, make_plan, operators, parse_rules, rewrite
-from graphsparse.ops import MeanSparse
+from graphsparse import RuleError, calibrate, find_sites, fuse_activations, make_plan, operators, parse_rules, rewrite
+from graphsparse.ops import MeanSparse, backward_mode, fast
 from graphsparse.plan import Plan
 from graphsparse.rewrite import rewrite_info
 from graphsparse.testing import Architecture, random_architectures
@@ -229,6 +231,56 @@ def test_rewrite_with_alpha_zero_is_bit_identical_and_deterministic(arch, rule, 
         assert list(operators(again)) == list(operators(rewritten))
         assert rewrite_info(again).plan.to_json() == rewrite_info(rewritten).plan.to_json()
         assert list(again.state_dict()) == list(rewritten.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ fusion
+
+
+@contextlib.contextmanager
+def _fast_path_on_tiny_maps(on: bool):
+    """The fast path's kernels on the generator's tiny maps too (``on``), or its default threshold."""
+    before = fast.MIN_NUMEL
+    fast.MIN_NUMEL = 1 if on else before
+    try:
+        yield
+    finally:
+        fast.MIN_NUMEL = before
+
+
+@settings(max_examples=_budget(1.5))
+@given(
+    random_architectures(max_blocks=4),
+    st.sampled_from(_REWRITE_RULES),
+    st.integers(0, 2**16),
+    st.sampled_from(["exact", "straight_through"]),
+    st.booleans(),
+)
+def test_fusion_keeps_outputs_and_gradients_bit_for_bit(arch, rule, seed, mode, kernels):
+    """``fuse_activations`` (operators absorbing the activation after them, in place where nothing else reads
+    their input, in-place residual additions) changes no output bit, no gradient bit in either backward mode,
+    and no state; on the kernels' path and on the plain formula's."""
+    _note(arch)
+    note(f"rule: {rule}, backward mode: {mode}, kernels on tiny maps: {kernels}")
+    assume(not _rule_raises(rule, arch.truth))
+    model = rewrite(arch.build(), rule, arch.example_input())
+    _randomize_operators(model, seed, alpha=0.5)
+    fused = copy.deepcopy(model)
+    fuse_activations(fused)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = arch.example_input(seed=seed + 1, batch=3)
+    w = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(seed))
+    with _fast_path_on_tiny_maps(kernels), backward_mode(model, mode), backward_mode(fused, mode):
+        with torch.no_grad():
+            expected = model(x.clone())
+            assert torch.equal(_bits(fused(x.clone())), _bits(expected))
+        grads = []
+        for net in (model, fused):
+            leaf = x.clone().requires_grad_()
+            y = net(leaf)
+            (grad,) = torch.autograd.grad((y * w).sum(), leaf)
+            assert torch.equal(_bits(y.detach()), _bits(expected))
+            grads.append(grad)
+    assert torch.equal(_bits(grads[1]), _bits(grads[0]))
 
 
 # ------------------------------------------------------------------------------------------ calibration

@@ -303,6 +303,7 @@ def mean_sparse(
     straight_through: bool = False,
     activation: ActivationSpec | None = None,
     inplace: bool = False,
+    activation_inplace: bool = False,
 ) -> torch.Tensor | None:
     """MeanSparse of ``x`` (then ``activation``) by the compiled kernel; None where it does not apply.
 
@@ -315,6 +316,8 @@ def mean_sparse(
         activation: applied to the result; inside the kernel for :data:`~graphsparse.ops.fused.KERNEL_EXACT`.
         inplace: ``x`` may be overwritten (when no gradient is recorded): MeanSparse's result is written
             into it, and the activation (if any and not in the kernel) then runs in place where it can.
+        activation_inplace: under autograd, apply the activation in place on the kernel's output (as an
+            unfused in-place activation would; see :attr:`~graphsparse.ops.MeanSparse.activation_inplace`).
     """
     if not applies(x) or mu.device != x.device:  # mixed devices: the plain formula says so clearly
         return None
@@ -324,7 +327,7 @@ def mean_sparse(
     grad_mode = torch.is_grad_enabled()
     if grad_mode and x.requires_grad:
         y = _FastMeanSparse.apply(x, mu, thr, axis, straight_through)
-        return y if activation is None else apply_activation(activation, y)
+        return y if activation is None else apply_activation(activation, y, inplace=activation_inplace)
     in_kernel = activation if activation is not None and activation[0] in KERNEL_EXACT else None
     # no_grad: one compiled variant (dynamo guards on grad mode); skipped when already off (~1 µs a call)
     with torch.no_grad() if grad_mode else contextlib.nullcontext():

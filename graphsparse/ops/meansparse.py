@@ -197,9 +197,10 @@ def _mean_sparse(
     straight_through: bool,
     activation: ActivationSpec | None = None,
     inplace: bool = False,
+    activation_inplace: bool = False,
 ) -> torch.Tensor:
-    """The MeanSparse formula, then ``activation``; wrapped for ``torch.fx`` so a traced-through module
-    stays one node."""
+    """The MeanSparse formula, then ``activation`` (in place under autograd too when ``activation_inplace``);
+    wrapped for ``torch.fx`` so a traced-through module stays one node."""
     if x.dim() < 2:
         raise ValueError(f"MeanSparse expects an input of rank >= 2, got shape {tuple(x.shape)}")
     axis = channel_axis % x.dim()
@@ -212,8 +213,18 @@ def _mean_sparse(
     if empty:  # every band is empty (α = 0 in particular): MeanSparse is the identity, x itself
         if activation is None:
             return x
-        return apply_activation(activation, x, inplace=inplace and not (torch.is_grad_enabled() and x.requires_grad))
-    y = fast.mean_sparse(x, mu, thr, axis, straight_through=straight_through, activation=activation, inplace=inplace)
+        in_place = activation_inplace or (inplace and not (torch.is_grad_enabled() and x.requires_grad))
+        return apply_activation(activation, x, inplace=in_place)
+    y = fast.mean_sparse(
+        x,
+        mu,
+        thr,
+        axis,
+        straight_through=straight_through,
+        activation=activation,
+        inplace=inplace,
+        activation_inplace=activation_inplace,
+    )
     if y is not None:
         return y
     shape = [1] * x.dim()
@@ -225,7 +236,8 @@ def _mean_sparse(
         y = torch.where((x - mu).abs() <= thr, mu, x)
     if activation is None:
         return y
-    return apply_activation(activation, y, inplace=not (torch.is_grad_enabled() and y.requires_grad))
+    in_place = activation_inplace or not (torch.is_grad_enabled() and y.requires_grad)
+    return apply_activation(activation, y, inplace=in_place)
 
 
 torch.fx.wrap("_mean_sparse")
@@ -258,6 +270,10 @@ class MeanSparse(nn.Module):
         inplace: the operator may overwrite its input (as ``nn.ReLU(inplace=True)`` does), when no gradient
             is recorded. Set by the fusion pass where the activation it absorbs was in place, or where its
             input is the fresh output of a module that nothing else reads.
+        activation_inplace: the absorbed activation was in place, so it is applied in place under autograd
+            too, where the unfused graph applied it to the operator's output: ELU, CELU and SELU compute an
+            in-place call's gradient from their output, an out-of-place call's from their input, which
+            differ in the last bits. Set by the fusion pass.
     """
 
     mean: torch.Tensor
@@ -285,6 +301,7 @@ class MeanSparse(nn.Module):
         self.backward_mode = "exact"
         self.activation: ActivationSpec | None = None
         self.inplace = False
+        self.activation_inplace = False
         self.register_buffer("mean", torch.zeros(channels, dtype=torch.float32))
         self.register_buffer("var", torch.zeros(channels, dtype=torch.float32))
         self.register_buffer("alpha", torch.tensor(_check_alpha(alpha), dtype=torch.float32))
@@ -318,6 +335,7 @@ class MeanSparse(nn.Module):
             self._backward_mode == "straight_through",
             self._activation,
             self.inplace,
+            self.activation_inplace,
         )
 
     def extra_repr(self) -> str:
