@@ -163,8 +163,7 @@ def _mean_and_threshold(
     in both. The last item is only computed (one host sync per change of the buffers) in eager mode; it is
     False while tracing.
     """
-    compiling = torch.compiler.is_compiling()
-    if compiling and var.is_cpu and not fast.is_exporting():
+    if torch.compiler.is_compiling() and var.is_cpu and not fast.is_exporting():
         # not under export: keeps programs portable. On a GPU the formula is traced instead: inductor fuses
         # it into the kernel that uses it, where the op would add seven small kernels per operator (measured on
         # an H100 with tools/profile_compiled.py, CUDA time per forward of compiled resnet50 at batch 8 over
@@ -172,9 +171,7 @@ def _mean_and_threshold(
         mu, thr = torch.ops.graphsparse.mean_and_threshold(mean, var, alpha, dtype)
         return mu, thr, False
     plain = (  # spelled out, not all(...): this runs once per operator and forward (~1 µs less)
-        not compiling
-        and not fast.is_exporting()
-        and not torch.jit.is_tracing()
+        not fast.tracing()
         and type(mean) is torch.Tensor
         and type(var) is torch.Tensor
         and type(alpha) is torch.Tensor
