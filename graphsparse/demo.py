@@ -73,6 +73,7 @@ def run_demo(
     from .capture import capture
     from .data import load_dataset, make_loader
     from .evaluate import evaluate
+    from .fuse import fuse_activations
     from .io import save
     from .models import demo_model_info, load_demo_model
     from .plan import make_plan
@@ -109,6 +110,7 @@ def run_demo(
     rewrite_info(rewritten).records["calibration"] = record.to_dict()
     say(f"calibrate: {record.samples} samples of {record.source}")
     seconds["calibrate"] = time.perf_counter() - t
+    fuse_activations(rewritten)  # tuning and evaluation: the same outputs and gradients, in fewer memory passes
 
     t = time.perf_counter()
     val = load_dataset("mnist5k", split="val")

@@ -101,3 +101,35 @@ def test_rewrite_calibrate_tune_eval_plot_chain(tmp_path):
     assert res.exit_code == 0  # evaluating on val is allowed; tuning on test is what is refused
     res = run("tune", str(art), "--data", "digits", "--split", "test", "--alphas", "0,0.1", "--n", "8")
     assert res.exit_code == 1 and "test" in res.output
+
+
+@pytest.mark.slow
+def test_eval_runs_the_fused_model_and_reports_what_the_unfused_one_gives(tmp_path, monkeypatch):
+    """eval (and tune) fuse the loaded model: bit-equal outputs and gradients, so the same attacks find the
+    same numbers; the artifact it writes back is the unfused model's."""
+    import graphsparse as gs
+    import graphsparse.fuse
+
+    art = tmp_path / "demo.safetensors"
+    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "before_activations", "--input-shape",
+              "1,1,8,8", "--data", "digits", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    model = gs.load(art)
+    gs.set_alpha(model, 0.5)
+    gs.save(model, art)
+    fused_counts = []
+    fuse = graphsparse.fuse.fuse_activations
+    monkeypatch.setattr(graphsparse.fuse, "fuse_activations", lambda m: fused_counts.append(fuse(m)))
+    args = ("eval", str(art), "--data", "digits", "--n", "32", "--steps", "3", "--eps", "0.2", "--json")
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    fused = json.loads(res.output)
+    saved_fused = art.read_bytes()
+    monkeypatch.setattr(graphsparse.fuse, "fuse_activations", lambda m: 0)
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    unfused = json.loads(res.output)
+    assert fused_counts and fused_counts[0] > 0
+    for variant in ("base", "exact", "bpda"):
+        assert fused[variant] == unfused[variant], variant
+    assert art.read_bytes() == saved_fused
