@@ -17,9 +17,10 @@ new tensor at all. Three kernels, one semantics:
 
 All three are bit-equal to the plain formula: the same operations on the same per-channel ``μ`` and threshold
 (computed by eager PyTorch, whose ``sqrt`` can differ from a compiled one in the last bit), a select of
-the original bits, and (compiled) ``emulate_precision_casts`` so that float16/bfloat16 intermediates round
-as in eager mode. Gradients: exact (zero inside the band, from the band mask saved by the kernel) or
-straight-through (identity), as the plain path.
+the original bits, and (compiled) float16/bfloat16 compared and selected on their bits (``_in_band``,
+``_select``), so that ``x − μ`` rounds as in eager mode on every torch release, plus
+``emulate_precision_casts`` for the activations' intermediates. Gradients: exact (zero inside the band,
+from the band mask saved by the kernel) or straight-through (identity), as the plain path.
 
 The path applies in eager mode to plain tensors of at least :data:`MIN_NUMEL` elements, contiguous or
 channels-last with the channel axis 1. Whenever ``torch.compile``, ``torch.export``, ``torch.jit`` or a
