@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from collections.abc import Sequence
@@ -158,6 +159,31 @@ def _json_field(meta: dict[str, str], key: str, path: Path) -> Any:
         raise ArtifactError(f"{path}: metadata field {key!r} is not valid JSON ({exc})") from exc
 
 
+# The probe that load() builds from ``input_shape`` runs through the model once; the digest is not a
+# signature, so a crafted file could otherwise ask for any allocation (1×3×4096×4096 is 50 M elements).
+MAX_PROBE_ELEMENTS = 2**26
+
+
+def _probe_shape(meta: dict[str, str], path: Path) -> tuple[int, ...]:
+    """The stored probe shape, checked: a list of positive ints (empty: unknown) of bounded size."""
+    value = _json_field(meta, "input_shape", path)
+    if value is None:
+        return ()
+    ints = isinstance(value, list) and all(type(v) is int and v > 0 for v in value)
+    if not ints or len(value) > 8:
+        raise ArtifactError(
+            f"{path}: metadata field 'input_shape' must be a list of at most 8 positive integers such as "
+            f"[1, 3, 224, 224], not {meta['input_shape'][:80]!r}: the file was not written by graphsparse or "
+            "was edited since. Hint: make the artifact again with `graphsparse rewrite`."
+        )
+    if math.prod(value) > MAX_PROBE_ELEMENTS:
+        raise ArtifactError(
+            f"{path}: metadata field 'input_shape' {value} asks for a probe of {math.prod(value):,} elements, "
+            f"more than the {MAX_PROBE_ELEMENTS:,} a capture probe needs. Refusing to build it."
+        )
+    return tuple(value)
+
+
 def load(
     path: str | os.PathLike[str], *, allow_modules: Sequence[str] = (), base: nn.Module | None = None
 ) -> nn.Module:
@@ -190,8 +216,13 @@ def load(
         plan = Plan.from_json(meta["plan"])
     except (GraphsparseError, KeyError) as exc:
         raise ArtifactError(f"{path}: metadata field 'plan' is invalid: {exc}") from exc
-    input_shape = tuple(_json_field(meta, "input_shape", path) or ())
+    input_shape = _probe_shape(meta, path)
     records = _json_field(meta, "records", path) or {}
+    if not isinstance(records, dict):
+        raise ArtifactError(
+            f"{path}: metadata field 'records' must be a JSON object (calibration, tuning, evaluation), "
+            f"not {type(records).__name__}"
+        )
     if base is None:
         if not meta.get("recipe"):
             raise ArtifactError(

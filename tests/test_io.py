@@ -11,7 +11,7 @@ import torch
 
 import graphsparse as gs
 from graphsparse.errors import ArtifactError
-from graphsparse.io import _canonical_safetensors, read_metadata
+from graphsparse.io import _canonical_safetensors, _metadata_digest, read_metadata
 from graphsparse.sources import load_model
 
 
@@ -81,6 +81,46 @@ def test_tampered_metadata_is_refused(rewritten, tmp_path):
     meta["plan"] = tampered
     path.write_bytes(_canonical_safetensors(load_file(path), meta))
     with pytest.raises(ArtifactError, match="metadata_sha256"):
+        gs.load(path)
+
+
+def _resave_with(path, **fields):
+    """Rewrite the artifact's metadata fields with a matching digest, as a crafted file would be."""
+    from safetensors.torch import load_file
+
+    meta = dict(read_metadata(path), **fields)
+    meta["metadata_sha256"] = _metadata_digest(meta)
+    path.write_bytes(_canonical_safetensors(load_file(path), meta))
+
+
+@pytest.mark.parametrize("shape", ['["a"]', "[1e12]", '"1,3,32,32"', "[2, 3, 32.5, 32]", "[2, -3, 32, 32]", "[true]"])
+def test_malformed_probe_shape_is_refused_naming_the_field(rewritten, tmp_path, shape):
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    _resave_with(path, input_shape=shape)
+    with pytest.raises(ArtifactError, match="'input_shape' must be a list of at most 8 positive integers"):
+        gs.load(path)
+
+
+def test_oversized_probe_shape_is_refused_before_allocating(rewritten, tmp_path, monkeypatch):
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    _resave_with(path, input_shape="[100000, 3, 4096, 4096]")
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a probe was allocated")
+
+    monkeypatch.setattr(torch, "zeros", no_allocation)
+    with pytest.raises(ArtifactError, match="'input_shape' .* elements"):
+        gs.load(path)
+
+
+@pytest.mark.parametrize("records", ["[1, 2]", '"x"', "5"])
+def test_records_that_are_not_an_object_are_refused(rewritten, tmp_path, records):
+    model, _ = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    _resave_with(path, records=records)
+    with pytest.raises(ArtifactError, match="'records' must be a JSON object"):
         gs.load(path)
 
 
