@@ -375,7 +375,7 @@ def _load_checkpoint(
             f"{where} is not a graphsparse training checkpoint (format {metadata.get('format')!r}). "
             "Hint: pass resume=False to start afresh"
         )
-    saved = json.loads(metadata["settings"])
+    saved, epoch, epochs, param_groups = _checkpoint_metadata(metadata, where)
     changed = [k for k in _SETTINGS if saved.get(k) != settings.get(k)]
     if changed:
         diffs = ", ".join(f"{k}={saved.get(k)!r} (now {settings.get(k)!r})" for k in changed)
@@ -391,14 +391,41 @@ def _load_checkpoint(
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer/"):
-            _, index, name = key.split("/", 2)
+            index, _, name = key[len("optimizer/") :].partition("/")
+            if not index.isdigit() or not name:
+                raise ArtifactError(f"{where} has an unexpected tensor {key!r}. Hint: the file is damaged")
             opt_state.setdefault(int(index), {})[name] = value
     try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(metadata["param_groups"])})
-    except (ValueError, KeyError) as e:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
+    except (ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{where}: the optimizer state does not fit the parameters: {e}") from e
-    epochs = [EpochRecord(**e) for e in json.loads(metadata["epochs"])]
-    return int(metadata["epoch"]), epochs
+    return epoch, epochs
+
+
+def _checkpoint_metadata(
+    metadata: dict[str, str], where: str
+) -> tuple[dict[str, Any], int, list[EpochRecord], list[dict[str, Any]]]:
+    """The settings, epoch, epoch records and optimizer groups a checkpoint stores, each checked."""
+    field = "settings"
+    try:
+        saved = json.loads(metadata[field])
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        field = "epoch"
+        epoch = int(metadata[field])
+        field = "epochs"
+        epochs = [EpochRecord(**e) for e in json.loads(metadata[field])]
+        field = "param_groups"
+        groups = json.loads(metadata[field])
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError("not a list of JSON objects")
+    except (KeyError, ValueError, TypeError) as e:
+        problem = "is missing" if isinstance(e, KeyError) else f"is invalid ({type(e).__name__}: {e})"
+        raise ArtifactError(
+            f"{where}: metadata field {field!r} {problem}. Hint: the file is damaged; "
+            "pass resume=False to start afresh"
+        ) from e
+    return saved, epoch, epochs, groups
 
 
 # --------------------------------------------------------------------------------------------------- train

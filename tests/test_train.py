@@ -146,6 +146,24 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path, mnist_sl
         train(_cnn(), small, epochs=1, checkpoint=ckpt, resume=True, **{**FAST, "eps": 0.1})
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("settings", "[1]"), ("settings", "{"), ("epoch", "one"), ("epochs", '[{"bogus": 1}]'), ("param_groups", "{}")],
+)
+def test_resume_names_a_damaged_metadata_field(tmp_path, mnist_slice, field, value):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "c.safetensors"
+    small = (mnist_slice[0][:64], mnist_slice[1][:64])
+    train(_cnn(), small, epochs=1, checkpoint=ckpt, **FAST)
+    with safe_open(str(ckpt), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, ckpt, metadata={**metadata, field: value})
+    with pytest.raises(ArtifactError, match=f"metadata field '{field}' is invalid.*resume=False"):
+        train(_cnn(), small, epochs=1, checkpoint=ckpt, resume=True, **FAST)
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 def test_fine_tuning_sparta_changes_only_sparta(mnist_slice, explicit):
     model = _cnn(sparta=True)
