@@ -2,13 +2,14 @@
 
 A pickle can import and call any global it names, so the globals a file wants are listed *before* anything
 is unpickled (torch's checkpoint scanner, or a static walk of the opcodes with pickletools), each one is
-vetted (classes really defined in trusted packages, pure tensor functions, and whatever the user names),
+vetted (module and enum classes of trusted packages, pure tensor functions, and whatever the user names),
 and the file is then read with ``torch.load(weights_only=True)`` allowing exactly those globals. Anything
 else raises :class:`~graphsparse.errors.UnsafePickleError` without executing a byte of the file.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
 import io
 import pickle
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import ModelSourceError, UnsafePickleError
 
-__all__ = ["TRUSTED_PACKAGES", "read_pickle", "user_allowed"]
+__all__ = ["TRUSTED_PACKAGES", "class_problem", "read_pickle", "user_allowed"]
 
 TRUSTED_PACKAGES = ("torch", "torchvision", "timm", "robustbench", "graphsparse")
 
@@ -33,8 +35,9 @@ TRUSTED_PACKAGES = ("torch", "torchvision", "timm", "robustbench", "graphsparse"
 # file. Allowing every function of a trusted package would therefore re-open code execution:
 # ``torch.hub.load(repo, ...)`` imports and runs a hubconf, ``torch.load`` unpickles another file without
 # weights_only, and so on. Functions are allowed only from the pure tensor-op namespaces below
-# (``torch._C._nn`` is where ``F.gelu`` & co. really live); classes are allowed from trusted packages, and
-# must really be defined there (no re-exports of ``os``/``subprocess`` objects through a trusted module).
+# (``torch._C._nn`` is where ``F.gelu`` & co. really live). Classes are allowed from trusted packages if
+# they really are defined there (no re-exports of ``os``/``subprocess`` objects through a trusted module)
+# and are modules or enums (see ``class_problem``).
 _FUNCTION_PREFIXES = ("torch.nn.functional", "torch._C._nn", "timm.layers")
 # Trusted subpackages whose classes generate/execute code, spawn processes or touch the network or the
 # file system when constructed (fx GraphModule codegen, torch.package importers, DataLoader workers,
@@ -61,6 +64,26 @@ _DENIED_PREFIXES = (
     "timm.utils",
     "timm.models._hub",
 )
+
+
+def class_problem(cls: type) -> str | None:
+    """Why a class of a trusted package may not be built from an untrusted file, or None if it may.
+
+    A pickle builds objects with arguments of its choosing, so only the kinds of class a classifier is
+    made of are allowed: modules and enums. Others in the same packages open files or run code when
+    built (``torch.serialization._open_file(path, "wb")`` truncates any file the user can write), and so
+    do modules derived from the code-generating packages above (an fx ``GraphModule`` execs its code).
+    """
+    if not issubclass(cls, (nn.Module, enum.Enum)):
+        return (
+            "neither a module nor an enum class; other classes can open files or run code when built "
+            "from a pickle's arguments"
+        )
+    for base in cls.__mro__:
+        home = str(getattr(base, "__module__", "") or "")
+        if any(home == d or home.startswith(d + ".") for d in _DENIED_PREFIXES):
+            return f"it derives from {home}.{base.__qualname__}, whose package generates or runs code"
+    return None
 
 
 def read_pickle(path: Path, allow_modules: Sequence[str]) -> Any:
@@ -267,15 +290,19 @@ def _vet_globals(
             continue
         home = str(getattr(obj, "__module__", None) or "")
         if isinstance(obj, type):
-            if home.split(".")[0] in TRUSTED_PACKAGES or user_allowed(home, allow_modules):
+            if user_allowed(home, allow_modules):
                 allowed.append((obj, name))
-            else:
+            elif home.split(".")[0] not in TRUSTED_PACKAGES:
                 refused.append(
                     (
                         name,
                         f"it is really {home}.{getattr(obj, '__qualname__', '?')}, from an untrusted package",
                     )
                 )
+            elif (problem := class_problem(obj)) is not None:
+                refused.append((name, problem))
+            else:
+                allowed.append((obj, name))
             continue
         if callable(obj) and any(
             user_allowed(name, [p]) and user_allowed(home, [p]) for p in _FUNCTION_PREFIXES

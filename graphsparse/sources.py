@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ModelSourceError, closest
-from .safe_pickle import TRUSTED_PACKAGES, read_pickle, user_allowed
+from .safe_pickle import TRUSTED_PACKAGES, class_problem, read_pickle, user_allowed
 
 __all__ = [
     "Recipe",
@@ -459,6 +459,10 @@ def _build_class(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str])
         obj = getattr(obj, part)
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ModelSourceError(f"{recipe.name!r} is {obj!r}, not an nn.Module subclass")
+    if not trusted and not user_allowed(f"{module_name}.{qualname}", allow_modules):
+        problem = class_problem(obj)
+        if problem is not None:
+            raise ModelSourceError(f"the recipe wants to build {recipe.name!r}, which is refused: {problem}")
     try:
         return obj(**recipe.kwargs)
     except Exception as e:

@@ -246,6 +246,33 @@ def test_trusted_package_functions_are_refused_except_tensor_ops(tmp_path):
         load_model(tmp_path / "walk.pt")
 
 
+def test_trusted_package_classes_that_are_not_modules_are_refused(tmp_path):
+    # torch.serialization._open_file(path, "wb") truncates the file: a class defined in torch, built with
+    # the pickle's own arguments
+    victim, proof = tmp_path / "victim.txt", tmp_path / "proof.txt"
+    victim.write_text("precious")
+    proof.write_text("precious")
+    opener = torch.serialization._open_file
+    pickle.loads(pickle.dumps(Payload(opener, str(proof), "wb")))  # the payload is real
+    assert proof.read_text() == ""
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Payload(opener, str(victim), "wb")}, tmp_path / "t.pt")
+    with pytest.raises(UnsafePickleError, match="torch.serialization._open_file: neither a module nor an enum"):
+        load_model(tmp_path / "t.pt", arch="timm:test_resnet")
+    assert victim.read_text() == "precious"
+
+
+def test_modules_derived_from_code_generating_packages_are_refused(tmp_path):
+    from torchvision.models.feature_extraction import DualGraphModule  # an fx GraphModule subclass
+
+    (tmp_path / "g.pt").write_bytes(pickle.dumps(DualGraphModule, protocol=2))
+    derives = r"DualGraphModule: it derives from torch\.fx\.graph_module\.GraphModule"
+    with pytest.raises(UnsafePickleError, match=derives):
+        load_model(tmp_path / "g.pt")
+    recipe = Recipe("class", "torchvision.models.feature_extraction:DualGraphModule", {})
+    with pytest.raises(ModelSourceError, match="refused: it derives from torch.fx"):
+        build_from_recipe(recipe)
+
+
 def test_model_holding_a_functional_activation_loads(tmp_path):
     class_free = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     class_free.gate = torch.nn.functional.silu  # a function stored on a module
