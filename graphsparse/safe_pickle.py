@@ -1,10 +1,12 @@
 """Reading pickled checkpoints without running them (DESIGN §5).
 
-A pickle can import and call any global it names, so the globals a file wants are listed *before* anything
-is unpickled (torch's checkpoint scanner, or a static walk of the opcodes with pickletools), each one is
-vetted (module and enum classes of trusted packages, pure tensor functions, and whatever the user names),
-and the file is then read with ``torch.load(weights_only=True)`` allowing exactly those globals. Anything
-else raises :class:`~graphsparse.errors.UnsafePickleError` without executing a byte of the file.
+A pickle can import and call any global it names, so the file is followed statically first (pickletools'
+opcodes on a symbolic stack): which globals it imports, and which of them it calls or hands to a call.
+Each global is vetted: module and enum classes of trusted packages, which the file may only instantiate
+the way ``torch.save`` does, without running a constructor; the tensor functions of
+``torch.nn.functional`` and ``timm.layers``; whatever the user names. The file is then read with
+``torch.load(weights_only=True)`` allowing exactly those globals. Anything else raises
+:class:`~graphsparse.errors.UnsafePickleError` without executing a byte of the file.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import pickle
 import pickletools
 import re
 import types
-import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from torch import nn
 
 from .errors import ModelSourceError, UnsafePickleError
 
-__all__ = ["TRUSTED_PACKAGES", "class_problem", "read_pickle", "user_allowed"]
+__all__ = ["TRUSTED_PACKAGES", "PickleScan", "class_problem", "read_pickle", "scan_file", "user_allowed"]
 
 TRUSTED_PACKAGES = ("torch", "torchvision", "timm", "robustbench", "graphsparse")
 
@@ -63,16 +65,20 @@ _DENIED_PREFIXES = (
     "timm.data",
     "timm.utils",
     "timm.models._hub",
+    "timm.task",  # training tasks: the distillation teacher builds a pretrained model from a path or URL
 )
 
 
-def class_problem(cls: type) -> str | None:
+def class_problem(cls: type, *, called: bool = False) -> str | None:
     """Why a class of a trusted package may not be built from an untrusted file, or None if it may.
 
-    A pickle builds objects with arguments of its choosing, so only the kinds of class a classifier is
-    made of are allowed: modules and enums. Others in the same packages open files or run code when
-    built (``torch.serialization._open_file(path, "wb")`` truncates any file the user can write), and so
-    do modules derived from the code-generating packages above (an fx ``GraphModule`` execs its code).
+    Only the kinds of class a classifier is made of are allowed: modules and enums. Others in the same
+    packages open files or run code when built (``torch.serialization._open_file(path, "wb")`` truncates
+    any file the user can write), and so do modules derived from the code-generating packages above (an fx
+    ``GraphModule`` execs its code). ``called``: the pickle calls the class with arguments of its own,
+    which runs its constructor; ``torch.save`` never does that for a module (it restores modules without
+    calling them), and a module's constructor may download or read files (timm's distillation teacher
+    builds a pretrained model from a path or URL it is given).
     """
     if not issubclass(cls, (nn.Module, enum.Enum)):
         return (
@@ -82,14 +88,20 @@ def class_problem(cls: type) -> str | None:
     for base in cls.__mro__:
         home = str(getattr(base, "__module__", "") or "")
         if any(home == d or home.startswith(d + ".") for d in _DENIED_PREFIXES):
-            return f"it derives from {home}.{base.__qualname__}, whose package generates or runs code"
+            what = "is" if base is cls else "derives from"
+            return f"it {what} {home}.{base.__qualname__}, from a package whose classes can run code when built"
+    if called and not issubclass(cls, enum.Enum):
+        return (
+            "the file has its constructor run (called directly or handed to a call) with arguments of its "
+            "own, which torch.save never does for a module; constructors can download or read files"
+        )
     return None
 
 
 def read_pickle(path: Path, allow_modules: Sequence[str]) -> Any:
     """torch.load(weights_only=True) allowing exactly the vetted globals; refuse before executing anything."""
-    wanted = _pickle_globals(path)
-    allowed, refused = _vet_globals(wanted, allow_modules)
+    scan = scan_file(path)
+    allowed, refused = _vet_globals(sorted(scan.imports - _torch_safe_globals()), allow_modules, scan.called())
     if refused:
         raise UnsafePickleError(_refusal_message(path, refused))
     # exact global names the user allowed also cover types the unpickler meets without a GLOBAL opcode
@@ -130,26 +142,78 @@ def read_pickle(path: Path, allow_modules: Sequence[str]) -> Any:
         ) from e
 
 
-def _pickle_globals(path: Path) -> list[str]:
-    """Names (``module.qualname``) of the globals the pickle imports, minus torch's built-in safe ones.
+@dataclass
+class PickleScan:
+    """What a file's pickles would do, found without unpickling them.
 
-    Nothing is unpickled: zip checkpoints are disassembled by torch, other files by pickletools.
+    Attributes:
+        imports: every global the pickles import (``module.qualname``).
+        calls: the globals they call (REDUCE, INST, OBJ), with arguments of their own. A class that is
+            only instantiated without running its constructor (NEWOBJ, as ``torch.save`` writes every
+            module) is not among them.
+        passed: for each called global (or ``<computed>``), the globals found in its arguments, which
+            it may call in turn (``torch._tensor._rebuild_from_type_v2(func, ...)`` calls ``func``).
     """
+
+    imports: set[str] = field(default_factory=set)
+    calls: set[str] = field(default_factory=set)
+    passed: dict[str, set[str]] = field(default_factory=dict)
+
+    def called(self) -> set[str]:
+        """The globals that may run during unpickling: those called, and those passed to a call that is
+        not known to only store its arguments."""
+        out = set(self.calls)
+        for callee, held in self.passed.items():
+            if callee not in _STORES_ITS_ARGUMENTS and not _is_enum(callee):
+                out |= held
+        return out
+
+
+# Callables a legitimate checkpoint calls that keep their arguments without calling them.
+_STORES_ITS_ARGUMENTS = frozenset(
+    {
+        "builtins.set",
+        "builtins.frozenset",
+        "collections.OrderedDict",
+        "functools.partial",
+        "_codecs.encode",
+        "torch.Size",
+        "torch.device",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._utils._rebuild_qtensor",
+        "torch._utils._rebuild_sparse_tensor",
+        "torch._utils._rebuild_nested_tensor",
+        "torch._utils._rebuild_meta_tensor_no_storage",
+        "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+    }
+)
+
+
+def _is_enum(name: str) -> bool:
+    obj = _resolve_global(name) if not name.startswith("<") else None
+    return isinstance(obj, type) and issubclass(obj, enum.Enum)
+
+
+def scan_file(path: Path) -> PickleScan:
+    """Scan a ``torch.save`` file (zip or legacy) or a plain pickle; nothing is unpickled."""
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"
     try:
         if is_zip:
-            try:
-                return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-            except pickle.UnpicklingError:
-                # torch's scanner knows protocol 2 only; disassemble other protocols ourselves
-                with zipfile.ZipFile(path) as archive:
-                    member = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                    data = archive.read(member)
-                return sorted(_scan_pickles(io.BytesIO(data), path, limit=1) - _torch_safe_globals())
+            try:  # torch's own list, kept beside ours as a second opinion
+                torch_listed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            except pickle.UnpicklingError:  # torch's scanner knows protocol 2 only
+                torch_listed = set()
+            scan = _scan_pickles(io.BytesIO(_zip_data_pickle(path)), path, limit=1)
+            scan.imports |= torch_listed
+            return scan
         with open(path, "rb") as f:
             # legacy torch.save files are 5 consecutive pickles followed by raw storage bytes
-            return sorted(_scan_pickles(f, path, limit=5) - _torch_safe_globals())
+            return _scan_pickles(f, path, limit=5)
     except ModelSourceError:
         raise
     except Exception as e:  # truncated zip, TorchScript archive, unreadable file
@@ -157,6 +221,13 @@ def _pickle_globals(path: Path) -> list[str]:
             f"could not read {path} as a torch.save checkpoint ({type(e).__name__}: {e}); is it truncated or "
             "corrupt? Re-save it with torch.save, or as .safetensors"
         ) from e
+
+
+def _zip_data_pickle(path: Path) -> bytes:
+    """The pickle ``torch.load`` reads from a zip checkpoint, read by torch's own archive reader: a zip can
+    hold two members of one name, and Python's zipfile might not pick the one torch unpickles."""
+    with torch.serialization._open_zipfile_reader(str(path)) as reader:
+        return reader.get_record("data.pkl")
 
 
 _STRING_OPS = {
@@ -170,44 +241,39 @@ _STRING_OPS = {
 }
 _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 _PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_NO_STACK_OPS = {"PROTO", "FRAME", "MEMOIZE", "STOP"} | _PUT_OPS
+_COMPUTED = "<a global whose name is computed while unpickling>"
 
 
-def _scan_pickles(stream: Any, path: Path, *, limit: int) -> set[str]:
-    """Statically list the globals of up to ``limit`` consecutive pickles (GLOBAL, INST, STACK_GLOBAL)."""
-    found: set[str] = set()
+@dataclass(eq=False)
+class _Slot:
+    """A value on the symbolic stack: the globals it is or may hold (kept by identity, so a container filled
+    after it was memoized is seen through the memo), and its text when it is a string."""
+
+    holds: set[str] = field(default_factory=set)
+    name: str | None = None  # the global it is
+    text: str | None = None
+
+
+# Opcodes that fill the object below their other operands in place (it stays on the stack).
+_FILLERS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+
+
+def _scan_pickles(stream: Any, path: Path, *, limit: int) -> PickleScan:
+    """Statically follow up to ``limit`` consecutive pickles on a symbolic stack."""
+    scan = PickleScan()
     for index in range(limit):
-        pushed: list[Any] = []  # what each stack-pushing op pushed: a str, or None for anything else
-        memo: dict[Any, Any] = {}
+        stack: list[_Slot] = []
+        marks: list[int] = []
+        memo: dict[Any, _Slot] = {}
         try:
-            for op, arg, _ in pickletools.genops(stream):
-                name = op.name
-                if name in ("GLOBAL", "INST"):
-                    module, _, qual = str(arg).partition(" ")
-                    # Python 2 names, mapped as the unpicklers do (``__builtin__.set`` -> ``builtins.set``)
-                    module, qual = NAME_MAPPING.get(
-                        (module, qual), (IMPORT_MAPPING.get(module, module), qual)
-                    )
-                    found.add(f"{module}.{qual}")
-                    pushed.append(None)
-                elif name == "STACK_GLOBAL":
-                    module, qual = pushed[-2:] if len(pushed) >= 2 else (None, None)
-                    if isinstance(module, str) and isinstance(qual, str):
-                        found.add(f"{module}.{qual}")
-                    else:
-                        found.add("<a global whose name is computed while unpickling>")
-                    pushed.append(None)
-                elif name in _STRING_OPS:
-                    pushed.append(arg if isinstance(arg, str) else None)
-                elif name in _GET_OPS:
-                    pushed.append(memo.get(arg))
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = pushed[-1] if pushed else None
-                elif name in _PUT_OPS:
-                    memo[arg] = pushed[-1] if pushed else None
-                elif name not in _NO_STACK_OPS:
-                    pushed.append(None)
-                del pushed[:-2]
+            for op, arg, pos in pickletools.genops(stream):
+                try:
+                    _step(op, arg, stack, marks, memo, scan)
+                except (IndexError, KeyError) as e:
+                    raise ModelSourceError(
+                        f"{path} holds a malformed pickle (at byte {pos}, {op.name} finds no operand or memo "
+                        "entry); is it corrupt?"
+                    ) from e
         except ValueError as e:  # not (or no longer) a pickle: truncated, or raw storage bytes
             if index == 0:
                 raise ModelSourceError(
@@ -218,7 +284,86 @@ def _scan_pickles(stream: Any, path: Path, *, limit: int) -> set[str]:
         if not stream.read(1):
             break
         stream.seek(-1, io.SEEK_CUR)
-    return found
+    return scan
+
+
+def _call(scan: PickleScan, func: _Slot, args: set[str]) -> _Slot:
+    """Record a call of ``func`` with arguments holding ``args``; the result may hold them too."""
+    if func.name is not None:
+        scan.calls.add(func.name)
+    else:  # a computed callable (a partial, a call's result) runs whatever it holds
+        scan.calls |= func.holds
+    scan.passed.setdefault(func.name or "<computed>", set()).update(args)
+    return _Slot(set(args))
+
+
+def _pop_to_mark(stack: list[_Slot], marks: list[int]) -> list[_Slot]:
+    mark = marks.pop()
+    items = stack[mark:]
+    del stack[mark:]
+    return items
+
+
+def _step(op: Any, arg: Any, stack: list[_Slot], marks: list[int], memo: dict[Any, _Slot], scan: PickleScan) -> None:
+    """One opcode's effect on the symbolic stack (pickletools' stack_before / stack_after for the rest)."""
+    name = op.name
+    if name == "MARK":
+        marks.append(len(stack))
+    elif name in ("GLOBAL", "INST"):
+        module, _, qual = str(arg).partition(" ")
+        # Python 2 names, mapped as the unpicklers do (``__builtin__.set`` -> ``builtins.set``)
+        module, qual = NAME_MAPPING.get((module, qual), (IMPORT_MAPPING.get(module, module), qual))
+        found = f"{module}.{qual}"
+        scan.imports.add(found)
+        if name == "INST":  # calls the class with the items since the mark
+            held = set().union(*(s.holds for s in _pop_to_mark(stack, marks)))
+            stack.append(_call(scan, _Slot({found}, found), held))
+        else:
+            stack.append(_Slot({found}, found))
+    elif name == "STACK_GLOBAL":
+        qual, module = stack.pop(), stack.pop()
+        found = f"{module.text}.{qual.text}" if module.text is not None and qual.text is not None else _COMPUTED
+        scan.imports.add(found)
+        stack.append(_Slot({found}, found))
+    elif name.startswith("EXT"):  # a global from copyreg's extension registry
+        scan.imports.add(_COMPUTED)
+        stack.append(_Slot({_COMPUTED}, _COMPUTED))
+    elif name == "REDUCE":
+        args = stack.pop()
+        stack.append(_call(scan, stack.pop(), args.holds))
+    elif name == "OBJ":  # the class, then its arguments, since the mark
+        items = _pop_to_mark(stack, marks)
+        stack.append(_call(scan, items[0], set().union(*(s.holds for s in items[1:]))))
+    elif name in ("NEWOBJ", "NEWOBJ_EX"):  # cls.__new__(cls, *args): no constructor runs
+        held = set().union(*(stack.pop().holds for _ in range(2 if name == "NEWOBJ_EX" else 1)))
+        stack.pop()
+        stack.append(_Slot(held))
+    elif name in _STRING_OPS:
+        stack.append(_Slot(text=arg if isinstance(arg, str) else None))
+    elif name in _GET_OPS:
+        stack.append(memo[arg])
+    elif name in _PUT_OPS:
+        memo[arg] = stack[-1]
+    elif name == "MEMOIZE":
+        memo[len(memo)] = stack[-1]
+    elif name == "DUP":
+        stack.append(stack[-1])
+    else:
+        before = list(op.stack_before)
+        popped: list[_Slot] = []
+        if pickletools.markobject in before:
+            popped = _pop_to_mark(stack, marks)
+            before = before[: before.index(pickletools.markobject)]
+        if len(before) > len(stack):
+            raise IndexError(name)
+        popped = stack[len(stack) - len(before) :] + popped
+        del stack[len(stack) - len(before) :]
+        held = set().union(*(s.holds for s in popped))
+        if name in _FILLERS:  # the container (or instance) now holds what went in
+            popped[0].holds |= held
+            stack.append(popped[0])
+        else:
+            stack.extend(_Slot(set(held)) for _ in op.stack_after)
 
 
 def _torch_safe_globals() -> set[str]:
@@ -261,9 +406,11 @@ _MISSING = object()
 
 
 def _vet_globals(
-    names: Sequence[str], allow_modules: Sequence[str]
+    names: Sequence[str], allow_modules: Sequence[str], calls: Iterable[str] = ()
 ) -> tuple[list[tuple[Any, str]], list[tuple[str, str]]]:
-    """Split the pickle's globals into allowed ``(object, name)`` pairs and refused ``(name, reason)``."""
+    """Split the pickle's globals into allowed ``(object, name)`` pairs and refused ``(name, reason)``;
+    ``calls`` are those the pickle calls with its own arguments."""
+    calls = set(calls)
     allowed: list[tuple[Any, str]] = []
     refused: list[tuple[str, str]] = []
     for name in names:
@@ -299,7 +446,7 @@ def _vet_globals(
                         f"it is really {home}.{getattr(obj, '__qualname__', '?')}, from an untrusted package",
                     )
                 )
-            elif (problem := class_problem(obj)) is not None:
+            elif (problem := class_problem(obj, called=name in calls)) is not None:
                 refused.append((name, problem))
             else:
                 allowed.append((obj, name))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import pickle
+import pickletools
 import socket
 import sys
 
@@ -271,6 +274,50 @@ def test_modules_derived_from_code_generating_packages_are_refused(tmp_path):
     recipe = Recipe("class", "torchvision.models.feature_extraction:DualGraphModule", {})
     with pytest.raises(ModelSourceError, match="refused: it derives from torch.fx"):
         build_from_recipe(recipe)
+    # timm's distillation teacher downloads or reads the pretrained model it is told to
+    teacher = Recipe("class", "timm.task.distillation:DistillationTeacher", {"model_name_or_module": "resnet18"})
+    with pytest.raises(ModelSourceError, match="refused: it is timm.task.distillation.DistillationTeacher"):
+        build_from_recipe(teacher)
+
+
+# A pickle may build a module only as torch.save does, without running its constructor: a constructor runs
+# with the file's own arguments, and some download or read files.
+_RUNS_A_CONSTRUCTOR = "torch.nn.modules.linear.Linear: the file has its constructor run"
+
+
+def test_a_module_class_called_directly_is_refused(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "m": Payload(nn.Linear, 2, 2)}, tmp_path / "direct.pt")
+    with pytest.raises(UnsafePickleError, match=_RUNS_A_CONSTRUCTOR):
+        load_model(tmp_path / "direct.pt", arch="timm:test_resnet")
+
+
+def test_a_module_class_handed_to_a_call_is_refused(tmp_path):
+    # torch's own allowed rebuild function _rebuild_from_type_v2(func, new_type, args, state) calls func(*args)
+    rebuild = torch._tensor._rebuild_from_type_v2
+    torch.save(Payload(rebuild, nn.Linear, torch.Tensor, (2, 2), {}), tmp_path / "rebuild.pt")
+    with pytest.raises(UnsafePickleError, match=_RUNS_A_CONSTRUCTOR):
+        load_model(tmp_path / "rebuild.pt")
+    # a list memoized while empty, filled with the class, then handed to a function through the memo
+    raw = (
+        b"\x80\x02]q\x00(ctorch.nn.modules.linear\nLinear\ne0"  # EMPTY_LIST BINPUT 0 MARK GLOBAL APPENDS POP
+        b"ctimm.layers\ncreate_norm_layer\nh\x00K\x02\x86R."  # GLOBAL BINGET 0 BININT1 2 TUPLE2 REDUCE STOP
+    )
+    pickletools.dis(raw, out=io.StringIO())  # a well-formed pickle (dis checks the stack and memo)
+    (tmp_path / "memo.pt").write_bytes(raw)
+    with pytest.raises(UnsafePickleError, match=_RUNS_A_CONSTRUCTOR):
+        load_model(tmp_path / "memo.pt")
+
+
+def test_classes_enums_and_partials_held_as_values_load(tmp_path):
+    from timm.layers import Format
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.act_layer, model.fmt = nn.GELU, Format.NHWC  # a class as a value; an enum member (called)
+    model.norm = functools.partial(nn.LayerNorm, eps=1e-6)  # a partial holds, and does not call, its class
+    torch.save(model, tmp_path / "values.pt")
+    loaded, _ = load_model(tmp_path / "values.pt", allow_modules=["functools.partial"])
+    assert loaded.act_layer is nn.GELU and loaded.fmt is Format.NHWC
+    assert loaded.norm.func is nn.LayerNorm and loaded.norm.keywords == {"eps": 1e-6}
 
 
 def test_model_holding_a_functional_activation_loads(tmp_path):
