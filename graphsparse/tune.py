@@ -270,11 +270,14 @@ def _check_alphas(alphas: Iterable[float] | None) -> list[float]:
 
 def _refuse_test(data: Any) -> None:
     _, _, _, splits = data_bookkeeping(data)
-    if "test" in splits:
-        raise DataError(
-            "refusing to tune on the 'test' split: choosing alpha on test data makes the final evaluation "
-            "optimistic. Hint: tune on load_dataset(source, split='val') and evaluate on 'test'"
-        )
+    for split in ("test", "all"):  # 'all' holds the test samples too
+        if split in splits:
+            holds = "" if split == "test" else ", which holds the test samples,"
+            raise DataError(
+                f"refusing to tune on the {split!r} split{holds}: choosing alpha on test data makes the final "
+                "evaluation optimistic. Hint: tune on the 'val' split (--split val; in Python "
+                "load_dataset(source, split='val')) and evaluate on 'test'"
+            )
 
 
 def tune(
@@ -344,7 +347,8 @@ def tune(
     if all(float(op.var.abs().max()) == 0.0 for op in ops.values()):
         raise CalibrationError(
             "no MeanSparse operator has statistics (every variance is 0), so alpha has no effect. "
-            "Hint: graphsparse.calibrate(model, train_data) first"
+            "Hint: calibrate first (graphsparse calibrate ARTIFACT --data SOURCE; in Python "
+            "graphsparse.calibrate(model, train_data))"
         )
     s = pick_samples(val_data, n, seed)
     n_eval = int(s.x.shape[0])

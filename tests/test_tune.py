@@ -66,6 +66,9 @@ def test_tuning_refuses_test_data_in_any_wrapping(model, parity_source):
     ):
         with pytest.raises(DataError, match="refusing to tune on the 'test' split"):
             tune(model, data, alphas=[0.0, 0.1], **FAST)
+    every = load_dataset(parity_source, split="all")
+    with pytest.raises(DataError, match="refusing to tune on the 'all' split, which holds the test samples"):
+        tune(model, torch.utils.data.Subset(every, list(range(50))), alphas=[0.0, 0.1], **FAST)
     assert alphas_of(model) == before
     assert "tuning" not in gs.rewrite_info(model).records
 
