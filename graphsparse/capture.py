@@ -305,8 +305,23 @@ def _check_output(result: Capture, model_name: str, reference: Any, output: Any,
     return result
 
 
+# What describes the model rather than computes with it: timm's preprocessing config and the input size
+# some models declare. Kept on the traced root, and in its ``meta`` (which survives deep copies), so data
+# is prepared for a rewritten model as for the original (see ``data.data_config_transform``).
+MODEL_CARD = ("pretrained_cfg", "default_cfg", "default_input_size")
+
+
+def _keep_model_card(source: nn.Module, gm: fx.GraphModule) -> None:
+    for attr in MODEL_CARD:
+        value = getattr(source, attr, None)
+        if value is not None:
+            setattr(gm, attr, value)
+            gm.meta[attr] = value
+
+
 def _capture_root(source: nn.Module, example_input: torch.Tensor, reference: Any, atol: float) -> Capture:
     root_gm, leaf_paths = _trace(source, root=True)
+    _keep_model_card(source, root_gm)
     opaque = []
     for leaf in leaf_paths:
         leaf_module = root_gm.get_submodule(leaf)

@@ -267,16 +267,18 @@ def data_config_transform(model: nn.Module, *, normalize: bool = False) -> Calla
         normalize: apply the model's mean/std normalisation. Off by default: graphsparse works on
             ``[0, 1]`` pixels and expects the model (or its wrapper) to normalise.
     """
-    cfg = getattr(model, "pretrained_cfg", None)
+    card = getattr(model, "meta", None)  # a rewritten model keeps the original's in its meta (capture)
+    card = card if isinstance(card, dict) else {}
+    cfg = getattr(model, "pretrained_cfg", None) or card.get("pretrained_cfg")
     if cfg:
         from timm.data import create_transform, resolve_data_config
 
-        data_cfg = resolve_data_config({}, model=model)
+        data_cfg = resolve_data_config({}, pretrained_cfg=cfg)
         if not normalize:  # timm's normalize=False keeps uint8; a unit mean/std gives float in [0, 1]
             channels = len(data_cfg["mean"])
             data_cfg.update(mean=(0.0,) * channels, std=(1.0,) * channels)
         return create_transform(**data_cfg, is_training=False)
-    size = getattr(model, "default_input_size", None)
+    size = getattr(model, "default_input_size", None) or card.get("default_input_size")
     return _default_image_transform(size[-2:] if isinstance(size, (tuple, list)) else size)
 
 

@@ -73,6 +73,75 @@ def test_calibrate_updates_the_artifact(tmp_path):
     assert gs.rewrite_info(model).records["calibration"]["samples"] == 42  # 70 % train split of 60
 
 
+@pytest.fixture
+def image_folder(tmp_path):
+    """Two classes of five 48² RGB images: smaller than any model's input, so they must be resized."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+    return tmp_path / "imgs"
+
+
+def test_calibrate_prepares_an_image_folder_as_rewrite_does(tmp_path, image_folder):
+    """The artifact commands resize images with the original model's timm data config, as rewrite --data
+    does with the original model in hand: the same statistics either way."""
+    import graphsparse as gs
+
+    model, at_once, later = tmp_path / "m.pt", tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    torch.save(timm.create_model("resnet10t"), model)  # one set of weights for both
+    res = run("rewrite", str(model), "--rule", "after_addition", "--data", str(image_folder), "-o", str(at_once))
+    assert res.exit_code == 0, res.output
+    res = run("rewrite", str(model), "--rule", "after_addition", "-o", str(later))
+    assert res.exit_code == 0, res.output
+    res = run("calibrate", str(later), "--data", str(image_folder))
+    assert res.exit_code == 0, res.output
+    a, b = gs.operators(gs.load(at_once)), gs.operators(gs.load(later))
+    assert list(a) == list(b)
+    for site in a:
+        assert torch.equal(a[site].mean, b[site].mean) and torch.equal(a[site].var, b[site].var), site
+
+
+def test_plot_site_preprocesses_an_image_folder_for_a_fixed_size_model(tmp_path, image_folder):
+    """plot --site prepares the calibration data as calibration did: this ViT insists on 160² inputs."""
+    import graphsparse as gs
+
+    art = tmp_path / "vit.safetensors"
+    res = run("rewrite", "timm:test_vit3", "--rule", "full", "--data", str(image_folder), "-o", str(art))
+    assert res.exit_code == 0, res.output
+    site = next(iter(gs.operators(gs.load(art))))
+    out = tmp_path / "site.png"
+    res = run("plot", str(art), "--site", site, "--max-samples", "4", "-o", str(out), "--allow-module", "numpy")
+    assert res.exit_code == 0, res.output
+    assert out.stat().st_size > 1000
+
+
+def test_a_users_class_model_goes_through_the_chain_with_the_trust_it_needs(tmp_path):
+    """Naming a class trusts it for rewrite; the artifact needs --allow-module to be rebuilt, and the next:
+    line says so; plot takes the flag too."""
+    try:  # tests/ may or may not be a package, depending on how pytest was started
+        from tests._user_models import TinyNet
+    except ImportError:
+        from _user_models import TinyNet
+
+    art = tmp_path / "tiny.safetensors"
+    spec = f"{TinyNet.__module__}:TinyNet"
+    res = run("rewrite", spec, "--rule", "full", "--input-shape", "1,1,8,8", "--data", "digits", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    top = TinyNet.__module__.split(".")[0]
+    assert f"next: graphsparse tune {art} --data digits --split val --allow-module {top}" in res.output
+    res = run("plot", str(art), "--site", "act", "--max-samples", "16", "-o", str(tmp_path / "act.png"))
+    assert res.exit_code == 1 and f"--allow-module {top}" in res.output
+    res = run("plot", str(art), "--site", "act", "--max-samples", "16", "-o", str(tmp_path / "act.png"),
+              "--allow-module", top)
+    assert res.exit_code == 0, res.output
+
+
 @pytest.mark.slow
 def test_rewrite_calibrate_tune_eval_plot_chain(tmp_path):
     """The documented chain on a small model and the digits data: every command as typed."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "print_json", "table"]
+__all__ = ["console", "print_json", "print_next", "table"]
 
 
 def console(stderr: bool = False) -> Console:
@@ -18,6 +19,25 @@ def console(stderr: bool = False) -> Console:
     plain = bool(os.environ.get("NO_COLOR") or os.environ.get("CI"))
     width = None if sys.stdout.isatty() else 160
     return Console(stderr=stderr, no_color=plain, highlight=False, width=width, soft_wrap=False)
+
+
+def print_next(
+    command: str,
+    artifact: Any,
+    data: str,
+    split: str,
+    *,
+    seed: int = 0,
+    allow_modules: Sequence[str] = (),
+    extra: str = "",
+) -> None:
+    """Print the ``next:`` line: the command that goes on with the pipeline, with the flags this run needed (the same
+    split seed keeps the splits apart; the same trust lets the artifact's model be rebuilt)."""
+    words = [f"graphsparse {command} {artifact} --data {data} --split {split}"]
+    words += [f"--seed {seed}"] if seed else []
+    words += [f"--allow-module {m}" for m in allow_modules]
+    words += [extra] if extra else []
+    console().print("next: " + " ".join(words), soft_wrap=True)  # one line, to copy
 
 
 def print_json(data: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ._data import calibrate_with_progress, data_options, open_dataset
-from ._term import console, table
+from ._term import console, print_next, table
 
 
 @click.command("calibrate")
@@ -46,4 +46,4 @@ def command(artifact, data_source, split, seed, batch_size, max_samples, allow_m
     out = console()
     out.print(table(["site", "channels", "μ range", "σ range", "dead (σ=0)"], rows))
     out.print(f"calibrated {len(rows)} sites on {record.samples} samples of {record.source}; wrote {path}")
-    out.print(f"next: graphsparse tune {path} --data {data_source} --split val")
+    print_next("tune", path, data_source, "val", seed=seed, allow_modules=allow_modules)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
 
+from ._data import open_dataset
 from ._term import console
 
 
@@ -13,19 +15,21 @@ from ._term import console
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tuning", is_flag=True, help="Clean and robust accuracy versus α, chosen α marked.")
 @click.option("--site", default=None, help="Site id: histogram of its input with μ and the band ±α·σ.")
-@click.option("--channel", type=int, default=None, help="Channel of --site (default: the busiest).")
+@click.option("--channel", type=int, default=None, help="Channel of --site (default: all channels pooled).")
 @click.option("--data", "data_source", default=None, help="Data for --site (default: the calibration source).")
-@click.option("--split", default="train", show_default=True)
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
+@click.option("--seed", type=int, default=None, help="Seed of the split (default: the calibration's, else 0).")
 @click.option("--max-samples", type=int, default=512, show_default=True)
+@click.option("--allow-module", "allow_modules", multiple=True, metavar="PKG")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
-def command(artifact, tuning, site, channel, data_source, split, max_samples, output):
+def command(artifact, tuning, site, channel, data_source, split, seed, max_samples, allow_modules, output):
     """Draw a PNG from ARTIFACT (the paper's Figure 1 or Figure 3)."""
     from ..errors import GraphsparseError
     from ..io import load
     from ..plots import plot_site_histogram, plot_tuning
     from ..rewrite import rewrite_info
 
-    model = load(artifact)
+    model = load(artifact, allow_modules=allow_modules)
     stem = Path(artifact).name.removesuffix(".safetensors")
     if tuning == (site is not None):
         raise click.UsageError("give exactly one of --tuning or --site ID")
@@ -35,7 +39,7 @@ def command(artifact, tuning, site, channel, data_source, split, max_samples, ou
             raise GraphsparseError(f"{artifact}: no tuning record. Hint: run `graphsparse tune {artifact} ...` first.")
         path = plot_tuning(record, output or Path(artifact).with_name(f"{stem}.tuning.png"))
     else:
-        from ..data import load_dataset, make_loader
+        from ..data import make_loader
         from ..histograms import record_histograms
         from ..ops import operators
 
@@ -45,10 +49,15 @@ def command(artifact, tuning, site, channel, data_source, split, max_samples, ou
 
             raise PlanError(f"{artifact}: no operator at site {site!r}{closest(site, ops)}")
         calibration = rewrite_info(model).records.get("calibration") or {}
-        source = data_source or str(calibration.get("source", "")).split(":")[0]
+        recorded = str(calibration.get("source", ""))  # e.g. "mnist5k:train (seed 0)"
+        source = data_source or recorded.split(":")[0]
         if not source:
             raise GraphsparseError(f"{artifact}: no calibration record to take the data from. Hint: pass --data SRC.")
-        loader = make_loader(load_dataset(source, split=split), 128)
+        if seed is None:
+            found = re.search(r"\(seed (\d+)\)$", recorded)
+            seed = int(found[1]) if found and not data_source else 0
+        dataset = open_dataset(source, split, seed, model, rewrite_info(model).input_shape)
+        loader = make_loader(dataset, 128)
         hist = record_histograms(model, loader, sites=[site], max_batches=-(-max_samples // 128))[site]
         path = plot_site_histogram(
             hist, site, ops[site], output or Path(artifact).with_name(f"{stem}.{site}.png"), channel=channel

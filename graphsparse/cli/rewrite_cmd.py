@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._options import load_cli_model, model_options
-from ._term import console
+from ._term import console, print_next
 
 
 def default_output(model_spec: str, rule: str) -> Path:
@@ -51,6 +51,7 @@ def command(
     from ..rewrite import rewrite, rewrite_info
 
     module, recipe, example = load_cli_model(model, arch, allow_modules, input_shape)
+    trust = tuple(allow_modules) + _trust_for(recipe, allow_modules)
     rewritten = rewrite(module, rule, example, alpha=alpha, recipe=recipe.to_json())
     info = rewrite_info(rewritten)
     out = console()
@@ -78,6 +79,20 @@ def command(
     path = save(rewritten, output or default_output(model, rule))
     out.print(f"wrote {path}")
     if data_source is None and actions.get("meansparse"):
-        out.print(f"next: graphsparse calibrate {path} --data SRC --split train")
+        print_next("calibrate", path, "SRC", "train", allow_modules=trust)
     elif actions.get("meansparse"):
-        out.print(f"next: graphsparse tune {path} --data {data_source} --split val")
+        print_next("tune", path, data_source, "val", seed=seed, allow_modules=trust)
+
+
+def _trust_for(recipe, allow_modules) -> tuple[str, ...]:
+    """The package a class recipe needs trusted to be rebuilt from the artifact: naming a class on the
+    command line trusts it for this run only."""
+    from ..safe_pickle import TRUSTED_PACKAGES, user_allowed
+
+    if recipe.kind != "class":
+        return ()
+    module_name, _, qualname = recipe.name.partition(":")
+    top = module_name.split(".")[0]
+    if top in TRUSTED_PACKAGES or user_allowed(f"{module_name}.{qualname}", allow_modules):
+        return ()
+    return (top,)

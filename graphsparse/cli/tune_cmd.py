@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ._data import data_options, open_dataset, progress_bar
-from ._term import console, table
+from ._term import console, print_next, table
 
 
 @click.command("tune")
@@ -100,4 +100,4 @@ def command(
         )
     )
     out.print(f"chosen α = {result.chosen_alpha:g} (clean drop ≤ {max_clean_drop:g} points); wrote {csv}, {png}")
-    out.print(f"next: graphsparse eval {artifact} --data {data_source} --split test --attack apgd-ce")
+    print_next("eval", artifact, data_source, "test", seed=seed, allow_modules=allow_modules, extra="--attack apgd-ce")
