@@ -752,6 +752,12 @@ def evaluate(
         )
     if s.split is not None and s.split != "test":
         messages.append(f"graphsparse: evaluated on the {s.split!r} split; report numbers on the 'test' split")
+    tuned = _tuned_on(model, s)
+    if tuned:
+        messages.append(
+            f"graphsparse: {tuned} of the {n_eval} evaluated samples of {s.source} were used to tune alpha; these "
+            "numbers are optimistic. Hint: evaluate on the 'test' split, with the split seed used for tuning"
+        )
     variants = [v for v in VARIANTS if v != "base" or base_alpha_zero]
     total = len(variants) * len(keys)
     done = 0
@@ -829,6 +835,19 @@ def evaluate(
     )
     store_record(model, "evaluation", report.to_dict())
     return report
+
+
+def _tuned_on(model: nn.Module, s: Samples) -> int:
+    """How many of ``s`` (by source index) the model's tuning record says were used to choose α."""
+    from graphsparse.rewrite import rewrite_info
+
+    try:
+        record = rewrite_info(model).records.get("tuning") or {}
+    except PlanError:  # not a rewritten model: no record
+        return 0
+    if not s.source or record.get("source") != s.source:
+        return 0
+    return len(set(int(i) for i in s.indices) & set(int(i) for i in record.get("indices", ())))
 
 
 def _summarise(messages: list[str], where: str) -> list[str]:

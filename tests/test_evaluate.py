@@ -178,6 +178,27 @@ def test_non_test_split_is_flagged(masked, parity_source):
     assert any("'val' split" in w for w in report.warnings)
 
 
+def test_samples_used_to_tune_alpha_are_flagged(trained, parity_source):
+    train = load_dataset(parity_source, split="train")
+    model = gs.rewrite(trained, "before_activations", train.tensors[0][:2])
+    gs.calibrate(model, gs.make_loader(train, 512))
+    val = load_dataset(parity_source, split="val")
+    gs.tune(model, val, alphas=[0.0, 0.25], eps=EPS, steps=2)
+    used = set(gs.rewrite_info(model).records["tuning"]["indices"])
+    assert used == set(val.indices.tolist())
+
+    def flagged(report) -> list[str]:
+        return [w for w in report.warnings if "were used to tune alpha" in w]
+
+    on_val = evaluate(model, val, n=16, steps=2, eps=EPS)
+    assert flagged(on_val) and flagged(on_val)[0].startswith("graphsparse: 16 of the 16 evaluated samples")
+    assert not flagged(evaluate(model, load_dataset(parity_source, split="test"), n=64, steps=2, eps=EPS))
+    # another split seed draws another test split, which overlaps the first seed's val split
+    report = evaluate(model, load_dataset(parity_source, split="test", seed=1), n=64, steps=2, eps=EPS)
+    overlap = len(set(report.indices) & used)
+    assert overlap > 0 and flagged(report)[0].startswith(f"graphsparse: {overlap} of the 64 evaluated samples")
+
+
 def test_bad_requests_are_refused_with_hints(masked, test_split):
     with pytest.raises(EvaluationError, match="did you mean 'apgd-ce'"):
         evaluate(masked, test_split, attacks=("apgd-cee",), n=8)
