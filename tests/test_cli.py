@@ -47,6 +47,16 @@ def test_bad_inputs_give_one_line_and_no_traceback():
         assert "Traceback" not in res.output and needle in res.output, (args, res.output)
 
 
+def test_graphsparse_debug_shows_the_traceback_of_library_errors(monkeypatch):
+    from graphsparse.errors import ModelSourceError
+
+    quiet = CliRunner().invoke(main, ["inspect", "nosuchfile.pt"])
+    assert quiet.exit_code == 1 and isinstance(quiet.exception, SystemExit)
+    monkeypatch.setenv("GRAPHSPARSE_DEBUG", "1")
+    loud = CliRunner().invoke(main, ["inspect", "nosuchfile.pt"])
+    assert isinstance(loud.exception, ModelSourceError) and loud.exc_info[2] is not None
+
+
 def test_rewrite_a_torch_saved_timm_model_as_typed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(timm.create_model("resnet10t"), "model.pt")

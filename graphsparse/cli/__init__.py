@@ -18,6 +18,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except GraphsparseError as exc:
+            if os.environ.get("GRAPHSPARSE_DEBUG"):
+                raise
             raise click.ClickException(str(exc)) from exc
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
