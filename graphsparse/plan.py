@@ -9,6 +9,7 @@ A plan prints as a rich table, renders as HTML in notebooks, and round-trips thr
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 from collections import Counter
@@ -206,6 +207,14 @@ class Plan:
         for row in self._rows():
             table.add_row(*row, style=style.get(row[4]))
         return table
+
+    def __str__(self) -> str:
+        """The same table as plain text, for ``print(plan)`` outside rich and notebooks."""
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), record=True, width=160, color_system=None)
+        console.print(self)
+        return console.export_text().rstrip() + "\n"
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{c}</th>" for c in ("site", "op", "role", "stage", "action", "α", "rule"))

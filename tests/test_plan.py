@@ -201,6 +201,14 @@ def test_rich_table_has_the_columns_and_rows():
     assert "layer4.1.relu_1" in out and "additions" in out and "0.25" in out
 
 
+def test_print_shows_the_table_as_plain_text():
+    plan = make_plan(resnet18_sites(), "after_addition", alpha=0.25)
+    text = str(plan)
+    assert text.splitlines()[0].strip() == "plan" and "site" in text and "rule" in text
+    assert "layer4.1.relu_1" in text and "0.25" in text and plan.describe() in " ".join(text.split())
+    assert "\x1b[" not in text  # no terminal escapes
+
+
 def test_html_repr_escapes():
     sites = build_sites([
         {"id": "<lambda>.act", "op": "relu", "role": "stem", "stage": 0, "module": "<lambda>"},
