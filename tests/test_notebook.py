@@ -22,6 +22,16 @@ def _text(cell) -> str:
     return "\n".join(parts)
 
 
+def test_the_committed_notebook_is_what_its_script_writes():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_quickstart.py"
+    spec = importlib.util.spec_from_file_location("make_quickstart", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert NOTEBOOK.read_text() == script.notebook_text(), "run python tools/make_quickstart.py"
+
+
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -1,11 +1,18 @@
 """Write examples/quickstart.ipynb (the notebook's source of truth is this script; CI executes the notebook).
 
-    python tools/make_quickstart.py
+    python tools/make_quickstart.py [-o PATH]
+
+Cell ids are numbered, so the same script always writes the same bytes (a test compares them).
 """
 
+import argparse
 from pathlib import Path
 
 import nbformat as nbf
+
+from graphsparse.io import atomic_write
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 CELLS = [
     ("md", "# graphsparse quickstart\n\nThe programmatic API on the shipped demo model (a small pre-activation "
@@ -34,13 +41,21 @@ CELLS = [
 ]
 
 
-def main() -> None:
+def notebook_text() -> str:
+    """The notebook, as the file's text."""
     nb = nbf.v4.new_notebook()
     nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in CELLS]
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i}"  # nbformat draws random ids
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    out = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
-    nbf.write(nb, str(out))
-    print(f"wrote {out}")
+    return nbf.writes(nb) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the quickstart notebook from this script's cells.")
+    parser.add_argument("-o", "--output", type=Path, default=NOTEBOOK, help=f"where (default: {NOTEBOOK})")
+    args = parser.parse_args()
+    print(f"wrote {atomic_write(args.output, notebook_text())}")
 
 
 if __name__ == "__main__":
