@@ -497,3 +497,13 @@ def test_robustbench_weights_on_disk_load(tmp_path, robustbench):
     assert got == recipe and not model.training
     assert same_output(model, reference, shape=(2, 3, 32, 32))
     assert default_input_shape(model, recipe=got) == (1, 3, 32, 32)
+    # the CLI's --model-dir, which the missing-weights message names
+    from click.testing import CliRunner
+
+    from graphsparse.cli import main
+
+    spec = "robustbench:Addepalli2022Efficient_RN18@cifar100/Linf"
+    missing = CliRunner().invoke(main, ["inspect", spec, "--model-dir", str(tmp_path / "elsewhere")])
+    assert missing.exit_code == 1 and "(--model-dir)" in missing.output
+    found = CliRunner().invoke(main, ["inspect", spec, "--model-dir", str(tmp_path), "--json"])
+    assert found.exit_code == 0, found.output

@@ -16,12 +16,12 @@ from ._term import console, print_json, table
 @click.option("--rule", default=None, help="Rule file (name of a built-in or a path): adds action/α/rule columns.")
 @click.option("--alpha", type=float, default=None, help="Override α of every MeanSparse rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of site objects.")
-def inspect_command(model, arch, allow_modules, input_shape, rule, alpha, as_json):
+def inspect_command(model, arch, allow_modules, input_shape, model_dir, rule, alpha, as_json):
     """Capture MODEL (timm:NAME, a file, pkg.module:Class) and list the places an operator can go."""
     from ..capture import capture
     from ..sites import sites_of_capture
 
-    module, _recipe, example = load_cli_model(model, arch, allow_modules, input_shape)
+    module, _recipe, example = load_cli_model(model, arch, allow_modules, input_shape, model_dir)
     cap = capture(module, example)
     sites = sites_of_capture(cap)
     entries = None

@@ -38,6 +38,7 @@ def command(
     arch,
     allow_modules,
     input_shape,
+    model_dir,
     alpha,
     output,
     data_source,
@@ -50,7 +51,7 @@ def command(
     from ..io import save
     from ..rewrite import rewrite, rewrite_info
 
-    module, recipe, example = load_cli_model(model, arch, allow_modules, input_shape)
+    module, recipe, example = load_cli_model(model, arch, allow_modules, input_shape, model_dir)
     trust = tuple(allow_modules) + _trust_for(recipe, allow_modules)
     rewritten = rewrite(module, rule, example, alpha=alpha, recipe=recipe.to_json())
     info = rewrite_info(rewritten)
