@@ -288,7 +288,8 @@ def _run_original(model: nn.Module, example_input: torch.Tensor) -> Any:
     except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__} does not run on a probe input of shape {tuple(example_input.shape)} "
-            f"({_first_line(exc)}). Hint: pass the model's real input shape (--input-shape 1,3,32,32)."
+            f"({_first_line(exc)}). Hint: pass the input shape the model was built for "
+            "(--input-shape B,C,H,W, e.g. 1,3,224,224)."
         ) from exc
 
 
@@ -418,8 +419,8 @@ def _record_shapes(result: Capture, example_input: torch.Tensor) -> Any:
     except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__}: the probe input of shape {tuple(example_input.shape)} could not be run "
-            f"through the model ({_first_line(exc)}). Hint: pass the model's real input shape "
-            "(--input-shape 1,3,32,32)."
+            f"through the model ({_first_line(exc)}). Hint: pass the input shape the model was built for "
+            "(--input-shape B,C,H,W, e.g. 1,3,224,224)."
         ) from exc
     finally:
         for h in handles:

@@ -47,6 +47,14 @@ def test_bad_inputs_give_one_line_and_no_traceback():
         assert "Traceback" not in res.output and needle in res.output, (args, res.output)
 
 
+def test_a_malformed_alpha_grid_names_the_option(tmp_path):
+    art = tmp_path / "a.safetensors"
+    assert run("rewrite", "timm:resnet10t", "--rule", "after_addition", "--input-shape", "1,3,16,16",
+               "-o", str(art)).exit_code == 0
+    res = CliRunner().invoke(main, ["tune", str(art), "--data", "digits", "--alphas", "0,x"])
+    assert res.exit_code == 2 and "--alphas" in res.output and "'0,x' is not a comma-separated list" in res.output
+
+
 def test_graphsparse_debug_shows_the_traceback_of_library_errors(monkeypatch):
     from graphsparse.errors import ModelSourceError
 

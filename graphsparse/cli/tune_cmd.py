@@ -55,7 +55,7 @@ def command(
     from ..rewrite import rewrite_info
     from ..tune import tune
 
-    grid = [float(a) for a in alphas.split(",")] if alphas else None
+    grid = _parse_alphas(alphas) if alphas else None
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
     data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)
@@ -101,3 +101,12 @@ def command(
     )
     out.print(f"chosen α = {result.chosen_alpha:g} (clean drop ≤ {max_clean_drop:g} points); wrote {csv}, {png}")
     print_next("eval", artifact, data_source, "test", seed=seed, allow_modules=allow_modules, extra="--attack apgd-ce")
+
+
+def _parse_alphas(text: str) -> list[float]:
+    try:
+        return [float(a) for a in text.split(",")]
+    except ValueError as e:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.1,0.2", param_hint="--alphas"
+        ) from e
