@@ -52,6 +52,8 @@ class DemoPreActResNet(nn.Module):
         act: ``gelu`` (the shipped demo model) or ``relu`` (for SPARTA experiments).
     """
 
+    default_input_size = (1, 28, 28)  # (C, H, W) of MNIST, what the demo model was trained on
+
     def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64),
                  blocks: int = 2, act: str = "gelu") -> None:
         super().__init__()

@@ -289,12 +289,14 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 
 def default_input_shape(model: nn.Module, *, recipe: Recipe | None = None) -> tuple[int, ...]:
-    """A probe input shape: timm's ``pretrained_cfg['input_size']`` with batch 1, 32×32 for RobustBench
-    CIFAR models, else ``(1, C, 224, 224)`` with C read from the first convolution (3 if none)."""
+    """A probe input shape: timm's ``pretrained_cfg['input_size']`` (or a model's own ``default_input_size``,
+    C×H×W) with batch 1, 32×32 for RobustBench CIFAR models, else ``(1, C, 224, 224)`` with C read from the
+    first convolution (3 if none)."""
     in_chans = _in_chans(model)
     cfg = _timm_cfg(model)
-    if cfg is not None and len(cfg.get("input_size") or ()) == 3:
-        c, h, w = cfg["input_size"]
+    size = cfg.get("input_size") if cfg is not None else getattr(model, "default_input_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        c, h, w = size
         return (1, in_chans or int(c), int(h), int(w))
     if recipe is not None and recipe.kind == "robustbench":
         size = 224 if recipe.kwargs.get("dataset") == "imagenet" else 32

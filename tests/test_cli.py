@@ -47,6 +47,21 @@ def test_bad_inputs_give_one_line_and_no_traceback():
         assert "Traceback" not in res.output and needle in res.output, (args, res.output)
 
 
+def test_data_of_another_layout_or_size_than_the_model_is_pointed_out(tmp_path):
+    import numpy as np
+
+    art = tmp_path / "demo.safetensors"
+    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "nhwc.npz", x=rng.random((20, 28, 28, 1), dtype=np.float32), y=rng.integers(0, 10, 20))
+    res = run("calibrate", str(art), "--data", str(tmp_path / "nhwc.npz"))
+    assert res.exit_code == 1 and "look channels-last: store x as (N, C, H, W)" in res.output
+    res = run("calibrate", str(art), "--data", "digits", "--max-samples", "32")  # 8x8 digits, a 28x28 model
+    assert res.exit_code == 0, res.output
+    assert "gives 8x8 images, but the model was captured on 28x28 inputs" in res.output
+
+
 def test_a_malformed_alpha_grid_names_the_option(tmp_path):
     art = tmp_path / "a.safetensors"
     assert run("rewrite", "timm:resnet10t", "--rule", "after_addition", "--input-shape", "1,3,16,16",

@@ -438,6 +438,10 @@ def test_default_input_shape():
     assert default_input_shape(timm_model()) == (1, 3, 160, 160)
     assert default_input_shape(timm_model(in_chans=1)) == (1, 1, 160, 160)
     assert default_input_shape(TinyNet()) == (1, 1, 224, 224)
+    from graphsparse.models import DemoPreActResNet  # declares default_input_size = (1, 28, 28)
+
+    assert default_input_shape(DemoPreActResNet()) == (1, 1, 28, 28)
+    assert default_input_shape(DemoPreActResNet(in_chans=3)) == (1, 3, 28, 28)
     cifar = Recipe("robustbench", "Standard", {"dataset": "cifar10", "threat_model": "Linf"})
     assert default_input_shape(nn.Conv2d(3, 4, 3), recipe=cifar) == (1, 3, 32, 32)
 

@@ -51,9 +51,22 @@ def open_dataset(source: str, split: str, seed: int, model: Any = None, input_sh
     if len(input_shape) == 4 and len(dataset):
         sample = tuple(dataset[0][0].shape)
         if len(sample) != 3 or sample[0] != input_shape[1]:
+            layout = ""
+            if len(sample) == 3 and sample[-1] == input_shape[1]:
+                layout = " They look channels-last: store x as (N, C, H, W)."
             raise DataError(
                 f"data source {source!r} gives images of shape {sample}, but the model takes "
-                f"{input_shape[1]}-channel input {tuple(input_shape[1:])}. Hint: pick data that matches the model."
+                f"{input_shape[1]}-channel input {tuple(input_shape[1:])}.{layout} Hint: pick data that matches "
+                "the model."
+            )
+        if sample[1:] != tuple(input_shape[2:]):
+            from ._term import console
+
+            console(stderr=True).print(
+                f"warning: data source {source!r} gives {sample[1]}x{sample[2]} images, but the model was "
+                f"captured on {input_shape[2]}x{input_shape[3]} inputs; its statistics will describe inputs of "
+                "another size than it was built for.",
+                soft_wrap=True,
             )
     return dataset
 
