@@ -23,7 +23,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .activations import activation_kind_of_module
 from .errors import CaptureError
 
-__all__ = ["Capture", "OpaqueModule", "capture", "leaf_reason", "iter_module_tree_activations"]
+__all__ = ["Capture", "OpaqueModule", "capture", "leaf_reason", "iter_module_tree_activations",
+           "operator_types", "unwrap_compiled"]
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ def leaf_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _operator_types() -> tuple[type, ...]:
-    """Inserted operators stay leaves when a rewritten model is captured again."""
+def operator_types() -> tuple[type, ...]:
+    """The operator classes graphsparse inserts; they stay leaves when a rewritten model is captured again."""
     from .ops.meansparse import OPERATOR_TYPES
     from .ops.sparta import SPARTA_TYPES
 
@@ -120,7 +121,7 @@ class _CaptureTracer(fx.Tracer):
         self.leaf_paths: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if activation_kind_of_module(m) is not None or isinstance(m, _operator_types()):
+        if activation_kind_of_module(m) is not None or isinstance(m, operator_types()):
             return True
         if leaf_reason(m) is not None:
             if module_qualified_name not in self.leaf_paths:
@@ -265,7 +266,8 @@ def capture(
     Raises:
         CaptureError: when nothing traces, or the captured model's output differs from the original's.
     """
-    was_training = model.training
+    model = unwrap_compiled(model)
+    modes = [(m, m.training) for m in model.modules()]  # each module's own flag (a frozen BatchNorm...)
     model.eval()
     try:
         reference = _run_original(model, example_input) if check else None
@@ -279,7 +281,15 @@ def capture(
             result = _capture_children(source, example_input, reference, atol, exc)
         return result
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), or ``model`` itself: the
+    wrapper's forward runs the compiled original, so tracing it would find nothing."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
 def _run_original(model: nn.Module, example_input: torch.Tensor) -> Any:

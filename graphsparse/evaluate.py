@@ -744,7 +744,9 @@ def evaluate(
     messages: list[str] = []
     if not ops:
         messages.append("graphsparse: the model has no MeanSparse operators; base, exact and bpda are the same model")
-    others = [site for site in operators(model) if site not in ops]
+    from .capture import operator_types
+
+    others = [site for site in operators(model, types=operator_types()) if site not in ops]
     if others and base_alpha_zero:
         messages.append(
             f"graphsparse: {len(others)} operators are not MeanSparse (e.g. {others[0]!r}) and stay in the 'base' "

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import Capture, capture
+from .capture import Capture, capture, operator_types, unwrap_compiled
 from .errors import PlanError, closest
 from .ops import MeanSparse
 from .plan import Plan, PlanEntry, make_plan
@@ -50,6 +50,7 @@ class RewriteInfo:
 
 def rewrite_info(model: nn.Module) -> RewriteInfo:
     """The :class:`RewriteInfo` of a rewritten model; PlanError if ``model`` was not made by rewrite."""
+    model = unwrap_compiled(model)
     info = getattr(model, "meta", {}).get(_INFO_ATTR) if isinstance(model, fx.GraphModule) else None
     info = info if info is not None else getattr(model, _INFO_ATTR, None)
     if not isinstance(info, RewriteInfo):
@@ -94,6 +95,7 @@ def rewrite(
         The rewritten model (an ``fx.GraphModule`` when the root traces) in eval mode. With α = 0 or
         before calibration its output is bit-identical to ``model``'s.
     """
+    _refuse_rewritten(model)
     if not recipe:
         from .sources import infer_recipe
 
@@ -103,6 +105,16 @@ def rewrite(
     sites = sites_of_capture(cap)
     plan = make_plan(sites, rule, alpha=alpha)
     return apply_plan(cap, plan, sites=sites, input_shape=tuple(example_input.shape), recipe=recipe)
+
+
+def _refuse_rewritten(model: nn.Module) -> None:
+    types = operator_types()
+    found = next((name for name, m in unwrap_compiled(model).named_modules() if isinstance(m, types)), None)
+    if found is not None:
+        raise PlanError(
+            f"the model already holds a graphsparse operator (at {found or 'its root'!r}): rewriting it again would "
+            "stack operators. Hint: rewrite the original model; change α with graphsparse.set_alpha."
+        )
 
 
 def check_plan(plan: Plan, sites: list[Site]) -> None:

@@ -178,6 +178,15 @@ def test_non_test_split_is_flagged(masked, parity_source):
     assert any("'val' split" in w for w in report.warnings)
 
 
+def test_a_base_model_that_keeps_other_operators_is_flagged(masked, test_split):
+    from graphsparse.ops import Sparta
+
+    # a SPARTA operator stays in the 'base' (α = 0) variant: the base is not the original model
+    mixed = nn.Sequential(masked[:1], Sparta(8, site_id="sparta"), *masked[2:]).eval()
+    report = evaluate(mixed, test_split, n=8, steps=1, eps=EPS)
+    assert any("1 operators are not MeanSparse (e.g. 'sparta')" in w for w in report.warnings)
+
+
 def test_samples_used_to_tune_alpha_are_flagged(trained, parity_source):
     train = load_dataset(parity_source, split="train")
     model = gs.rewrite(trained, "before_activations", train.tensors[0][:2])

@@ -123,6 +123,31 @@ def test_rewrite_is_deterministic_and_leaves_the_base_model_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_every_modules_own_mode_survives_capture():
+    model = timm.create_model("resnet10t").train()
+    model.bn1.eval()  # a frozen BatchNorm inside a model in training mode
+    modes = {name: m.training for name, m in model.named_modules()}
+    gs.find_sites(model, torch.randn(1, 3, 32, 32))
+    gs.rewrite(model, "after_addition", torch.randn(1, 3, 32, 32))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "test_efficientnet"])  # operators in the graph / in leaf modules
+def test_a_rewritten_model_is_not_rewritten_again(name):
+    x = torch.randn(1, 3, 32, 32)
+    rewritten = gs.rewrite(timm.create_model(name), "full", x)
+    with pytest.raises(gs.errors.PlanError, match="already holds a graphsparse operator"):
+        gs.rewrite(rewritten, "full", x)
+
+
+def test_a_compiled_model_is_seen_through():
+    model, x = timm.create_model("resnet10t").eval(), torch.randn(1, 3, 32, 32)
+    compiled = torch.compile(model)
+    assert [s.id for s in gs.find_sites(compiled, x)] == [s.id for s in gs.find_sites(model, x)]
+    rewritten = gs.rewrite(model, "after_addition", x)
+    assert gs.rewrite_info(torch.compile(rewritten)) is gs.rewrite_info(rewritten)
+
+
 def test_operators_inside_leaf_modules_are_wrapped():
     model, x = timm.create_model("efficientnet_b0"), torch.randn(2, 3, 32, 32)
     rewritten = gs.rewrite(model, "before_activations", x)
