@@ -67,17 +67,20 @@ class CalibrationState:
         batches: batches folded in so far.
         samples: samples (entries along the batch axis) folded in so far.
         source: description of the data.
+        partial: samples taken from the last batch counted when ``max_samples`` cut it (0: it was taken
+            whole); a resumed pass reads the rest of that batch.
     """
 
     moments: dict[str, RunningMoments] = field(default_factory=OrderedDict)
     batches: int = 0
     samples: int = 0
     source: str = ""
+    partial: int = 0
 
     def copy(self) -> CalibrationState:
         """A deep copy."""
         moments = OrderedDict((k, m.copy()) for k, m in self.moments.items())
-        return CalibrationState(moments, self.batches, self.samples, self.source)
+        return CalibrationState(moments, self.batches, self.samples, self.source, self.partial)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
         """Write the state to a ``.safetensors`` file, atomically (temporary file + ``os.replace``).
@@ -100,6 +103,7 @@ class CalibrationState:
             "batches": str(int(self.batches)),
             "samples": str(int(self.samples)),
             "source": str(self.source),
+            "partial": str(int(self.partial)),
         }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -126,6 +130,7 @@ class CalibrationState:
         try:
             sites = json.loads(metadata["sites"])
             batches, samples = int(metadata["batches"]), int(metadata["samples"])
+            partial = int(metadata.get("partial", "0"))
             if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
                 raise ValueError("'sites' is not a list of strings")
         except (KeyError, ValueError) as e:
@@ -142,7 +147,7 @@ class CalibrationState:
         extra = sorted(set(tensors) - {f"{s}/{k}" for s in sites for k in ("count", "mean", "m2")})
         if extra:
             raise CalibrationError(f"{where} has unexpected key {extra[0]!r}. Hint: the file is damaged")
-        return cls(moments, batches, samples, metadata.get("source", ""))
+        return cls(moments, batches, samples, metadata.get("source", ""), partial)
 
 
 def save_state(state: CalibrationState, path: str | os.PathLike[str]) -> None:
@@ -316,6 +321,7 @@ def _local_pass(
     state: CalibrationState,
     *,
     skip: int,
+    drop: int,
     max_batches: int | None,
     max_samples: int | None,
     device: torch.device,
@@ -341,19 +347,24 @@ def _local_pass(
             if progress is not None:
                 progress(state.samples, total)
             batches: Iterator[Any] = iter(data)
+            skip -= 1 if drop else 0  # the batch a resumed state cut is read again, minus what it took
             for _ in range(skip):
                 if next(batches, _END) is _END:
                     return
             index = skip  # index of the batch in ``data``, as an uninterrupted pass would number it
-            while max_batches is None or state.batches < max_batches:
+            while max_batches is None or state.batches < max_batches or drop:
                 if max_samples is not None and state.samples >= max_samples:
                     break
                 batch = next(batches, _END)
                 if batch is _END:
                     break
-                x = _inputs(batch, index)
+                x = _inputs(batch, index)[drop:]
+                whole = int(x.shape[0])
                 if max_samples is not None:
                     x = x[: max_samples - state.samples]
+                if x.shape[0] == 0:  # the cut batch had nothing left
+                    drop, state.partial, index = 0, 0, index + 1
+                    continue
                 model(x.to(device, non_blocking=True))
                 site = _first_non_finite(state.moments)
                 if site is not None:
@@ -362,8 +373,10 @@ def _local_pass(
                         "(the first such site in forward order). "
                         "Hint: check the data of that batch and the weights before that site"
                     )
-                state.batches += 1
+                state.batches += 0 if drop else 1  # a cut batch was counted when it was cut
+                state.partial = (drop + int(x.shape[0])) if int(x.shape[0]) < whole else 0
                 state.samples += int(x.shape[0])
+                drop = 0
                 index += 1
                 if checkpoint is not None and checkpoint_every and state.batches % checkpoint_every == 0:
                     state.save_state(checkpoint)
@@ -490,7 +503,8 @@ def calibrate(
         checkpoint_every: batches between checkpoints (``None``: only at the end).
 
     Returns:
-        A :class:`CalibrationRecord`; its ``state`` holds the final merged accumulators.
+        A :class:`CalibrationRecord`; its ``state`` holds the final merged accumulators. On a rewritten
+        model it is also stored as ``rewrite_info(model).records["calibration"]`` (saved in artifacts).
 
     Raises:
         CalibrationError: no operators, no data, NaN/Inf at a site (the message names the site and the
@@ -513,6 +527,7 @@ def calibrate(
     state = _start_state(ops, resume, source or _describe(data))
     resumed = state.batches
     skip = skip_batches if skip_batches is not None else (resume.batches if resume is not None else 0)
+    drop = resume.partial if resume is not None and skip_batches is None else 0
     ckpt: Path | None = None
     if checkpoint is not None:
         if world_size > 1 and "{rank}" not in str(checkpoint):
@@ -530,6 +545,7 @@ def calibrate(
             data,
             state,
             skip=skip,
+            drop=drop,
             max_batches=max_batches,
             max_samples=max_samples,
             device=device,
@@ -567,7 +583,7 @@ def calibrate(
             m = final.moments[site]
             op.mean.copy_(m.mean.to(device=op.mean.device, dtype=torch.float32))
             op.var.copy_(m.variance.to(device=op.var.device, dtype=torch.float32))
-    return CalibrationRecord(
+    record = CalibrationRecord(
         samples=final.samples,
         batches=final.batches,
         source=final.source,
@@ -579,3 +595,7 @@ def calibrate(
         resumed_batches=resumed,
         state=final,
     )
+    from .evaluate import store_record
+
+    store_record(model, "calibration", record.to_dict())  # saved with the artifact, as tuning and evaluation are
+    return record

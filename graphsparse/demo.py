@@ -78,7 +78,7 @@ def run_demo(
     from .models import demo_model_info, load_demo_model
     from .plan import make_plan
     from .plots import plot_tuning
-    from .rewrite import apply_plan, rewrite_info
+    from .rewrite import apply_plan
     from .sites import sites_of_capture
     from .sources import Recipe
     from .tune import tune
@@ -107,7 +107,6 @@ def run_demo(
     t = time.perf_counter()
     train = load_dataset("mnist5k", split="train")
     record = calibrate(rewritten, make_loader(train, cfg.batch_size))
-    rewrite_info(rewritten).records["calibration"] = record.to_dict()
     say(f"calibrate: {record.samples} samples of {record.source}")
     seconds["calibrate"] = time.perf_counter() - t
     fuse_activations(rewritten)  # tuning and evaluation: the same outputs and gradients, in fewer memory passes

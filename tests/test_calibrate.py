@@ -371,6 +371,31 @@ def test_resume_equals_an_uninterrupted_pass(tmp_path):
     assert state.batches == 3  # resuming does not change the state it starts from
 
 
+def test_a_rewritten_model_keeps_its_calibration_record(tmp_path):
+    import graphsparse as gs
+
+    model = gs.rewrite(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "full", torch.rand(1, 1, 8, 8))
+    record = calibrate(model, make_loader(load_dataset("digits", split="train"), 256), max_samples=100)
+    assert gs.rewrite_info(model).records["calibration"] == record.to_dict()
+    loaded = gs.load(gs.save(model, tmp_path / "a.safetensors"), base=nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
+    assert gs.rewrite_info(loaded).records["calibration"] == record.to_dict()
+
+
+def test_resume_after_max_samples_reads_the_rest_of_the_cut_batch(tmp_path):
+    x = images(23)
+    whole = conv_model()
+    full = calibrate(whole, batches(x, 4))
+    part = conv_model()
+    first = calibrate(part, batches(x, 4), max_samples=10)  # 4 + 4 + 2 of the third batch
+    assert (first.batches, first.samples, first.state.partial) == (3, 10, 2)
+    path = tmp_path / "state.safetensors"
+    save_state(first.state, path)
+    assert load_state(path).partial == 2
+    rest = calibrate(part, batches(x, 4), resume=load_state(path))
+    assert (rest.batches, rest.samples, rest.state.partial) == (full.batches, 23, 0)
+    assert_matches(rest.state, brute_force(whole, batches(x, 4)))
+
+
 def test_checkpoint_survives_an_interruption(tmp_path):
     x = images(23)
     path = tmp_path / "calib.safetensors"

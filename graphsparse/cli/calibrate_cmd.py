@@ -26,7 +26,6 @@ def command(artifact, data_source, split, seed, batch_size, max_samples, allow_m
         batch_size=batch_size,
         max_samples=max_samples,
     )
-    rewrite_info(model).records["calibration"] = record.to_dict()
     path = save(model, output or artifact)
     rows = []
     for site_id, op in operators(model).items():

@@ -75,7 +75,6 @@ def command(
             batch_size=batch_size,
             max_samples=max_samples,
         )
-        info.records["calibration"] = record.to_dict()
         out.print(f"calibrated on {record.samples} samples ({record.source})")
     path = save(rewritten, output or default_output(model, rule))
     out.print(f"wrote {path}")
