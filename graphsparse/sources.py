@@ -720,23 +720,47 @@ def _timm_recipe(model: nn.Module) -> Recipe | None:
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     recipe = Recipe("timm", arch, kwargs)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for device in ("meta", "cpu"):
-        try:
-            with torch.device(device):
-                rebuilt = timm.create_model(arch, pretrained=False, **kwargs)
-        except Exception:
-            continue
-        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-        return recipe if got == expected else None
-    return None
+    try:
+        rebuilt = timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception:
+        return None
+    return recipe if _computes_the_same(model, rebuilt) else None
+
+
+def _computes_the_same(model: nn.Module, rebuilt: nn.Module) -> bool:
+    """Whether ``rebuilt``, given ``model``'s weights, has its parameter names and shapes and gives its output
+    on a probe. Shapes alone miss options that own no weights (timm's ``global_pool='max'``,
+    ``output_stride``, an activation), and a recipe that drops them rebuilds another function."""
+    state = model.state_dict()
+    if {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} != {k: tuple(v.shape) for k, v in state.items()}:
+        return False
+    first = next((t for t in state.values() if t.is_floating_point()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        rebuilt.load_state_dict(state)
+        rebuilt.to(device=device, dtype=dtype).eval()
+        model.eval()
+        probe = torch.randn(default_input_shape(model), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            a, b = model(probe.to(device, dtype)), rebuilt(probe.to(device, dtype))
+    except Exception:  # no recipe rather than a wrong one
+        return False
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6))
 
 
 def infer_recipe(model: nn.Module) -> Recipe | None:
     """A recipe that rebuilds ``model``'s architecture, when one can be found without guessing.
 
     timm models give a ``timm`` recipe; other classes of an importable module give a ``class`` recipe
-    when their no-argument constructor rebuilds the same parameter names and shapes. None otherwise
+    when their no-argument constructor rebuilds the same parameter names and shapes. Either is kept only
+    if the rebuilt model, given ``model``'s weights, gives ``model``'s output on a probe. None otherwise
     (then :func:`graphsparse.load` needs ``base=``).
     """
     recipe = _timm_recipe(model)
@@ -747,10 +771,7 @@ def infer_recipe(model: nn.Module) -> Recipe | None:
         return None
     try:
         candidate = Recipe("class", f"{cls.__module__}:{cls.__qualname__}", {})
-        with torch.device("meta"):
-            rebuilt = cls()
+        rebuilt = cls()
     except Exception:  # needs arguments, or not a valid spec: no recipe rather than a wrong one
         return None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    return candidate if got == expected else None
+    return candidate if _computes_the_same(model, rebuilt) else None

@@ -177,3 +177,24 @@ def test_recipe_is_inferred_for_timm_and_plain_classes(tmp_path):
             assert torch.equal(rewritten(x), loaded(x))
     recipe = json.loads(read_metadata(tmp_path / "r.safetensors")["recipe"])
     assert recipe["kind"] == "class" and recipe["name"] == "graphsparse.models:DemoPreActResNet"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: timm.create_model("resnet10t", global_pool="max"),  # same weights as the default, other pooling
+        lambda: timm.create_model("resnet10t", output_stride=16),
+        lambda: __import__("graphsparse.models", fromlist=["x"]).DemoPreActResNet(act="relu"),  # default: gelu
+    ],
+)
+def test_no_recipe_is_inferred_when_the_rebuilt_model_computes_otherwise(tmp_path, make):
+    from graphsparse.sources import infer_recipe
+
+    base = make()
+    assert infer_recipe(base) is None
+    x = torch.rand(1, *gs.sources.default_input_shape(base)[1:])
+    path = gs.save(gs.rewrite(base, "after_addition", x), tmp_path / "r.safetensors")
+    with pytest.raises(ArtifactError, match="no base-model recipe"):
+        gs.load(path)
+    with torch.no_grad():
+        assert torch.equal(gs.load(path, base=make())(x), gs.load(path, base=base)(x))
