@@ -22,6 +22,7 @@ site still exists with the same channels, and loads the tensors strictly.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -184,6 +185,15 @@ def _probe_shape(meta: dict[str, str], path: Path) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _saved_dtype(base: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype the artifact stores the base model's weights in (float32 if it has none)."""
+    for key, value in base.state_dict().items():
+        saved = tensors.get(key)
+        if value.is_floating_point() and saved is not None and saved.is_floating_point():
+            return saved.dtype
+    return torch.float32
+
+
 def load(
     path: str | os.PathLike[str], *, allow_modules: Sequence[str] = (), base: nn.Module | None = None
 ) -> nn.Module:
@@ -233,7 +243,10 @@ def load(
             base = build_from_recipe(recipe, allow_modules=allow_modules)
         except GraphsparseError as exc:
             raise ArtifactError(f"{path}: cannot rebuild the base model from its recipe: {exc}") from exc
-    example = torch.zeros(*input_shape) if input_shape else torch.zeros(1, 3, 224, 224)
+    dtype = _saved_dtype(base, tensors)
+    if any(t.is_floating_point() and t.dtype != dtype for t in base.state_dict().values()):
+        base = copy.deepcopy(base).to(dtype)  # a half-precision artifact rebuilds a half model; `base` stays
+    example = torch.zeros(*(input_shape or (1, 3, 224, 224)), dtype=dtype)
     cap = capture(base, example, copy=True)
     try:
         model = apply_plan(cap, plan, input_shape=input_shape, recipe=meta.get("recipe", ""))

@@ -45,6 +45,22 @@ def test_round_trip_outputs_plan_and_tensors(rewritten, tmp_path):
     assert "after_addition" in meta["plan"] and meta["rules"].startswith("version: 1")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_artifacts_load_as_they_were_saved(tmp_path, dtype):
+    make = lambda: timm.create_model("resnet10t", num_classes=10).to(dtype)  # noqa: E731
+    x = torch.rand(2, 3, 32, 32).to(dtype)
+    model = gs.rewrite(make(), "full", x)
+    for op in gs.operators(model).values():
+        op.var.fill_(1.0)
+    gs.set_alpha(model, 0.1)
+    path = gs.save(model, tmp_path / "h.safetensors")
+    base = timm.create_model("resnet10t", num_classes=10)  # float32: the artifact decides
+    with torch.no_grad():
+        for loaded in (gs.load(path), gs.load(path, base=base)):
+            assert next(loaded.parameters()).dtype == dtype and torch.equal(loaded(x), model(x))
+    assert next(base.parameters()).dtype == torch.float32  # the base passed in is left alone
+
+
 def test_same_model_gives_byte_identical_files(rewritten, tmp_path):
     model, _ = rewritten
     p1 = gs.save(model, tmp_path / "1.safetensors")
