@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import GraphsparseError
+
 __all__ = ["atomic_write"]
 
 
@@ -20,6 +22,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str
     """Write ``data`` (bytes, text, or a ``write(tmp_path)`` callable) to a temp file beside ``path``, fsync
     it, then rename it over ``path``. An interrupted write leaves any previous file intact."""
     path = Path(path)
+    if path.is_dir():
+        raise GraphsparseError(f"{path} is a directory; give a file name to write, e.g. {path / 'model.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

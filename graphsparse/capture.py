@@ -266,6 +266,11 @@ def capture(
     Raises:
         CaptureError: when nothing traces, or the captured model's output differs from the original's.
     """
+    if not isinstance(example_input, torch.Tensor):
+        raise CaptureError(
+            f"the probe input must be one tensor batch, e.g. torch.randn(1, 3, 224, 224), not "
+            f"{type(example_input).__name__}"
+        )
     model = unwrap_compiled(model)
     modes = [(m, m.training) for m in model.modules()]  # each module's own flag (a frozen BatchNorm...)
     model.eval()

@@ -330,8 +330,9 @@ def alphas_kept(model: nn.Module) -> Iterator[OrderedDict[str, MeanSparse]]:
 def variant(model: nn.Module, name: str) -> Iterator[None]:
     """Make ``model`` behave as variant ``name`` (``base``, ``exact`` or ``bpda``) inside the block."""
     if name == "base":
-        with alphas_kept(model):
-            set_alpha(model, 0.0)
+        with alphas_kept(model) as ops:
+            if ops:
+                set_alpha(model, 0.0)
             yield
     elif name == "bpda":
         with straight_through(model):
@@ -448,7 +449,14 @@ def _n_classes(model: nn.Module, s: Samples, device: torch.device) -> int:
         raise EvaluationError(
             f"the model returns a tensor of shape {tuple(out.shape)}, expected (batch, classes) logits"
         )
-    return int(out.shape[-1])
+    n = int(out.shape[-1])
+    lo, hi = int(s.y.min()), int(s.y.max())
+    if lo < 0 or hi >= n:
+        raise EvaluationError(
+            f"the labels run from {lo} to {hi}, but the model gives {n} class logits (labels 0 to {n - 1}). "
+            "Hint: the data does not belong to this model, or its labels need remapping"
+        )
+    return n
 
 
 def _check_classes(entries: Sequence[str | Sequence[str]], n_classes: int) -> None:
@@ -730,6 +738,8 @@ def evaluate(
     _check_positive("steps", steps)
     if isinstance(attacks, str):
         attacks = [attacks]
+    if not isinstance(attacks, Iterable):
+        raise EvaluationError(f"attacks must be a list of attack names, e.g. ['apgd-ce'], not {attacks!r}")
     entries = list(attacks)
     if not entries:
         raise EvaluationError("no attack to run. Hint: attacks=('apgd-ce',) or ('autoattack',)")

@@ -217,5 +217,14 @@ def test_bad_requests_are_refused_with_hints(masked, test_split):
         evaluate(masked, test_split, norm="L3", n=8)
     with pytest.raises(EvaluationError, match=r"\[0, 1\]"):
         evaluate(masked, (test_split.tensors[0][:8] * 255, test_split.tensors[1][:8]), n=8)
-    assert float(operators(masked)["logits"].alpha) == 1.0
+    x, y = test_split.tensors[0][:8], test_split.tensors[1][:8]
+    with pytest.raises(EvaluationError, match="labels run from .* but the model gives 2 class logits"):
+        evaluate(masked, (x, y + 10), n=8, steps=1)
+    with pytest.raises(EvaluationError, match="labels run from .* but the model gives 2 class logits"):
+        gs.tune(masked, (x, y + 10), alphas=[0.0, 0.5], steps=1)
+    with pytest.raises(EvaluationError, match="attacks must be a list of attack names"):
+        evaluate(masked, test_split, attacks=None, n=8)
+    with pytest.raises(EvaluationError, match="alphas must be a list of numbers"):
+        gs.tune(masked, (x, y), alphas=0.1)
+    assert float(operators(masked)["logits"].alpha) == 1.0  # every refusal left alpha alone
     assert attack_key("standard") == "autoattack" and attack_key("APGD-CE + apgd-t") == "apgd-ce+apgd-t"

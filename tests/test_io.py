@@ -164,6 +164,11 @@ def test_not_an_artifact(tmp_path):
         gs.load(path)
 
 
+def test_saving_onto_a_directory_names_it(rewritten, tmp_path):
+    with pytest.raises(gs.errors.GraphsparseError, match="is a directory; give a file name"):
+        gs.save(rewritten[0], tmp_path)
+
+
 def test_interrupted_save_leaves_previous_file_intact(rewritten, tmp_path, monkeypatch):
     import graphsparse.io as gio
 

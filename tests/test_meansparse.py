@@ -310,6 +310,8 @@ def test_set_alpha_errors_change_nothing():
     with pytest.raises(ValueError):
         set_alpha(model, float("nan"))
     assert [op.alpha.item() for op in operators(model).values()] == [0.5, 0.5, 0.5]
+    with pytest.raises(PlanError, match="has no MeanSparse operator"):
+        set_alpha(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), 0.2)  # the base model, not the rewritten one
 
 
 def test_constructor_and_input_validation():

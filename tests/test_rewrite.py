@@ -140,6 +140,11 @@ def test_a_rewritten_model_is_not_rewritten_again(name):
         gs.rewrite(rewritten, "full", x)
 
 
+def test_a_probe_that_is_not_a_tensor_is_named():
+    with pytest.raises(gs.errors.CaptureError, match="one tensor batch"):
+        gs.find_sites(timm.create_model("resnet10t"), (torch.randn(1, 3, 32, 32),))
+
+
 def test_a_compiled_model_is_seen_through():
     model, x = timm.create_model("resnet10t").eval(), torch.randn(1, 3, 32, 32)
     compiled = torch.compile(model)

@@ -440,10 +440,15 @@ def set_alpha(model: nn.Module, value: float | Mapping[str, float]) -> None:
         value: one number for every operator, or a mapping site id -> number for some of them.
 
     Raises:
-        PlanError: a site id of the mapping names no MeanSparse in ``model``.
+        PlanError: ``model`` has no MeanSparse, or a site id of the mapping names none in ``model``.
         ValueError: a value is negative, not finite or not a number.
     """
     ops = operators(model, types=(MeanSparse,))
+    if not ops:
+        raise PlanError(
+            f"{type(model).__name__} has no MeanSparse operator, so there is no alpha to set. "
+            "Hint: set it on the model graphsparse.rewrite returned"
+        )
     if isinstance(value, Mapping):
         updates: list[tuple[MeanSparse, float]] = []
         for site_id, alpha in value.items():
