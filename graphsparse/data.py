@@ -335,6 +335,7 @@ def load_dataset(
         x = _resize(torch.from_numpy(x_np.astype(np.float32)), image_size)
         base = (x, torch.from_numpy(y_np.astype(np.int64)))
         n = len(y_np)
+        source = name  # one name per data set ('mnist' is 'mnist5k'): records compare by source
     else:
         path = Path(os.path.expanduser(source))
         if path.suffix in _FILE_SUFFIXES:

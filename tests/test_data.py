@@ -69,6 +69,11 @@ def test_digits_shapes_ranges_and_splits():
     assert load_dataset("digits", image_size=16, split="val").tensors[0].shape[1:] == (1, 16, 16)
 
 
+def test_aliases_name_one_source():
+    a, b = load_dataset("sklearn-digits", split="val"), load_dataset("Digits", split="val")
+    assert a.source == b.source == "digits" and np.array_equal(a.indices, b.indices)
+
+
 def test_unknown_source_and_split_suggest_the_closest():
     with pytest.raises(DataError, match=r"unknown data source 'mnist5j' \(did you mean 'mnist5k'\?\)"):
         load_dataset("mnist5j")
