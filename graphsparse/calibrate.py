@@ -253,6 +253,32 @@ def _known_total(data: Any, max_samples: int | None) -> int | None:
     return total
 
 
+_BATCH = 256  # batch size for data given as samples rather than batches
+
+
+def _as_batches(data: Any, rank: int, world_size: int) -> Iterable[Any]:
+    """Batches from the forms tune and evaluate take too: a dataset of samples, an ``(x, y)`` pair of
+    tensors, one tensor of inputs (each sharded by rank); iterables of batches pass through."""
+    from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+    from .data import make_loader
+
+    if isinstance(data, torch.Tensor):
+        data = TensorDataset(data)
+    elif (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+        and data[0].dim() >= 2
+        and data[1].dim() == 1
+        and len(data[0]) == len(data[1])
+    ):
+        data = TensorDataset(*data)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
+        return make_loader(data, _BATCH, rank=rank, world_size=world_size)
+    return data
+
+
 def _inputs(batch: Any, index: int) -> torch.Tensor:
     x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -322,6 +348,7 @@ def _local_pass(
     *,
     skip: int,
     drop: int,
+    dtype: torch.dtype | None,
     max_batches: int | None,
     max_samples: int | None,
     device: torch.device,
@@ -365,7 +392,7 @@ def _local_pass(
                 if x.shape[0] == 0:  # the cut batch had nothing left
                     drop, state.partial, index = 0, 0, index + 1
                     continue
-                model(x.to(device, non_blocking=True))
+                model(x.to(device, dtype if x.is_floating_point() else None, non_blocking=True))
                 site = _first_non_finite(state.moments)
                 if site is not None:
                     raise CalibrationError(
@@ -525,6 +552,8 @@ def calibrate(
     first = next(iter(ops.values()))
     device = torch.device(device) if device is not None else first.mean.device
     state = _start_state(ops, resume, source or _describe(data))
+    data = _as_batches(data, rank, world_size)
+    weights = next((p for p in model.parameters() if p.is_floating_point()), None)
     resumed = state.batches
     skip = skip_batches if skip_batches is not None else (resume.batches if resume is not None else 0)
     drop = resume.partial if resume is not None and skip_batches is None else 0
@@ -546,6 +575,7 @@ def calibrate(
             state,
             skip=skip,
             drop=drop,
+            dtype=weights.dtype if weights is not None else None,
             max_batches=max_batches,
             max_samples=max_samples,
             device=device,

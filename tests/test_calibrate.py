@@ -371,6 +371,15 @@ def test_resume_equals_an_uninterrupted_pass(tmp_path):
     assert state.batches == 3  # resuming does not change the state it starts from
 
 
+def test_datasets_pairs_and_tensors_are_taken_as_tune_and_evaluate_take_them():
+    x, y = images(40), torch.arange(40)
+    expected = brute_force(conv_model(), batches(x, 256))
+    for data in (torch.utils.data.TensorDataset(x, y), (x, y), x):
+        assert_matches(calibrate(conv_model(), data).state, expected)
+    half = conv_model().half()  # float32 data for a half-precision model is cast to its dtype
+    assert calibrate(half, x).samples == 40
+
+
 def test_a_rewritten_model_keeps_its_calibration_record(tmp_path):
     import graphsparse as gs
 
