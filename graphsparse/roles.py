@@ -101,13 +101,15 @@ class GraphFacts:
                 i = self.index[a]
                 bits |= self.ancestors[i] | (1 << i)
             self.ancestors.append(bits)
-        placeholder_bits = 0
-        for n in self.nodes:
-            if n.op == "placeholder":
-                placeholder_bits |= 1 << self.index[n]
+        # Data, not shape: a size read off the input (a ViT's cls-token expand, a position embedding resampled
+        # to the token grid) does not make a weight input-dependent, whatever the batch size.
         self.input_dependent_bits = 0
         for i, n in enumerate(self.nodes):
-            if n.op == "placeholder" or self.ancestors[i] & placeholder_bits:
+            if n.op == "placeholder":
+                self.input_dependent_bits |= 1 << i
+            elif not _holds_no_tensor(n) and any(
+                self.input_dependent_bits >> self.index[a] & 1 for a in n.all_input_nodes
+            ):
                 self.input_dependent_bits |= 1 << i
         self.input_dependent = {self.nodes[i] for i in _bits(self.input_dependent_bits)}
         self.residual_adds = self._find_residual_adds()
@@ -383,3 +385,8 @@ def _bits(x: int):
         low = x & -x
         yield low.bit_length() - 1
         x ^= low
+
+
+def _holds_no_tensor(node: fx.Node) -> bool:
+    """ShapeProp ran on ``node`` and its value holds no tensor (a shape, a size, an int)."""
+    return "type" in node.meta and "tensor_meta" not in node.meta

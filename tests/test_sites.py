@@ -167,6 +167,16 @@ def test_transformer_token_mlp(name, kwargs):
     assert len(adds) == 2 * n_blocks and all(s.channel_axis == -1 for s in adds)
 
 
+def test_a_position_embedding_resampled_to_the_input_is_not_a_residual_at_any_batch_size():
+    # test_vit resamples its position embedding to the token grid read off the input's shape: the add
+    # joins a weight, not a second path, whether or not the batch of 1 makes the shapes equal
+    model = timm.create_model("test_vit")
+    ids = {b: [s.id for s in _sites(model, (b, 3, 160, 160))[1]] for b in (1, 3)}
+    assert ids[1] == ids[3] and "add" not in ids[1]
+    blocks = sum(1 for m in model.modules() if type(m).__name__ == "Block")
+    assert sum(i.endswith(("add", "add_1")) and i.startswith("blocks.") for i in ids[1]) == 2 * blocks
+
+
 def test_densenet_has_no_residual_additions():
     model = timm.create_model("densenet121")
     _, sites = _sites(model, (1, 3, 64, 64))
