@@ -160,8 +160,9 @@ def _json_field(meta: dict[str, str], key: str, path: Path) -> Any:
         raise ArtifactError(f"{path}: metadata field {key!r} is not valid JSON ({exc})") from exc
 
 
-# The probe that load() builds from ``input_shape`` runs through the model once; the digest is not a
-# signature, so a crafted file could otherwise ask for any allocation (1×3×4096×4096 is 50 M elements).
+# The probe that load() builds from ``input_shape`` runs through the model once, and the digest is not a
+# signature: without a cap a crafted file could ask for any allocation. 2**26 elements still admits a
+# 1×3×4096×4096 probe.
 MAX_PROBE_ELEMENTS = 2**26
 
 
