@@ -194,7 +194,10 @@ _STORES_ITS_ARGUMENTS = frozenset(
 
 
 def _is_enum(name: str) -> bool:
-    obj = _resolve_global(name) if not name.startswith("<") else None
+    # only trusted packages are imported to find out: a name from the file must not import its module
+    # before it is vetted (an untrusted callee gets the file refused anyway)
+    trusted = not name.startswith("<") and name.split(".")[0] in TRUSTED_PACKAGES
+    obj = _resolve_global(name) if trusted else None
     return isinstance(obj, type) and issubclass(obj, enum.Enum)
 
 

@@ -308,6 +308,19 @@ def test_a_module_class_handed_to_a_call_is_refused(tmp_path):
         load_model(tmp_path / "memo.pt")
 
 
+def test_a_callee_of_an_untrusted_module_is_not_imported_to_be_vetted(tmp_path, monkeypatch):
+    # the file calls a function of a module that is never imported here, with a trusted class as argument:
+    # deciding whether that callee calls its argument must not import the module
+    raw = b"\x80\x02cgs_never_imported_mod\nf\nctorch.nn.modules.linear\nLinear\n\x85R."
+    (tmp_path / "callee.pt").write_bytes(raw)
+    imported = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+    with pytest.raises(UnsafePickleError, match="gs_never_imported_mod.f: package 'gs_never_imported_mod'"):
+        load_model(tmp_path / "callee.pt")
+    assert not any(name.startswith("gs_never_imported_mod") for name in imported)
+
+
 def test_classes_enums_and_partials_held_as_values_load(tmp_path):
     from timm.layers import Format
 
