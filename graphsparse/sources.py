@@ -434,11 +434,23 @@ def _build_timm(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
         raise ModelSourceError(f"timm:{name} does not accept the options {dict(kwargs)}: {e}") from e
 
 
+def package_to_trust(recipe: Recipe, allow_modules: Sequence[str] = ()) -> str | None:
+    """The package a ``class`` recipe read from an artifact needs in ``allow_modules`` to be rebuilt
+    (classes of trusted packages need none), or None."""
+    if recipe.kind != "class":
+        return None
+    module_name, _, qualname = recipe.name.partition(":")
+    top = module_name.split(".")[0]
+    if top in TRUSTED_PACKAGES or user_allowed(f"{module_name}.{qualname}", allow_modules):
+        return None
+    return top
+
+
 def _build_class(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str]) -> nn.Module:
     module_name, _, qualname = recipe.name.partition(":")
     if not trusted:
-        path, top = f"{module_name}.{qualname}", module_name.split(".")[0]
-        if top not in TRUSTED_PACKAGES and not user_allowed(path, allow_modules):
+        top = package_to_trust(recipe, allow_modules)
+        if top is not None:
             raise ModelSourceError(
                 f"the recipe wants to import {recipe.name!r}, which is not in a trusted package "
                 f"({', '.join(TRUSTED_PACKAGES)}); nothing was imported. If you trust it, pass "

@@ -50,9 +50,11 @@ def command(
     """Rewrite MODEL (timm:NAME, model.pt, pkg.module:Class) with RULE and save the artifact."""
     from ..io import save
     from ..rewrite import rewrite, rewrite_info
+    from ..sources import package_to_trust
 
     module, recipe, example = load_cli_model(model, arch, allow_modules, input_shape, model_dir)
-    trust = tuple(allow_modules) + _trust_for(recipe, allow_modules)
+    needed = package_to_trust(recipe, allow_modules)  # naming a class trusts it for this run only
+    trust = tuple(allow_modules) + ((needed,) if needed else ())
     rewritten = rewrite(module, rule, example, alpha=alpha, recipe=recipe.to_json())
     info = rewrite_info(rewritten)
     out = console()
@@ -82,17 +84,3 @@ def command(
         print_next("calibrate", path, "SRC", "train", allow_modules=trust)
     elif actions.get("meansparse"):
         print_next("tune", path, data_source, "val", seed=seed, allow_modules=trust)
-
-
-def _trust_for(recipe, allow_modules) -> tuple[str, ...]:
-    """The package a class recipe needs trusted to be rebuilt from the artifact: naming a class on the
-    command line trusts it for this run only."""
-    from ..safe_pickle import TRUSTED_PACKAGES, user_allowed
-
-    if recipe.kind != "class":
-        return ()
-    module_name, _, qualname = recipe.name.partition(":")
-    top = module_name.split(".")[0]
-    if top in TRUSTED_PACKAGES or user_allowed(f"{module_name}.{qualname}", allow_modules):
-        return ()
-    return (top,)
