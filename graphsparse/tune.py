@@ -253,7 +253,7 @@ def site_stages(model: nn.Module) -> tuple[dict[str, int], bool]:
 
 
 def _check_alphas(alphas: Iterable[float] | None) -> list[float]:
-    if alphas is not None and not isinstance(alphas, Iterable) or isinstance(alphas, (str, bytes)):
+    if (alphas is not None and not isinstance(alphas, Iterable)) or isinstance(alphas, (str, bytes)):
         raise EvaluationError(f"alphas must be a list of numbers to try, e.g. [0, 0.1, 0.2], not {alphas!r}")
     values = list(DEFAULT_ALPHAS if alphas is None else alphas)
     out = []
