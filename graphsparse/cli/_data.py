@@ -9,15 +9,26 @@ from typing import Any
 
 import click
 
-__all__ = ["data_options", "open_dataset", "progress_bar", "calibrate_with_progress"]
+__all__ = ["POSITIVE", "data_options", "open_dataset", "progress_bar", "calibrate_with_progress", "sample_count"]
+
+POSITIVE = click.IntRange(min=1)
+"""An int >= 1: counts are checked by click, before anything is loaded (0 is not 'all')."""
+
+
+def sample_count(n: int | None, max_samples: int | None) -> int | None:
+    """The number of samples ``--n`` and ``--max-samples`` allow together (None: all)."""
+    given = [v for v in (n, max_samples) if v is not None]
+    return min(given) if given else None
 
 
 def data_options(default_split: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--data, --split, --seed, --batch-size, --max-samples."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn = click.option("--max-samples", type=int, default=None, help="Use at most this many samples.")(fn)
-        fn = click.option("--batch-size", type=int, default=128, show_default=True)(fn)
+        fn = click.option(
+            "--max-samples", type=POSITIVE, default=None, help="Use at most this many samples (default: all)."
+        )(fn)
+        fn = click.option("--batch-size", type=POSITIVE, default=128, show_default=True)(fn)
         fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split permutation.")(fn)
         fn = click.option(
             "--split",

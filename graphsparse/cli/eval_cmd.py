@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._data import data_options, open_dataset, progress_bar
+from ._data import POSITIVE, data_options, open_dataset, progress_bar, sample_count
 from ._term import console, print_json, table
 
 _LABELS = {"base": "base (α = 0)", "exact": "rewritten, exact gradient", "bpda": "rewritten, BPDA gradient"}
@@ -33,8 +33,8 @@ def report_table(report: dict) -> list:
 )
 @click.option("--eps", type=float, default=8 / 255, show_default=True)
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
-@click.option("--n", "n", type=int, default=None, help="Number of evaluation samples (default: all).")
-@click.option("--steps", type=int, default=None, help="APGD iterations (default: AutoAttack's).")
+@click.option("--n", "n", type=POSITIVE, default=None, help="Number of evaluation samples (default: all).")
+@click.option("--steps", type=POSITIVE, default=None, help="APGD iterations (default: AutoAttack's).")
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="PKG")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(
@@ -56,7 +56,7 @@ def command(
             attacks=attacks,
             eps=eps,
             norm=norm,
-            n=n or max_samples,
+            n=sample_count(n, max_samples),
             batch_size=batch_size,
             seed=seed,
             steps=steps,

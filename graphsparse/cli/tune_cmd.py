@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._data import data_options, open_dataset, progress_bar
+from ._data import POSITIVE, data_options, open_dataset, progress_bar, sample_count
 from ._term import console, print_next, table
 
 
@@ -17,8 +17,8 @@ from ._term import console, print_next, table
 @click.option("--attack", default="apgd-ce", show_default=True)
 @click.option("--eps", type=float, default=8 / 255, show_default=True)
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
-@click.option("--n", "n", type=int, default=None, help="Number of validation samples (default: all).")
-@click.option("--steps", type=int, default=None, help="APGD iterations (default: AutoAttack's).")
+@click.option("--n", "n", type=POSITIVE, default=None, help="Number of validation samples (default: all).")
+@click.option("--steps", type=POSITIVE, default=None, help="APGD iterations (default: AutoAttack's).")
 @click.option("--max-clean-drop", type=float, default=0.5, show_default=True, help="In percentage points.")
 @click.option("--bpda", is_flag=True, help="Also attack with straight-through gradients; choose on the worse.")
 @click.option("--per-stage", is_flag=True, help="Then a coordinate search of α per stage.")
@@ -67,7 +67,7 @@ def command(
             attack=attack,
             eps=eps,
             norm=norm,
-            n=n or max_samples,
+            n=sample_count(n, max_samples),
             batch_size=batch_size,
             max_clean_drop=max_clean_drop,
             bpda=bpda,

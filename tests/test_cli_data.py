@@ -1,0 +1,54 @@
+"""The data side of the CLI (calibrate, tune, eval): options, data sources and what the commands print."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import graphsparse.io
+from graphsparse.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def never_loaded(tmp_path, monkeypatch):
+    """A file that stands for an artifact; loading it fails the test (options must be refused first)."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the artifact was loaded before the options were checked")
+
+    monkeypatch.setattr(graphsparse.io, "load", load)
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"not read")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("eval", "--n"),
+        ("tune", "--n"),
+        ("eval", "--max-samples"),
+        ("tune", "--max-samples"),
+        ("calibrate", "--max-samples"),
+        ("eval", "--batch-size"),
+        ("tune", "--batch-size"),
+        ("calibrate", "--batch-size"),
+        ("eval", "--steps"),
+        ("tune", "--steps"),
+    ],
+)
+def test_zero_counts_are_refused_before_anything_is_loaded(never_loaded, command, option):
+    res = CliRunner().invoke(main, [command, never_loaded, "--data", "digits", option, "0"])
+    assert res.exit_code == 2, res.output  # click's usage error, not 'all samples' nor a late failure
+    assert option in res.output and "0 is not in the range x>=1" in res.output
+
+
+def test_n_and_max_samples_together_take_the_smaller():
+    from graphsparse.cli._data import sample_count
+
+    assert sample_count(None, None) is None
+    assert sample_count(5, None) == sample_count(None, 5) == sample_count(5, 9) == sample_count(9, 5) == 5
