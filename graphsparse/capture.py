@@ -272,7 +272,7 @@ def capture(
             f"{type(example_input).__name__}"
         )
     model = unwrap_compiled(model)
-    modes = [(m, m.training) for m in model.modules()]  # each module's own flag (a frozen BatchNorm...)
+    saved = _ModuleState(model)  # fx leaves `_tensor_constantN` on a traced root; the probe sets eval mode
     model.eval()
     try:
         reference = _run_original(model, example_input) if check else None
@@ -286,8 +286,46 @@ def capture(
             result = _capture_children(source, example_input, reference, atol, exc)
         return result
     finally:
-        for module, training in modes:
-            module.training = training
+        saved.restore()
+
+
+class _ModuleState:
+    """Every module's attributes, parameters, buffers, children, hooks and train/eval flag, restored by
+    :meth:`restore` exactly as they were (same objects, same dicts): capturing leaves the user's model as it was.
+
+    The graph modules a capture builds are made before the restore and keep what they copied (tensor
+    constants, submodules), so they are unaffected.
+    """
+
+    _DICTS = ("_parameters", "_buffers", "_modules")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = []
+        for module in model.modules():
+            attrs = dict(module.__dict__)
+            contents = {
+                name: dict(value)
+                for name, value in attrs.items()
+                if isinstance(value, dict) and (name in self._DICTS or "hook" in name)
+            }
+            self.saved.append((module, attrs, contents))
+
+    def restore(self) -> None:
+        for module, attrs, contents in self.saved:
+            current = module.__dict__
+            for name in [k for k in current if k not in attrs]:
+                del current[name]
+            for name, value in attrs.items():
+                if current.get(name, _MISSING) is not value:
+                    current[name] = value
+            for name, items in contents.items():
+                live = current[name]
+                if live.keys() != items.keys() or any(live[k] is not v for k, v in items.items()):
+                    live.clear()
+                    live.update(items)
+
+
+_MISSING = object()
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:

@@ -242,3 +242,52 @@ def test_functional_method_and_inplace_spellings():
         ("tanh", "tanh", "head"),
     ]
     assert sites[-1].layout == "nc" and sites[-1].channels == 8
+
+
+def _module_state(model: nn.Module) -> list:
+    """Everything capture could change on a model: per module its attribute names, the identity of every
+    attribute value, parameters, buffers, children and hooks, and its train/eval flag."""
+    state = []
+    for path, m in model.named_modules():
+        attrs = {k: id(v) for k, v in m.__dict__.items()}
+        dicts = {
+            k: {n: id(x) for n, x in v.items()}
+            for k, v in m.__dict__.items()
+            if isinstance(v, dict) and (k in ("_parameters", "_buffers", "_modules") or "hook" in k)
+        }
+        state.append((path, sorted(attrs), attrs, dicts, m.training))
+    return state
+
+
+def _small_eva02():
+    # eva02's rotary embedding is a tensor constant fx stores on the traced root as `_tensor_constantN`
+    return timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=2).train()
+
+
+def test_find_sites_plan_and_rewrite_leave_the_model_exactly_as_it_was():
+    import graphsparse
+
+    model = _small_eva02()
+    model.blocks[0].norm1.eval()  # a frozen submodule's own flag must survive too
+    before = _module_state(model)
+    x = torch.randn(1, 3, 56, 56)
+    find_sites(model, x)
+    assert _module_state(model) == before
+    graphsparse.plan(model, "after_addition", x)
+    assert _module_state(model) == before
+    graphsparse.rewrite(model, "after_addition", x)
+    assert _module_state(model) == before
+
+
+@pytest.mark.slow
+def test_an_artifact_rewritten_after_find_sites_loads(tmp_path):
+    import graphsparse
+
+    model = _small_eva02().eval()
+    x = torch.randn(1, 3, 56, 56)
+    find_sites(model, x)
+    rewritten = graphsparse.rewrite(model, "after_addition", x)
+    graphsparse.save(rewritten, tmp_path / "eva.safetensors")
+    loaded = graphsparse.load(tmp_path / "eva.safetensors", base=_small_eva02())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), rewritten(x))
