@@ -456,6 +456,8 @@ def _build_class(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str])
                 f"({', '.join(TRUSTED_PACKAGES)}); nothing was imported. If you trust it, pass "
                 f"--allow-module {top} (Python: allow_modules=[{top!r}])"
             )
+    if module_name.split(".")[0] == "robustbench":
+        import_robustbench()  # its modules import 'autoattack', which must be aliased first
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -12,6 +12,7 @@ import os
 import pickle
 import pickletools
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -479,6 +480,31 @@ def test_import_robustbench_aliases_autoattack(monkeypatch):
     assert module.__name__ == "robustbench" and "robustbench.utils" in sys.modules
     if sys.modules["autoattack"] is not pyautoattack:  # the GitHub AutoAttack is installed
         assert hasattr(sys.modules["autoattack"], "AutoAttack")
+
+
+@pytest.mark.slow
+def test_robustbench_classes_load_in_a_fresh_process(tmp_path, robustbench):
+    # a fresh interpreter has no 'autoattack' alias yet: importing a robustbench module by name needs it
+    script = f"""
+import torch
+from graphsparse.sources import build_from_recipe, load_model
+spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
+model, recipe = load_model(spec, depth=10, width=1)
+torch.save(model.state_dict(), {str(tmp_path / "dm.pt")!r})
+print(type(model).__name__, recipe)
+"""
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "DMWideResNet robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet" in first.stdout
+    script = f"""
+from graphsparse.sources import Recipe, build_from_recipe, load_model
+spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
+model, recipe = load_model({str(tmp_path / "dm.pt")!r}, arch=spec, depth=10, width=1)
+print(type(model).__name__, type(build_from_recipe(Recipe("class", spec, {{"depth": 10, "width": 1}}))).__name__)
+"""
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.split() == ["DMWideResNet", "DMWideResNet"]
 
 
 def test_missing_robustbench_says_how_to_install(monkeypatch):
