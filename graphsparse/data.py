@@ -109,6 +109,8 @@ class SplitDataset(Dataset):
         indices: indices into the full source (sorted int64 array).
         tensors: ``(x, y)`` of the split for in-memory sources (like ``TensorDataset``), else ``None``.
         transform: callable applied to each ``x`` (in-memory sources), or ``None``.
+        num_classes: classes of the whole source (largest label + 1, or an image folder's subfolders), so
+            that a model's output width can be checked against it; ``None`` when unknown.
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class SplitDataset(Dataset):
         seed: int,
         indices: np.ndarray,
         transform: Callable[[Any], Any] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.source = source
+        self.num_classes = num_classes
         self.split = split
         self.seed = seed
         self.indices = indices
@@ -335,6 +339,7 @@ def load_dataset(
         x = _resize(torch.from_numpy(x_np.astype(np.float32)), image_size)
         base = (x, torch.from_numpy(y_np.astype(np.int64)))
         n = len(y_np)
+        num_classes = int(y_np.max()) + 1 if n else 0
         source = name  # one name per data set ('mnist' is 'mnist5k'): records compare by source
     else:
         path = Path(os.path.expanduser(source))
@@ -344,6 +349,7 @@ def load_dataset(
             x, y = _read_file(path)
             base = (_resize(x, image_size), y)
             n = len(y)
+            num_classes = int(y.max()) + 1 if n else 0
         elif path.is_dir():
             from torchvision.datasets import ImageFolder
 
@@ -354,7 +360,7 @@ def load_dataset(
                     f"image folder {source!r} could not be read: {e}. "
                     "Hint: put the images of each class in their own subfolder"
                 ) from e
-            base, n, transform = folder, len(folder), None
+            base, n, transform, num_classes = folder, len(folder), None, len(folder.classes)
         elif path.exists() or os.sep in source:
             raise DataError(
                 f"data source {source!r} is not a .npz/.safetensors file or a directory"
@@ -364,7 +370,9 @@ def load_dataset(
         else:
             raise _unknown_source(source)
     indices = split_indices(n, seed)[split]
-    return SplitDataset(base, source=source, split=split, seed=seed, indices=indices, transform=transform)
+    return SplitDataset(
+        base, source=source, split=split, seed=seed, indices=indices, transform=transform, num_classes=num_classes
+    )
 
 
 # ---------------------------------------------------------------------------------------------- loader

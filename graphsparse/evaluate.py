@@ -152,6 +152,7 @@ class Samples:
         split: the split name of a graphsparse dataset (``train``/``val``/``test``/``all``), or ``None``.
         source: the source description (``digits``, a path), or ``''``.
         total: number of samples in the data given.
+        num_classes: classes of the data source (see :func:`data_classes`), or ``None`` when unknown.
     """
 
     x: torch.Tensor
@@ -161,6 +162,26 @@ class Samples:
     split: str | None
     source: str
     total: int
+    num_classes: int | None = None
+
+
+def data_classes(data: Any) -> int | None:
+    """The number of classes ``data`` says it has, following ``DataLoader``/``Subset`` wrappers: a
+    ``num_classes`` int (graphsparse datasets) or a ``classes`` list (torchvision datasets); ``None`` when
+    neither is found."""
+    obj = data
+    for _ in range(8):
+        n = getattr(obj, "num_classes", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+        classes = getattr(obj, "classes", None)
+        if isinstance(classes, (list, tuple)) and classes:
+            return len(classes)
+        inner = getattr(obj, "dataset", None)
+        if inner is None or inner is obj:
+            return None
+        obj = inner
+    return None
 
 
 def data_bookkeeping(data: Any) -> tuple[str | None, str, np.ndarray | None, list[str]]:
@@ -275,7 +296,9 @@ def pick_samples(data: Any, n: int | None, seed: int) -> Samples:
             "let the model normalise its inputs (RobustBench convention)"
         )
     indices = positions if mapping is None or len(mapping) != total else mapping[positions]
-    return Samples(x, y, positions, np.asarray(indices, dtype=np.int64), split, source, total)
+    return Samples(
+        x, y, positions, np.asarray(indices, dtype=np.int64), split, source, total, data_classes(data)
+    )
 
 
 def _is_map_style(obj: Any) -> bool:
@@ -442,14 +465,37 @@ def _import_autoattack() -> Any:
 _DLR_ATTACKS = ("apgd-dlr", "apgd-t", "fab-t")
 
 
+def check_logits(out: Any, num_classes: int | None, where: str = "the model") -> int:
+    """The number of logits in ``out``, a model's output on a batch; refuses anything but one logit per class.
+
+    Raises:
+        EvaluationError: ``out`` is not a ``(batch, classes)`` tensor, or its width is not ``num_classes``
+            (a model without its classifier head gives features, e.g. timm's ``num_classes=0``).
+    """
+    hint = (
+        "Hint: give a classifier whose last layer has one output per class of the data (a model built with "
+        "timm's num_classes=0, or a feature extractor, has no classifier head)"
+    )
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EvaluationError(
+            f"{where} returns an output of shape {shape}, expected (batch, classes) logits"
+            + (f" with {num_classes} classes" if num_classes else "")
+            + f". {hint}"
+        )
+    n = int(out.shape[-1])
+    if num_classes is not None and n != num_classes:
+        raise EvaluationError(
+            f"{where} gives {n} outputs per sample (output shape {tuple(out.shape)}), but the data has "
+            f"{num_classes} classes: accuracy needs one logit per class. {hint}, or data of its classes"
+        )
+    return n
+
+
 def _n_classes(model: nn.Module, s: Samples, device: torch.device) -> int:
     with torch.no_grad():
         out = model(s.x[:1].to(device))
-    if out.dim() != 2:
-        raise EvaluationError(
-            f"the model returns a tensor of shape {tuple(out.shape)}, expected (batch, classes) logits"
-        )
-    n = int(out.shape[-1])
+    n = check_logits(out, s.num_classes)
     lo, hi = int(s.y.min()), int(s.y.max())
     if lo < 0 or hi >= n:
         raise EvaluationError(

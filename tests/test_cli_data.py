@@ -52,3 +52,24 @@ def test_n_and_max_samples_together_take_the_smaller():
 
     assert sample_count(None, None) is None
     assert sample_count(5, None) == sample_count(None, 5) == sample_count(5, 9) == sample_count(9, 5) == 5
+
+
+def test_a_model_without_a_classifier_head_is_refused(tmp_path):
+    """timm's resnet18 with num_classes=0 gives 512 pooled features: accuracy on 10-class data would be 0 %."""
+    import numpy as np
+    import timm
+    import torch
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.random((40, 3, 16, 16), dtype=np.float32), y=np.arange(40) % 10)
+    torch.save(timm.create_model("resnet18", num_classes=0), tmp_path / "features.pt")
+    art = tmp_path / "a.safetensors"
+    res = run("rewrite", str(tmp_path / "features.pt"), "--rule", "after_addition", "--input-shape", "1,3,16,16",
+              "-o", str(art))
+    assert res.exit_code == 0, res.output
+    for command in ("calibrate", "eval"):
+        res = run(command, str(art), "--data", str(data), "--n" if command == "eval" else "--seed", "4")
+        assert res.exit_code == 1, (command, res.output)
+        assert "gives 512 outputs per sample (output shape (1, 512)), but the data has 10 classes" in res.output
+        assert "no classifier head" in res.output

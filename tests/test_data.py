@@ -183,6 +183,7 @@ def test_image_folder(tmp_path):
     ds = load_dataset(str(tmp_path), split="all", image_size=8)
     x, y = ds[0]
     assert len(ds) == 10 and x.shape == (3, 8, 8) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert ds.num_classes == 2  # the subfolders, whatever the split holds
     assert sorted(int(ds[i][1]) for i in range(10)) == [0] * 5 + [1] * 5
     assert len(load_dataset(str(tmp_path), split="test")) == 2
     assert load_dataset(str(tmp_path), split="all")[0][0].shape == (3, 12, 10)

@@ -228,3 +228,16 @@ def test_bad_requests_are_refused_with_hints(masked, test_split):
         gs.tune(masked, (x, y), alphas=0.1)
     assert float(operators(masked)["logits"].alpha) == 1.0  # every refusal left alpha alone
     assert attack_key("standard") == "autoattack" and attack_key("APGD-CE + apgd-t") == "apgd-ce+apgd-t"
+
+
+def test_a_model_that_gives_features_instead_of_logits_is_refused(trained, parity_source, test_split):
+    """Labels 0 and 1 fit inside 32 features, so only the data's class count shows the missing head."""
+    headless = nn.Sequential(*copy.deepcopy(trained)[:-1], MeanSparse(32, site_id="features")).eval()
+    gs.calibrate(headless, load_dataset(parity_source, split="train"))
+    match = r"gives 32 outputs per sample \(output shape \(1, 32\)\), but the data has 2 classes"
+    with pytest.raises(EvaluationError, match=match):
+        evaluate(headless, test_split, n=8, steps=1)
+    with pytest.raises(EvaluationError, match=match):
+        gs.tune(headless, load_dataset(parity_source, split="val"), alphas=[0.0, 0.5], n=8, steps=1)
+    assert test_split.num_classes == 2
+    assert load_dataset("digits", split="val").num_classes == 10

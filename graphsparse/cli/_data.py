@@ -118,11 +118,30 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int | None], None]
         yield update
 
 
+def check_model_fits(model, dataset) -> None:
+    """Refuse a model whose output is not one logit per class of ``dataset`` (one sample, before a long pass)."""
+    import torch
+
+    from ..evaluate import check_logits, data_classes, eval_mode
+
+    classes = data_classes(dataset)
+    if classes is None or not len(dataset):
+        return
+    weights = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = dataset[0][0].unsqueeze(0)
+    if weights is not None:
+        x = x.to(weights.device, weights.dtype)
+    with eval_mode(model), torch.no_grad():
+        out = model(x)
+    check_logits(out, classes, where=f"the model (on data {getattr(dataset, 'source', '')!r})")
+
+
 def calibrate_with_progress(model, dataset, *, batch_size: int, max_samples: int | None):
     """Calibrate ``model`` on ``dataset`` with a progress bar; returns the CalibrationRecord."""
     from ..calibrate import calibrate
     from ..data import make_loader
 
+    check_model_fits(model, dataset)
     loader = make_loader(dataset, batch_size)
     with progress_bar("calibrating") as update:
         return calibrate(model, loader, max_samples=max_samples, progress=update)
