@@ -53,6 +53,9 @@ class DemoPreActResNet(nn.Module):
     """
 
     default_input_size = (1, 28, 28)  # (C, H, W) of MNIST, what the demo model was trained on
+    # the spec of the shipped trained model: naming this class as a model source builds random weights, and
+    # graphsparse.sources warns with this name
+    trained_builder = "graphsparse.models:load_demo_model"
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64),
                  blocks: int = 2, act: str = "gelu") -> None:

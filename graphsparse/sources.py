@@ -1,4 +1,5 @@
-"""Model sources: turn a spec (``timm:NAME``, ``robustbench:ID``, ``pkg.module:Class``, a file) into a module.
+"""Model sources: turn a spec (``timm:NAME``, ``torchvision:NAME``, ``robustbench:ID``, ``pkg.module:Class`` or
+``pkg.module:function``, a file) into a module.
 
 Every model comes back with a :class:`Recipe`: how to rebuild its architecture without pickle, so a
 graphsparse artifact (safetensors) can store the recipe as text and rebuild the base model on load.
@@ -40,7 +41,7 @@ __all__ = [
     "default_input_shape",
 ]
 
-RECIPE_KINDS = ("timm", "robustbench", "class", "file")
+RECIPE_KINDS = ("timm", "torchvision", "robustbench", "class", "file")
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 # Checkpoint dict keys that hold the model or its state dict, in order of preference.
@@ -66,10 +67,14 @@ _ROBUSTBENCH_INSTALL = (
 _CLASS_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ACCEPTED_FORMS = (
-    "accepted forms: 'timm:NAME' (e.g. timm:resnet18), 'robustbench:MODEL_ID[@dataset/threat]' "
-    "(e.g. robustbench:Carmon2019Unlabeled@cifar10/Linf), 'pkg.module:Class' (constructor kwargs as "
-    f"options), or a weights file ending in {', '.join(FILE_SUFFIXES)} (state dicts also need --arch)"
+    "accepted forms: 'timm:NAME' (e.g. timm:resnet18), 'torchvision:NAME' (e.g. torchvision:resnet18), "
+    "'robustbench:MODEL_ID[@dataset/threat]' (e.g. robustbench:Carmon2019Unlabeled@cifar10/Linf), "
+    "'pkg.module:Class' or 'pkg.module:function' (constructor kwargs as options: --num-classes, "
+    f"--model-kwargs JSON), or a weights file ending in {', '.join(FILE_SUFFIXES)} (state dicts also need --arch)"
 )
+# Functions of trusted packages that an artifact's recipe may call (besides registered torchvision and timm
+# builders): they build a model and do nothing else.
+_TRUSTED_BUILDERS = ("graphsparse.models:load_demo_model",)
 
 
 # ---------------------------------------------------------------------------------------------- Recipe
@@ -80,10 +85,11 @@ class Recipe:
     """How to rebuild a base model's architecture without pickle.
 
     Args:
-        kind: ``timm``, ``robustbench``, ``class`` or ``file``.
-        name: timm architecture name, RobustBench model id, ``pkg.module:Class``, or the file's path.
+        kind: ``timm``, ``torchvision``, ``robustbench``, ``class`` or ``file``.
+        name: timm or torchvision architecture name, RobustBench model id, ``pkg.module:Class`` (or
+            ``pkg.module:function``, a builder returning the module), or the file's path.
         kwargs: JSON-able constructor options (timm ``num_classes``/``in_chans``; RobustBench
-            ``dataset``/``threat_model``; the class's keyword arguments). Normalised through JSON.
+            ``dataset``/``threat_model``; the class's or builder's keyword arguments). Normalised through JSON.
         sha256: for kind ``file``: the hex SHA-256 of the file, checked when it is re-loaded.
     """
 
@@ -121,13 +127,18 @@ class Recipe:
             )
         if self.kind == "class" and not _CLASS_SPEC.match(self.name):
             raise ModelSourceError(f"class recipe name {self.name!r} must look like 'pkg.module:Class'")
+        if self.kind == "torchvision" and "weights" in self.kwargs:
+            raise ModelSourceError(
+                f"torchvision recipe {self.name!r} has a 'weights' option; a recipe rebuilds the architecture "
+                "only (the artifact holds the weights) and never downloads"
+            )
         if self.kind == "robustbench":
             _check_robustbench_kwargs(self.name, self.kwargs)
 
     def spec(self) -> str:
         """The spec string :func:`load_model` accepts for this recipe (kwargs are separate)."""
-        if self.kind == "timm":
-            return f"timm:{self.name}"
+        if self.kind in ("timm", "torchvision"):
+            return f"{self.kind}:{self.name}"
         if self.kind == "robustbench":
             return f"robustbench:{self.name}@{self.kwargs['dataset']}/{self.kwargs['threat_model']}"
         return self.name
@@ -191,16 +202,19 @@ def load_model(
     """Load a model from a spec and return it in eval mode with its rebuild :class:`Recipe`.
 
     Args:
-        spec: ``timm:NAME`` (random init), ``robustbench:MODEL_ID[@dataset/threat]`` (weights must be on
-            disk under ``model_dir``, default ``./models``), ``pkg.module:Class``, or a weights file
-            (``.pt .pth .bin .ckpt`` pickles, ``.safetensors``).
+        spec: ``timm:NAME`` or ``torchvision:NAME`` (random init), ``robustbench:MODEL_ID[@dataset/threat]``
+            (weights must be on disk under ``model_dir``, default ``./models``), ``pkg.module:Class`` or
+            ``pkg.module:function`` (a builder such as ``torchvision.models:resnet18`` or
+            ``graphsparse.models:load_demo_model``), or a weights file (``.pt .pth .bin .ckpt`` pickles,
+            ``.safetensors``; the format is read from the content, not the suffix).
         arch: for files holding a state dict: the architecture, as a ``timm:NAME``,
             ``robustbench:ID`` or ``pkg.module:Class`` spec.
         allow_modules: extra packages/modules whose *classes* a pickle may use (``mypkg`` or
             ``mypkg.models``), or exact global names (``numpy._core.multiarray.scalar``) to allow that
             one global whatever it is. Only name code you trust.
         **kwargs: constructor options (timm ``num_classes``..., the class's arguments, the ``arch``'s);
-            for RobustBench, ``model_dir``.
+            for RobustBench, ``model_dir``; for torchvision, ``weights`` too (downloads; not recorded in the
+            recipe, since an artifact holds the weights).
     """
     spec_str = os.fspath(spec)
     allow = _check_allow_modules(allow_modules)
@@ -209,13 +223,17 @@ def load_model(
     if _looks_like_file(spec_str):
         return _load_file(Path(spec_str), arch=arch, allow_modules=allow, kwargs=kwargs)
     model_dir = kwargs.pop("model_dir", None)
+    weights = kwargs.pop("weights", None) if spec_str.startswith("torchvision:") else None
     recipe = _recipe_for_spec(spec_str, kwargs)
     if model_dir is not None and recipe.kind != "robustbench":
         raise ModelSourceError(f"model_dir only applies to robustbench: specs, not {spec_str!r}")
     if recipe.kind == "robustbench":
         model = _load_robustbench(recipe, Path(model_dir if model_dir is not None else "./models"))
+    elif recipe.kind == "torchvision":
+        model = _build_torchvision(recipe.name, recipe.kwargs, weights=weights)
     else:
         model = _build(recipe, trusted=True, allow_modules=allow)
+        _warn_if_untrained(recipe)
     return model.eval(), recipe
 
 
@@ -313,7 +331,7 @@ def default_input_shape(model: nn.Module, *, recipe: Recipe | None = None) -> tu
 
 
 def _looks_like_file(spec: str) -> bool:
-    if spec.startswith(("timm:", "robustbench:")):
+    if spec.startswith(("timm:", "torchvision:", "robustbench:")):
         return False
     return spec.lower().endswith(FILE_SUFFIXES) or os.path.isfile(spec)
 
@@ -325,6 +343,13 @@ def _recipe_for_spec(spec: str, kwargs: Mapping[str, Any], *, role: str = "model
         if not name:
             raise ModelSourceError(f"{role} spec {spec!r} has no architecture name; write e.g. timm:resnet18")
         return Recipe("timm", name, _json_kwargs(kwargs, f"{role} {spec!r}"))
+    if spec.startswith("torchvision:"):
+        name = spec[len("torchvision:") :].strip()
+        if not name:
+            raise ModelSourceError(
+                f"{role} spec {spec!r} has no architecture name; write e.g. torchvision:resnet18"
+            )
+        return Recipe("torchvision", name, _json_kwargs(kwargs, f"{role} {spec!r}"))
     if spec.startswith("robustbench:"):
         model_id, dataset, threat = _parse_robustbench(spec)
         extra = dict(kwargs)
@@ -398,6 +423,8 @@ def _build(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str]) -> nn
     """Random-init architecture for a timm / robustbench / class recipe."""
     if recipe.kind == "timm":
         return _build_timm(recipe.name, recipe.kwargs)
+    if recipe.kind == "torchvision":
+        return _build_torchvision(recipe.name, recipe.kwargs)
     if recipe.kind == "robustbench":
         entry = _robustbench_entry(recipe)
         missing = [p for p in _torchvision_weights(recipe.name) if not p.is_file()]
@@ -432,6 +459,67 @@ def _build_timm(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ModelSourceError(f"timm:{name} does not accept the options {dict(kwargs)}: {e}") from e
+
+
+def _build_torchvision(name: str, kwargs: Mapping[str, Any], *, weights: Any = None) -> nn.Module:
+    try:
+        from torchvision import models
+    except ImportError as e:
+        raise ModelSourceError(f"torchvision:{name} needs torchvision; pip install torchvision") from e
+    names = models.list_models()
+    if name not in names:
+        raise ModelSourceError(
+            f"torchvision has no model builder {name!r}{closest(name, names)}; "
+            "list them with torchvision.models.list_models()"
+        )
+    try:
+        return models.get_model(name, weights=weights, **kwargs)
+    except TypeError as e:
+        raise ModelSourceError(f"torchvision:{name} does not accept the options {dict(kwargs)}: {e}") from e
+    except Exception as e:
+        if weights is None:
+            raise ModelSourceError(
+                f"torchvision:{name} with options {dict(kwargs)} could not be built: {type(e).__name__}: {e}"
+            ) from e
+        raise ModelSourceError(
+            f"torchvision:{name} could not get the weights {weights!r} ({type(e).__name__}: {e}); without "
+            f"internet, load a weights file with --arch torchvision:{name} instead"
+        ) from e
+
+
+def _is_registered_builder(obj: Any) -> bool:
+    """Whether ``obj`` is a model builder torchvision or timm registers (it builds a model, nothing else)."""
+    if not callable(obj) or isinstance(obj, type):
+        return False
+    name = getattr(obj, "__name__", "")
+    top = getattr(obj, "__module__", "").split(".")[0]
+    if top == "torchvision":
+        from torchvision import models
+
+        return name in models.list_models() and models.get_model_builder(name) is obj
+    if top == "timm":
+        import timm
+
+        return timm.is_model(name) and timm.models.model_entrypoint(name) is obj
+    return False
+
+
+def _warn_if_untrained(recipe: Recipe) -> None:
+    """Warn when a spec names a class whose trained weights ship under another spec (the demo model)."""
+    if recipe.kind != "class":
+        return
+    module_name, _, qualname = recipe.name.partition(":")
+    cls = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    trained = getattr(cls, "trained_builder", None) if isinstance(cls, type) else None
+    if isinstance(trained, str):
+        warnings.warn(
+            f"{recipe.name} builds the architecture with random weights; the shipped trained model is "
+            f"{trained}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def package_to_trust(recipe: Recipe, allow_modules: Sequence[str] = ()) -> str | None:
@@ -473,18 +561,38 @@ def _build_class(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str])
                 f"{module_name!r} has no attribute {part!r} (in {recipe.name!r}){closest(part, names)}"
             )
         obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ModelSourceError(f"{recipe.name!r} is {obj!r}, not an nn.Module subclass")
+    is_class = isinstance(obj, type) and issubclass(obj, nn.Module)
+    is_function = isinstance(obj, (types.FunctionType, types.BuiltinFunctionType))
+    if not (is_class or is_function):
+        raise ModelSourceError(
+            f"{recipe.name!r} is {obj!r}, not an nn.Module subclass or a function that builds one"
+        )
     if not trusted and not user_allowed(f"{module_name}.{qualname}", allow_modules):
-        problem = class_problem(obj)
+        if is_class:
+            problem = class_problem(obj)
+        elif recipe.name in _TRUSTED_BUILDERS or _is_registered_builder(obj):
+            problem = None
+        else:
+            problem = (
+                "it is a function, not an nn.Module subclass or a registered model builder (torchvision, "
+                f"timm, {', '.join(_TRUSTED_BUILDERS)}), and calling it could do anything; only if you trust "
+                f"it, pass --allow-module {module_name}.{qualname}"
+            )
         if problem is not None:
             raise ModelSourceError(f"the recipe wants to build {recipe.name!r}, which is refused: {problem}")
     try:
-        return obj(**recipe.kwargs)
+        model = obj(**recipe.kwargs)
     except Exception as e:
         raise ModelSourceError(
-            f"constructing {recipe.name} with {recipe.kwargs} failed: {type(e).__name__}: {e}"
+            f"{'constructing' if is_class else 'calling'} {recipe.name} with {recipe.kwargs} failed: "
+            f"{type(e).__name__}: {e}"
         ) from e
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(
+            f"{recipe.name} returned a {type(model).__name__}, not an nn.Module; name a function that "
+            "returns the model"
+        )
+    return model
 
 
 # ------------------------------------------------------------------------------------------ robustbench

@@ -21,5 +21,13 @@ class TinyNet(nn.Module):
 
 
 def make_tiny(**kwargs) -> TinyNet:
-    """A factory function (not a class): specs must name classes."""
+    """A builder function (not a class): ``pkg.module:function`` specs call it."""
     return TinyNet(**kwargs)
+
+
+def make_nothing() -> str:
+    """A function that does not build a module."""
+    return "not a model"
+
+
+NOT_A_MODEL = 3

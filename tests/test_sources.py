@@ -14,6 +14,7 @@ import pickletools
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import timm
@@ -108,12 +109,99 @@ def test_class_spec_instantiates_with_kwargs():
 def test_class_spec_errors_name_the_problem():
     with pytest.raises(ModelSourceError, match="did you mean 'TinyNet'"):
         load_model(f"{USER_MODULE}:TinyNett")
-    with pytest.raises(ModelSourceError, match="not an nn.Module subclass"):
-        load_model(f"{USER_MODULE}:make_tiny")
+    with pytest.raises(ModelSourceError, match="not an nn.Module subclass or a function that builds one"):
+        load_model(f"{USER_MODULE}:NOT_A_MODEL")
+    with pytest.raises(ModelSourceError, match="returned a str, not an nn.Module"):
+        load_model(f"{USER_MODULE}:make_nothing")
     with pytest.raises(ModelSourceError, match="cannot import module 'no_such_pkg.models'"):
         load_model("no_such_pkg.models:Net")
     with pytest.raises(ModelSourceError, match="constructing .*TinyNet.* failed"):
         load_model(f"{USER_MODULE}:TinyNet", depth=3)
+
+
+def test_torchvision_spec_builds_the_architecture_and_a_recipe_that_rebuilds_it():
+    torchvision = pytest.importorskip("torchvision")
+    model, recipe = load_model("torchvision:resnet18", num_classes=7)
+    assert isinstance(model, torchvision.models.ResNet) and not model.training
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    assert recipe == Recipe("torchvision", "resnet18", {"num_classes": 7})
+    assert recipe.spec() == "torchvision:resnet18"
+    rebuilt = build_from_recipe(Recipe.from_json(recipe.to_json()))
+    assert type(rebuilt) is type(model) and layout(rebuilt) == layout(model)
+    with pytest.raises(ModelSourceError, match="did you mean 'resnet18'"):
+        load_model("torchvision:resnet18x")
+    with pytest.raises(ModelSourceError, match="does not accept the options"):
+        load_model("torchvision:resnet18", depth=3)
+    with pytest.raises(ModelSourceError, match="never downloads"):  # a recipe read from an artifact
+        Recipe("torchvision", "resnet18", {"weights": "DEFAULT"})
+
+
+def test_torchvision_weights_stay_possible_but_are_not_recorded(monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    seen = {}
+
+    def builder(name, **config):  # stands in for the download, which needs internet
+        seen.update(config)
+        return torchvision.models.resnet18()
+
+    monkeypatch.setattr(torchvision.models, "get_model", builder)
+    _, recipe = load_model("torchvision:resnet18", weights="DEFAULT")
+    assert seen == {"weights": "DEFAULT"} and recipe == Recipe("torchvision", "resnet18", {})
+
+
+def test_builder_functions_are_model_sources():
+    torchvision = pytest.importorskip("torchvision")
+    model, recipe = load_model("torchvision.models:resnet18", num_classes=3)
+    assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 3
+    assert recipe == Recipe("class", "torchvision.models:resnet18", {"num_classes": 3})
+    assert layout(build_from_recipe(recipe)) == layout(model)  # a registered builder: trusted from an artifact
+    model, recipe = load_model(f"{USER_MODULE}:make_tiny", width=5)
+    assert isinstance(model, TinyNet) and model.conv.out_channels == 5
+    with pytest.raises(ModelSourceError, match="not in a trusted package.*--allow-module"):
+        build_from_recipe(recipe)  # a user's function needs trust, like a user's class
+    assert layout(build_from_recipe(recipe, allow_modules=[USER_MODULE])) == layout(model)
+    from graphsparse.models import load_demo_model
+
+    model, recipe = load_model("graphsparse.models:load_demo_model")
+    assert same_output(model, load_demo_model(), shape=(2, 1, 28, 28))  # the shipped trained weights
+    assert same_output(build_from_recipe(recipe), model, shape=(2, 1, 28, 28))
+
+
+def test_the_demo_class_warns_that_it_has_random_weights():
+    with pytest.warns(UserWarning, match="random weights.*graphsparse.models:load_demo_model"):
+        load_model("graphsparse.models:DemoPreActResNet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model("graphsparse.models:load_demo_model")
+        build_from_recipe(Recipe("class", "graphsparse.models:DemoPreActResNet"))  # an artifact has weights
+
+
+@pytest.mark.slow
+def test_artifacts_of_torchvision_and_builder_sources_reload(tmp_path):
+    pytest.importorskip("torchvision")
+    from click.testing import CliRunner
+
+    import graphsparse as gs
+    from graphsparse.cli import main
+
+    out = tmp_path / "r18.safetensors"
+    result = CliRunner().invoke(
+        main,
+        ["rewrite", "torchvision:resnet18", "--rule", "after_addition", "--input-shape", "1,3,32,32", "-o", str(out)],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    from graphsparse.rewrite import rewrite_info
+
+    assert Recipe.from_json(rewrite_info(gs.load(out)).recipe) == Recipe("torchvision", "resnet18", {})
+    base, recipe = load_model("torchvision:resnet18")
+    rewritten = gs.rewrite(base, "after_addition", torch.zeros(1, 3, 32, 32), recipe=recipe.to_json())
+    gs.save(rewritten, tmp_path / "api.safetensors")
+    assert same_output(gs.load(tmp_path / "api.safetensors"), base, shape=(2, 3, 32, 32))  # α = 0: identical
+    demo, recipe = load_model("graphsparse.models:load_demo_model")
+    rewritten = gs.rewrite(demo, "full", torch.zeros(1, 1, 28, 28), recipe=recipe.to_json())
+    gs.save(rewritten, tmp_path / "demo.safetensors")
+    assert same_output(gs.load(tmp_path / "demo.safetensors"), demo, shape=(2, 1, 28, 28))
 
 
 def test_unrecognised_spec_lists_the_accepted_forms():
@@ -422,8 +510,8 @@ def test_class_recipe_from_an_artifact_needs_a_trusted_module():
         build_from_recipe(recipe)
     with pytest.raises(ModelSourceError, match="not in a trusted package"):
         build_from_recipe(Recipe("class", "subprocess:Popen", {"args": ["true"]}))
-    with pytest.raises(ModelSourceError, match="not an nn.Module subclass"):
-        build_from_recipe(Recipe("class", "torch.hub:load", {}))
+    with pytest.raises(ModelSourceError, match="not an nn.Module subclass or a registered model builder"):
+        build_from_recipe(Recipe("class", "torch.hub:load", {}))  # a trusted package's function that is no builder
 
 
 def test_file_recipe_detects_a_changed_file(tmp_path):
