@@ -80,6 +80,7 @@ def rewrite(
     *,
     alpha: float | None = None,
     recipe: str = "",
+    fuse: bool = True,
 ) -> nn.Module:
     """Insert operators into a copy of ``model`` where the rule file says.
 
@@ -90,6 +91,11 @@ def rewrite(
         alpha: overrides the α of every MeanSparse rule.
         recipe: JSON of the base model's recipe, stored for :func:`graphsparse.save`; by default inferred
             (timm models, and classes whose no-argument constructor rebuilds the same architecture).
+        fuse: return the fused form (:func:`graphsparse.fuse.fuse_activations`): each MeanSparse applies the
+            activation after it and works in place where nothing else reads its input. The same outputs,
+            gradients (both backward modes) and ``state_dict``, bit for bit, in fewer memory passes (resnet50
+            eager on CPU: ~1.15× the original unfused, ~1.02× fused). ``False`` keeps one graph node per
+            activation (e.g. to look at or edit the graph).
 
     Returns:
         The rewritten model (an ``fx.GraphModule`` when the root traces) in eval mode. With α = 0 or
@@ -104,7 +110,12 @@ def rewrite(
     cap = capture(model, example_input, copy=True)
     sites = sites_of_capture(cap)
     plan = make_plan(sites, rule, alpha=alpha)
-    return apply_plan(cap, plan, sites=sites, input_shape=tuple(example_input.shape), recipe=recipe)
+    model = apply_plan(cap, plan, sites=sites, input_shape=tuple(example_input.shape), recipe=recipe)
+    if fuse:
+        from .fuse import fuse_activations  # fuse imports this module
+
+        fuse_activations(model)
+    return model
 
 
 def _refuse_rewritten(model: nn.Module) -> None:

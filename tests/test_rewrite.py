@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
@@ -216,3 +217,64 @@ def test_operators_are_placed_where_their_module_keeps_its_weights():
     devices = {site: op.mean.device.type for site, op in ops.items()}
     assert len(ops) > 2
     assert all(dev == ("meta" if site.startswith("layer1.") else "cpu") for site, dev in devices.items()), devices
+
+
+# ------------------------------------------------------------------------------------- the fused form
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """resnet10t rewritten twice, fused (the default) and unfused, with the same random statistics and α."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused, plain = gs.rewrite(model, "full", x), gs.rewrite(model, "full", x, fuse=False)
+    _randomise_stats(plain)
+    gs.set_alpha(plain, 0.3)
+    fused.load_state_dict(plain.state_dict())
+    return model, fused, plain, x
+
+
+def test_rewrite_returns_the_fused_form_unless_asked_not_to(pair):
+    """Each MeanSparse before a ReLU applies it (no separate activation node runs); fuse=False keeps them apart.
+    The state_dict (names and values) is the same either way."""
+    _, fused, plain, _ = pair
+    fused_ops, plain_ops = gs.operators(fused), gs.operators(plain)
+    assert list(fused_ops) == list(plain_ops)
+    assert {op.activation for op in fused_ops.values()} >= {("relu", ())}
+    assert all(op.activation is None for op in plain_ops.values())
+    relu_nodes = [n for n in fused.graph.nodes if n.op == "call_module" and "act" in str(n.target)]
+    assert len(relu_nodes) < len([n for n in plain.graph.nodes if n.op == "call_module" and "act" in str(n.target)])
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), plain.state_dict().values()))
+
+
+def test_the_fused_default_keeps_outputs_gradients_and_alpha_zero_identity(pair):
+    model, fused, plain, x = pair
+    fused = copy.deepcopy(fused)
+    with torch.no_grad():
+        expected = plain(x)
+        assert not torch.equal(expected, model(x))
+        assert torch.equal(fused(x.clone()), expected)
+    for mode in ("exact", "straight_through"):
+        grads = []
+        for net in (plain, fused):
+            leaf = x.clone().requires_grad_()
+            with gs.backward_mode(net, mode):
+                (grad,) = torch.autograd.grad(net(leaf).square().sum(), leaf)
+            grads.append(grad)
+        assert torch.equal(grads[0], grads[1]), mode
+    gs.set_alpha(fused, 0.0)
+    with torch.no_grad():
+        assert torch.equal(fused(x.clone()), model(x))
+
+
+def test_calibrating_the_fused_default_gives_the_unfused_statistics(pair):
+    """Calibration hooks read each operator's input before the (possibly in-place) operator runs."""
+    _, fused, plain, _ = pair
+    fused, plain = copy.deepcopy(fused), copy.deepcopy(plain)
+    batches = [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    gs.calibrate(plain, batches)
+    gs.calibrate(fused, batches)
+    for (site, a), b in zip(gs.operators(plain).items(), gs.operators(fused).values()):
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var), site

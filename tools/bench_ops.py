@@ -15,10 +15,11 @@ over the variants (so that load from other processes hits them alike), ``torch.n
 3. Models, same weights and inputs for every variant: the original; the reference formula
    ``torch.where(|x − μ| < α·σ, μ, x)`` as a plain module at the same sites; graphsparse eager (plain
    path, kernel off), graphsparse fast (the fast path's kernel: C++ for float32 on CPU, Triton on CUDA),
-   graphsparse fused (``fuse_activations``), the fused model through the compiled kernel (``fused,
-   compiled kernel``); and the original, reference, graphsparse and fused models under
-   ``torch.compile`` (inside a compiled model the operator always uses the plain formula, so "plain" and
-   "fast" are one compiled variant). Ratios are to the original (compiled ones to the compiled
+   graphsparse fused (``fuse_activations``), ``rewrite() default`` (the model ``gs.rewrite`` gives
+   by default, which is the fused form; the other graphsparse variants use ``fuse=False``), the fused model
+   through the compiled kernel (``fused, compiled kernel``); and the original, reference, graphsparse and
+   fused models under ``torch.compile`` (inside a compiled model the operator always uses the plain formula,
+   so "plain" and "fast" are one compiled variant). Ratios are to the original (compiled ones to the compiled
    original). Statistics are computed from the model's own features on the probe batch (per-channel
    mean and variance, so the band looks calibrated), α = 0.25.
    ``ratio`` is the median over rounds of (variant's time / the original's time in the same round): each
@@ -86,6 +87,7 @@ from graphsparse.ops.meansparse import _mean_and_threshold, _mean_sparse  # noqa
 
 ALPHA = 0.25
 GRAPH_ONLY = "fused graph, α = 0"
+REWRITE_DEFAULT = "rewrite() default"
 ACTIVATIONS_ONLY = "graph, activations only"
 COMPILED_KERNEL = "fused, compiled kernel"
 
@@ -471,6 +473,7 @@ class Prepared:
     x: torch.Tensor
     replaced: float
     n_fused: int
+    default: nn.Module | None = None
 
 
 def prepare(case: ModelCase, batch: int, device: torch.device) -> Prepared:
@@ -484,13 +487,16 @@ def prepare(case: ModelCase, batch: int, device: torch.device) -> Prepared:
         x = x.contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rewritten = gs.rewrite(base, case.rule, probe)
+        rewritten = gs.rewrite(base, case.rule, probe, fuse=False)
+        default = gs.rewrite(base, case.rule, probe)  # what users get: rewrite()'s default (fused) form
     if case.channels_last:
         rewritten = rewritten.to(memory_format=torch.channels_last)
+        default = default.to(memory_format=torch.channels_last)
     replaced = _calibrate_like(rewritten, x[: min(batch, 4)])
+    default.load_state_dict(rewritten.state_dict())
     fused = copy.deepcopy(rewritten)
     n_fused = fuse_activations(fused)
-    return Prepared(base, rewritten, fused, x, replaced, n_fused)
+    return Prepared(base, rewritten, fused, x, replaced, n_fused, default)
 
 
 def bench_model(
@@ -516,6 +522,7 @@ def bench_model(
         "graphsparse plain": plain_path,
         "graphsparse fast": lambda: rewritten(x),
         "graphsparse fused": lambda: fused(x),
+        REWRITE_DEFAULT: lambda: ready.default(x),
         GRAPH_ONLY: lambda: graph_only(x),
     }
     if cpu_kernel.available() if device.type == "cpu" else triton_kernel.available():
