@@ -4,7 +4,9 @@ Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment (as tor
 calibrates its shard of the digits train split with gloo and writes, under the directory given as the
 only argument: ``state{rank}.safetensors`` (merged accumulators), ``ops{rank}.safetensors`` (the float32
 operator buffers) and ``record{rank}.json``. With ``GS_NAN_RANK=r`` rank r gets a NaN in its second batch;
-a rank whose calibration fails writes the message to ``error{rank}.txt`` and exits with status 3.
+a rank whose calibration fails writes the message to ``error{rank}.txt`` and exits with status 3. The record
+counts the kernels the process compiled (``compile_misses``): the test compiles them first, in its own
+process, so that the ranks read them from the shared on-disk caches instead of compiling them side by side.
 ``GS_BACKEND=nccl`` calibrates on the GPU ``LOCAL_RANK`` with NCCL instead (tests/test_cuda.py).
 """
 
@@ -50,6 +52,15 @@ def build_model() -> nn.Module:
     )
 
 
+def _compile_misses() -> int:
+    """Kernels this process had to compile (inductor's FX graph cache misses; 0 when it had them all)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - dynamo is part of every supported torch
+        return 0
+    return int(counters["inductor"].get("fxgraph_cache_miss", 0))
+
+
 def main(out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -78,7 +89,10 @@ def main(out: Path) -> None:
         }
         save_file(buffers, str(out / f"ops{rank}.safetensors"))
         local = len(loader.dataset)
-        (out / f"record{rank}.json").write_text(json.dumps({**record.to_dict(), "local_samples": local}))
+        misses = _compile_misses()
+        (out / f"record{rank}.json").write_text(
+            json.dumps({**record.to_dict(), "local_samples": local, "compile_misses": misses})
+        )
     finally:
         torch.distributed.destroy_process_group()
 
