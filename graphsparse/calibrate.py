@@ -25,7 +25,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -177,6 +176,8 @@ class CalibrationRecord:
         world_size: number of processes whose statistics were merged.
         sites: calibrated site ids, in forward order.
         resumed_batches: batches that came from a resumed state.
+        stats_sha256: digest of the statistics written (:func:`graphsparse.records.stats_digest`); tuning
+            and evaluation records made with other statistics are stale.
         state: the final (merged) accumulators; not part of :meth:`to_dict`.
     """
 
@@ -189,6 +190,7 @@ class CalibrationRecord:
     world_size: int = 1
     sites: list[str] = field(default_factory=list)
     resumed_batches: int = 0
+    stats_sha256: str = ""
     state: CalibrationState | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -613,19 +615,20 @@ def calibrate(
             m = final.moments[site]
             op.mean.copy_(m.mean.to(device=op.mean.device, dtype=torch.float32))
             op.var.copy_(m.variance.to(device=op.var.device, dtype=torch.float32))
+    from .records import stats_digest, store_record, utc_now
+
     record = CalibrationRecord(
         samples=final.samples,
         batches=final.batches,
         source=final.source,
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        date=utc_now(),
         torch_version=torch.__version__,
         graphsparse_version=graphsparse.__version__,
         world_size=world_size,
         sites=list(ops),
         resumed_batches=resumed,
+        stats_sha256=stats_digest(model),
         state=final,
     )
-    from .evaluate import store_record
-
     store_record(model, "calibration", record.to_dict())  # saved with the artifact, as tuning and evaluation are
     return record

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from graphsparse.errors import GraphsparseError, PlanError, closest
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
+from graphsparse.records import stats_digest, store_record, utc_now  # store_record's old home: importable here
 
 __all__ = [
     "ATTACKS",
@@ -617,6 +618,9 @@ class EvalReport:
         gains: attack -> {"exact", "bpda"}: robust-accuracy gain over ``base`` in percentage points.
         gradient_masking: the gain of ``exact`` over ``base`` vanishes or shrinks under BPDA for some attack.
         verdict: one plain sentence per attack.
+        date: ISO 8601 UTC time at which the evaluation finished.
+        stats_sha256: digest of the operators' statistics it was made with
+            (:func:`graphsparse.records.stats_digest`).
     """
 
     base: VariantResult | None
@@ -637,6 +641,8 @@ class EvalReport:
     gains: dict[str, dict[str, float]]
     gradient_masking: bool
     verdict: str
+    date: str = ""
+    stats_sha256: str = ""
 
     def variant(self, name: str) -> VariantResult | None:
         """The result of variant ``base``, ``exact`` or ``bpda``."""
@@ -670,6 +676,8 @@ class EvalReport:
             "gains": {k: dict(v) for k, v in self.gains.items()},
             "gradient_masking": self.gradient_masking,
             "verdict": self.verdict,
+            "date": self.date,
+            "stats_sha256": self.stats_sha256,
         }
 
 
@@ -797,6 +805,7 @@ def evaluate(
     n_eval = int(s.x.shape[0])
     ops = operators(model, types=(MeanSparse,))
     alphas = {site: float(op.alpha) for site, op in ops.items()}
+    digest = stats_digest(model)
     messages: list[str] = []
     if not ops:
         messages.append("graphsparse: the model has no MeanSparse operators; base, exact and bpda are the same model")
@@ -890,6 +899,8 @@ def evaluate(
         gains=gains,
         gradient_masking=masking,
         verdict=verdict,
+        date=utc_now(),
+        stats_sha256=digest,
     )
     store_record(model, "evaluation", report.to_dict())
     return report
@@ -917,15 +928,3 @@ def _summarise(messages: list[str], where: str) -> list[str]:
     for m, c in counts.items():
         out.append(f"{where}: {m}" + (f" (x{c})" if c > 1 else ""))
     return out
-
-
-def store_record(model: nn.Module, key: str, record: dict[str, Any]) -> bool:
-    """Store a JSON-able record in ``rewrite_info(model).records[key]``; False for a non-rewritten model."""
-    from graphsparse.rewrite import rewrite_info
-
-    try:
-        info = rewrite_info(model)
-    except PlanError:
-        return False
-    info.records[key] = record
-    return True

@@ -53,9 +53,9 @@ from graphsparse.evaluate import (
     model_device,
     pick_samples,
     run_attack,
-    store_record,
 )
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
+from graphsparse.records import stats_digest, store_record, utc_now
 
 __all__ = ["DEFAULT_ALPHAS", "TunePoint", "TuneResult", "tune", "select_alpha", "site_stages"]
 
@@ -112,6 +112,9 @@ class TuneResult:
         stage_alphas: stage -> chosen α (empty without ``per_stage``).
         site_alphas: site id -> the α set on the model at the end.
         warnings: AutoAttack's check warnings and graphsparse's notes.
+        date: ISO 8601 UTC time at which tuning finished.
+        stats_sha256: digest of the operators' statistics α was chosen for
+            (:func:`graphsparse.records.stats_digest`).
     """
 
     curve: list[TunePoint]
@@ -133,6 +136,8 @@ class TuneResult:
     stage_alphas: dict[int, float] = field(default_factory=dict)
     site_alphas: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    date: str = ""
+    stats_sha256: str = ""
 
     @property
     def chosen(self) -> TunePoint:
@@ -448,6 +453,8 @@ def tune(
         stage_alphas=stage_alphas,
         site_alphas={site: float(v) for site, v in config.items()},
         warnings=notes,
+        date=utc_now(),
+        stats_sha256=stats_digest(model),
     )
     store_record(model, "tuning", result.to_dict())
     return result

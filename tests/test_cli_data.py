@@ -73,3 +73,32 @@ def test_a_model_without_a_classifier_head_is_refused(tmp_path):
         assert res.exit_code == 1, (command, res.output)
         assert "gives 512 outputs per sample (output shape (1, 512)), but the data has 10 classes" in res.output
         assert "no classifier head" in res.output
+
+
+@pytest.fixture
+def demo_artifact(tmp_path):
+    """The demo architecture at 8x8, calibrated on digits (random weights: only the plumbing is tested)."""
+    art = tmp_path / "demo.safetensors"
+    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
+              "1,1,8,8", "--data", "digits", "--max-samples", "64", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    return art
+
+
+@pytest.mark.slow
+def test_calibrating_again_flags_the_tuning_and_evaluation_records_stale(demo_artifact):
+    import json
+
+    import graphsparse as gs
+
+    art = str(demo_artifact)
+    res = run("tune", art, "--data", "digits", "--alphas", "0,0.5", "--n", "8", "--steps", "1", "--eps", "0.1")
+    assert res.exit_code == 0, res.output
+    res = run("calibrate", art, "--data", "digits", "--seed", "1", "--max-samples", "64")
+    assert res.exit_code == 0, res.output
+    assert "the tuning record (it chose α = " in res.output and "is marked stale" in res.output
+    records = json.loads(gs.read_metadata(art)["records"])
+    assert records["tuning"]["stale"] is True and "stale" not in records["calibration"]
+    res = run("eval", art, "--data", "digits", "--n", "8", "--steps", "1", "--eps", "0.1")
+    assert res.exit_code == 0, res.output
+    assert "the tuning record (it chose α" in res.output  # the α in use was chosen for other statistics

@@ -21,6 +21,7 @@ import graphsparse as gs
 from graphsparse.data import load_dataset, split_indices
 from graphsparse.evaluate import EvaluationError, attack_key, evaluate, pick_samples
 from graphsparse.ops import MeanSparse, operators
+from graphsparse.records import stats_digest
 
 EPS = 0.2
 FAST = {"eps": EPS, "n": 128, "steps": 10, "batch_size": 128}
@@ -102,6 +103,8 @@ def test_base_is_the_model_with_alpha_zero_and_state_is_restored(masked, test_sp
 def test_report_is_deterministic_json_and_names_the_samples(masked, test_split, parity_source):
     first = evaluate(masked, test_split, seed=3, **FAST)
     second = evaluate(masked, test_split, seed=3, **FAST)
+    assert first.date and first.stats_sha256 == second.stats_sha256 == stats_digest(masked)
+    first.date = second.date  # the one field that may differ: the UTC time it finished
     assert first.to_dict() == second.to_dict()
     d = json.loads(json.dumps(first.to_dict()))
     assert set(d) >= {"base", "exact", "bpda", "n", "eps", "norm", "seed", "warnings", "verdict"}

@@ -197,3 +197,29 @@ def test_alpha_is_restored_when_tuning_fails(model, val):
         tune(model, val, alphas=[0.0, 0.5, 1.0], progress=stop, **FAST)
     assert alphas_of(model) == before
     assert "tuning" not in gs.rewrite_info(model).records
+
+
+def test_records_made_with_other_statistics_are_flagged_stale_on_every_read(model, trained, val, parity_source,
+                                                                            tmp_path):
+    from graphsparse.records import stats_digest
+
+    tune(model, val, alphas=[0.0, 0.5], **FAST)
+    gs.evaluate(model, load_dataset(parity_source, split="test"), n=16, steps=1, eps=0.1)
+    records = gs.rewrite_info(model).records
+    digest = stats_digest(model)
+    for key in ("calibration", "tuning", "evaluation"):
+        assert records[key]["stats_sha256"] == digest and records[key]["date"].endswith("+00:00"), key
+        assert "stale" not in records[key]
+
+    gs.calibrate(model, val)  # other data: other statistics; tuning and evaluation describe the old ones
+    records = gs.rewrite_info(model).records
+    assert records["tuning"]["stale"] is True and records["evaluation"]["stale"] is True
+    assert "stale" not in records["calibration"] and records["calibration"]["stats_sha256"] != digest
+    path = gs.save(model, tmp_path / "a.safetensors")
+    assert json.loads(gs.read_metadata(path)["records"])["tuning"]["stale"] is True
+    loaded = gs.load(path, base=trained)
+    assert gs.rewrite_info(loaded).records["evaluation"]["stale"] is True
+
+    gs.calibrate(model, gs.make_loader(load_dataset(parity_source, split="train"), 512))  # the first data again
+    records = gs.rewrite_info(model).records
+    assert records["calibration"]["stats_sha256"] == digest and not any("stale" in r for r in records.values())

@@ -9,7 +9,16 @@ from typing import Any
 
 import click
 
-__all__ = ["POSITIVE", "data_options", "open_dataset", "progress_bar", "calibrate_with_progress", "sample_count"]
+__all__ = [
+    "POSITIVE",
+    "calibrate_with_progress",
+    "check_model_fits",
+    "data_options",
+    "open_dataset",
+    "print_stale",
+    "progress_bar",
+    "sample_count",
+]
 
 POSITIVE = click.IntRange(min=1)
 """An int >= 1: counts are checked by click, before anything is loaded (0 is not 'all')."""
@@ -116,6 +125,23 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int | None], None]
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def print_stale(records: dict) -> None:
+    """Say which records describe other statistics than the artifact's (see graphsparse.records)."""
+    from ..records import stale_records
+    from ._term import console
+
+    out = console(stderr=True)
+    for key in stale_records(records):
+        record = records[key]
+        command = {"tuning": "tune", "evaluation": "eval", "calibration": "calibrate"}.get(key, key)
+        alpha = f" (it chose α = {record['chosen_alpha']:g}, still set)" if "chosen_alpha" in record else ""
+        out.print(
+            f"warning: the {key} record{alpha} of {record.get('date') or 'an earlier run'} was made with other "
+            f"statistics than the artifact's and is marked stale. Hint: run `graphsparse {command}` again.",
+            soft_wrap=True,
+        )
 
 
 def check_model_fits(model, dataset) -> None:

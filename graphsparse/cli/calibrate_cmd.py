@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._data import calibrate_with_progress, data_options, open_dataset
+from ._data import calibrate_with_progress, data_options, open_dataset, print_stale
 from ._term import console, print_next, table
 
 
@@ -45,4 +45,5 @@ def command(artifact, data_source, split, seed, batch_size, max_samples, allow_m
     out = console()
     out.print(table(["site", "channels", "μ range", "σ range", "dead (σ=0)"], rows))
     out.print(f"calibrated {len(rows)} sites on {record.samples} samples of {record.source}; wrote {path}")
+    print_stale(rewrite_info(model).records)
     print_next("tune", path, data_source, "val", seed=seed, allow_modules=allow_modules)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._data import POSITIVE, data_options, open_dataset, progress_bar, sample_count
+from ._data import POSITIVE, data_options, open_dataset, print_stale, progress_bar, sample_count
 from ._term import console, print_json, table
 
 _LABELS = {"base": "base (α = 0)", "exact": "rewritten, exact gradient", "bpda": "rewritten, BPDA gradient"}
@@ -49,6 +49,7 @@ def command(
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
     data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)
+    print_stale({k: v for k, v in rewrite_info(model).records.items() if k == "tuning"})  # α chosen for other stats
     with progress_bar("evaluating") as update:
         report = evaluate(
             model,
