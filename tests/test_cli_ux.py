@@ -1,0 +1,92 @@
+"""The CLI's everyday surface: start-up cost, what it prints on every run, artifact names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import graphsparse
+from graphsparse.cli import COMMANDS, main
+
+_HEAVY = ("torch", "timm", "numpy", "safetensors", "matplotlib")
+
+_RUN_CLI = """
+import runpy, sys
+sys.argv = ["graphsparse", *{args!r}]
+try:
+    runpy.run_module("graphsparse", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+print("LOADED", sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)
+"""
+
+
+def _loaded_after(code: str) -> tuple[str, str]:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if x.startswith("LOADED"))
+    return line, done.stdout
+
+
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("rewrite", "--help")], ids=["help", "version", "cmd"])
+def test_help_and_version_do_not_import_torch(args):
+    loaded, out = _loaded_after(_RUN_CLI.format(args=args, heavy=_HEAVY))
+    if args[0] == "rewrite":  # a command's own help imports its module, not the others'
+        assert "Rewrite MODEL" in out
+        return
+    assert loaded == "LOADED []"
+    assert ("version" in out) if args == ("--version",) else ("rewrite" in out and "calibrate" in out)
+
+
+def test_import_graphsparse_is_light_and_every_public_name_is_there():
+    code = (
+        "import sys, graphsparse\n"
+        f"print('LOADED', sorted(m for m in {_HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    assert _loaded_after(code)[0] == "LOADED []"
+    for name in graphsparse.__all__:
+        assert getattr(graphsparse, name) is not None, name
+    assert set(graphsparse.__all__) <= set(dir(graphsparse))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        graphsparse.no_such_name  # noqa: B018
+
+
+def test_public_functions_named_like_their_module_stay_functions_after_the_module_is_imported():
+    """`import graphsparse.calibrate` (any stage does it) binds the package attribute to the submodule; the
+    public name must still be the function (gs.calibrate(model, loader) worked before lazy loading)."""
+    code = (
+        "import graphsparse as gs\n"
+        "import graphsparse.calibrate, graphsparse.tune, graphsparse.train, graphsparse.plan, graphsparse.capture\n"
+        "import graphsparse.evaluate\n"
+        "from graphsparse import calibrate, tune, train, plan, capture, evaluate\n"
+        "for f in (gs.calibrate, gs.tune, gs.train, gs.plan, gs.capture, gs.evaluate, calibrate, tune, train, plan):\n"
+        "    assert callable(f) and type(f).__name__ == 'function', f\n"
+        "assert gs.calibrate.__module__ == 'graphsparse.calibrate' and gs.plan.__module__ == 'graphsparse'\n"
+        "print('LOADED ok', file=__import__('sys').stderr)\n"
+    )
+    assert _loaded_after(code)[0] == "LOADED ok"
+
+
+def test_help_lists_each_command_with_its_own_first_line():
+    out = CliRunner().invoke(main, ["--help"], terminal_width=200).output
+    ctx = click.Context(main)
+    listed = main.list_commands(ctx)
+    assert {"inspect", "rewrite", "calibrate", "tune", "eval", "plot", "demo"} <= set(listed)
+    assert set(listed) <= set(COMMANDS)
+    for name in listed:
+        command = main.get_command(ctx, name)
+        assert command is not None and command.name == name
+        first = command.help.split("\n\n")[0].replace("\n", " ")
+        assert f"  {name}" in out and first.split(".")[0] in out, name
+    assert main.get_command(ctx, "no-such-command") is None
+
+
+def test_a_command_not_installed_is_left_out(monkeypatch):
+    monkeypatch.setitem(COMMANDS, "frobnicate", "frobnicate_cmd")
+    assert "frobnicate" not in main.list_commands(click.Context(main))
+    res = CliRunner().invoke(main, ["frobnicate"])
+    assert res.exit_code == 2 and "No such command" in res.output
