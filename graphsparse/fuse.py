@@ -243,6 +243,8 @@ def residual_add(a: torch.Tensor, b: torch.Tensor, into: int) -> torch.Tensor:
     names such operands). The sum is the same, bit for bit (IEEE addition commutes), and so is its layout:
     with other strides ``a + b`` may be laid out otherwise than either operand, and later reductions would
     then sum in another order (a token MLP's ``x + mlp(x)``, x a transposed view; found by hypothesis)."""
+    if torch.jit.is_scripting():  # torch.jit.script compiles only this branch
+        return a + b
     fresh, other = (a, b) if into == 0 else (b, a)
     if (
         fast.tracing()

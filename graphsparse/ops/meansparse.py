@@ -22,7 +22,6 @@ output and gradients); an operator may also apply the activation that follows it
 :func:`graphsparse.fuse.fuse_activations`), which the kernel computes in the same pass.
 """
 
-from __future__ import annotations
 
 import functools
 import math
@@ -32,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from graphsparse.errors import PlanError, closest
@@ -201,7 +201,8 @@ def _mean_sparse(
     if x.dim() < 2:
         raise ValueError(f"MeanSparse expects an input of rank >= 2, got shape {tuple(x.shape)}")
     axis = channel_axis % x.dim()
-    if x.shape[axis] != mean.shape[0]:
+    # not under torch.jit.trace, where sizes are traced values and the check would warn and be baked in
+    if not torch.jit.is_tracing() and x.shape[axis] != mean.shape[0]:
         raise ValueError(
             f"MeanSparse has {mean.shape[0]} channels but the input has {x.shape[axis]} along axis "
             f"{channel_axis} (shape {tuple(x.shape)})"
@@ -240,6 +241,63 @@ def _mean_sparse(
 torch.fx.wrap("_mean_sparse")
 
 
+# Keyword arguments of the fusable activations, in the order _script_activation passes them.
+_SCRIPT_FLOATS = {
+    "leaky_relu": (("negative_slope", 0.01),),
+    "hardtanh": (("min_val", -1.0), ("max_val", 1.0)),
+    "elu": (("alpha", 1.0),),
+    "celu": (("alpha", 1.0),),
+    "softplus": (("beta", 1.0), ("threshold", 20.0)),
+}
+
+
+def _script_spec(spec: ActivationSpec | None) -> tuple[str, list[float], str]:
+    """An activation spec as (name, float arguments, text argument): types TorchScript can hold."""
+    if spec is None:
+        return "", [], ""
+    name, args = spec
+    kwargs = dict(args)
+    floats = [float(kwargs.get(key, default)) for key, default in _SCRIPT_FLOATS.get(name, ())]
+    return name, floats, str(kwargs.get("approximate", "none"))
+
+
+def _script_activation(y: torch.Tensor, name: str, floats: list[float], text: str) -> torch.Tensor:
+    """``apply_activation`` for TorchScript: the same functions, chosen by name."""
+    if name == "":
+        return y
+    if name == "relu":
+        return F.relu(y)
+    if name == "relu6":
+        return F.relu6(y)
+    if name == "leaky_relu":
+        return F.leaky_relu(y, floats[0])
+    if name == "hardtanh":
+        return F.hardtanh(y, floats[0], floats[1])
+    if name == "elu":
+        return F.elu(y, floats[0])
+    if name == "celu":
+        return F.celu(y, floats[0])
+    if name == "selu":
+        return F.selu(y)
+    if name == "gelu":
+        return F.gelu(y, approximate=text)
+    if name == "silu":
+        return F.silu(y)
+    if name == "mish":
+        return F.mish(y)
+    if name == "hardswish":
+        return F.hardswish(y)
+    if name == "hardsigmoid":
+        return F.hardsigmoid(y)
+    if name == "sigmoid":
+        return torch.sigmoid(y)
+    if name == "tanh":
+        return torch.tanh(y)
+    if name == "softplus":
+        return F.softplus(y, floats[0], floats[1])
+    raise RuntimeError("MeanSparse: unknown fused activation " + name)
+
+
 class MeanSparse(nn.Module):
     """Replace values within ``alpha`` standard deviations of their channel mean by that mean.
 
@@ -276,6 +334,8 @@ class MeanSparse(nn.Module):
     mean: torch.Tensor
     var: torch.Tensor
     alpha: torch.Tensor
+    _act_floats: list[float]  # typed for TorchScript (an empty list would be taken for a list of tensors)
+    __jit_unused_properties__ = ["backward_mode", "activation"]  # torch.jit.script compiles _scripted instead
 
     def __init__(
         self,
@@ -320,8 +380,12 @@ class MeanSparse(nn.Module):
     @activation.setter
     def activation(self, spec: ActivationSpec | str | None) -> None:
         self._activation = check_activation(spec)
+        # the same spec in attributes TorchScript can type (see _scripted)
+        self._act_name, self._act_floats, self._act_text = _script_spec(self._activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # torch.jit.script compiles only this branch
+            return self._scripted(x)
         buffers = self._buffers  # not three nn.Module.__getattr__ lookups (~0.6 µs a call)
         return _mean_sparse(
             x,
@@ -334,6 +398,24 @@ class MeanSparse(nn.Module):
             self.inplace,
             self.activation_inplace,
         )
+
+    @torch.jit.unused
+    def thresholds(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, in ``dtype``: the mean and the threshold ``α·σ`` the forward pass compares with (computed
+        as it computes them), -1 where the band is empty."""
+        return _compute_mean_and_threshold(self.mean, self.var, self.alpha, dtype)
+
+    def _scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward pass as TorchScript compiles it: the plain formula on the same per-channel mean and
+        threshold (bit-equal to eager mode), then the fused activation; the gradient is the exact one."""
+        mu = self.mean.to(x.dtype)
+        band = (self.alpha * self.var.clamp_min(0.0).sqrt()).to(x.dtype)
+        thr = torch.where(band > 0, band, -torch.ones_like(band))
+        shape = [1] * x.dim()
+        shape[self.channel_axis % x.dim()] = -1
+        mu, thr = mu.reshape(shape), thr.reshape(shape)
+        y = torch.where((x - mu).abs() <= thr, mu, x)
+        return _script_activation(y, self._act_name, self._act_floats, self._act_text)
 
     def extra_repr(self) -> str:
         alpha = "?" if self.alpha.is_meta else f"{float(self.alpha):g}"

@@ -169,7 +169,8 @@ class Sparta(nn.Module):
         return torch.sigmoid(s * c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_input(x, self.channels)
+        if not torch.jit.is_scripting():  # torch.jit.script skips the check, whose message it cannot compile
+            x = _check_input(x, self.channels)
         return torch.relu(x) * self.gate(x)
 
     def extra_repr(self) -> str:
