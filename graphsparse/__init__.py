@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "EvaluationError": "evaluate",
     "evaluate": "evaluate",
     "fuse_activations": "fuse",
+    "export": "deploy",
     "load": "io",
     "read_metadata": "io",
     "save": "io",
@@ -86,6 +87,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         UnsafePickleError,
     )
     from .evaluate import EvalReport, EvaluationError, evaluate
+    from .deploy import export
     from .fuse import fuse_activations
     from .io import load, read_metadata, save
     from .ops import (
@@ -178,6 +180,7 @@ __all__ = [
     "Sparta",
     "freeze_except_sparta",
     "fuse_activations",
+    "export",
     "pgd_attack",
     "sparta_parameters",
     "train",

@@ -12,6 +12,7 @@ replace that function on the package as soon as it is imported.)
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -66,6 +67,10 @@ def _check_format(fmt: str, opset: int | None, dtype: torch.dtype) -> None:
         raise ExportError(f"an opset is an ONNX setting; format {fmt!r} has none. Hint: drop --opset")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset <= 30):
         raise ExportError(f"opset must be an integer between 7 and 30, got {opset!r}")
+    needed = ("onnx", "onnxruntime", "onnxscript") if fmt == "onnx" else ()
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs {', '.join(missing)}. Hint: pip install 'graphsparse[export]'")
     if fmt == "onnx" and dtype == torch.bfloat16:
         raise ExportError(
             "ONNX export of a bfloat16 model is refused: onnxruntime has no CPU kernels for bfloat16 convolutions, "
