@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -90,3 +91,19 @@ def test_a_command_not_installed_is_left_out(monkeypatch):
     assert "frobnicate" not in main.list_commands(click.Context(main))
     res = CliRunner().invoke(main, ["frobnicate"])
     assert res.exit_code == 2 and "No such command" in res.output
+
+
+def test_no_cuda_home_notice_on_cpu_machines(tmp_path):
+    """Building the CPU kernel imports torch.utils.cpp_extension, which logs `No CUDA runtime is found, using
+    CUDA_HOME=...` on a machine with a CUDA toolkit and no GPU: graphsparse drops that one record, not others."""
+    code = (
+        "import logging\n"
+        "from graphsparse.ops import cpu_kernel\n"
+        "cpu_kernel.available()\n"
+        "logging.getLogger('torch.utils.cpp_extension').warning('another notice')\n"
+    )
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}  # a toolkit, no GPU
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA runtime" not in done.stderr
+    assert "another notice" in done.stderr

@@ -70,9 +70,28 @@ def unavailable_reason() -> str | None:
     return _failure
 
 
+class _NoCudaHomeNotice(logging.Filter):
+    """Drops torch's ``No CUDA runtime is found, using CUDA_HOME=...``, which importing cpp_extension logs on
+    every CPU machine that has a CUDA toolkit: this kernel is CPU-only, so CUDA_HOME does not matter to it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _import_cpp_extension():
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    notice = _NoCudaHomeNotice()
+    logger.addFilter(notice)  # only around the import, which is when torch logs it; other records pass
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.removeFilter(notice)
+    return cpp_extension
+
+
 def _build() -> None:
     global _op, _failure
-    from torch.utils import cpp_extension
+    cpp_extension = _import_cpp_extension()
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     # at::parallel_for is an inline template: with torch's OpenMP backend, this file must be compiled with
