@@ -212,7 +212,8 @@ class Plan:
         """The same table as plain text, for ``print(plan)`` outside rich and notebooks."""
         from rich.console import Console
 
-        console = Console(file=io.StringIO(), record=True, width=160, color_system=None)
+        # force_jupyter=False: in a notebook rich would also display the table itself (print showed it twice)
+        console = Console(file=io.StringIO(), record=True, width=160, color_system=None, force_jupyter=False)
         console.print(self)
         return console.export_text().rstrip() + "\n"
 

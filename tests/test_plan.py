@@ -209,6 +209,22 @@ def test_print_shows_the_table_as_plain_text():
     assert "\x1b[" not in text  # no terminal escapes
 
 
+def test_print_in_a_notebook_shows_the_table_once(monkeypatch):
+    """In Jupyter rich's Console displays what it prints by itself; str(plan) must only return the text."""
+    import rich.console
+    import rich.jupyter
+
+    shown = []
+    monkeypatch.setattr(rich.console, "_is_jupyter", lambda: True)
+    monkeypatch.setattr(rich.jupyter, "display", lambda *args, **kwargs: shown.append(args))
+    assert Console().is_jupyter  # the detection is on
+    plan = make_plan(resnet18_sites(), "after_addition", alpha=0.25)
+    text = str(plan)
+    assert shown == []
+    assert "layer4.1.relu_1" in text and "0.25" in text and "\x1b[" not in text
+    assert "<table>" in plan._repr_html_()
+
+
 def test_html_repr_escapes():
     sites = build_sites([
         {"id": "<lambda>.act", "op": "relu", "role": "stem", "stage": 0, "module": "<lambda>"},
