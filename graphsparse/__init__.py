@@ -138,7 +138,7 @@ def __dir__() -> list[str]:
 
 
 # public functions named like the submodule that defines them (graphsparse.calibrate is the function)
-_SHADOWED = frozenset({"calibrate", "capture", "evaluate", "plan", "train", "tune"})
+_SHADOWED = frozenset({"calibrate", "capture", "evaluate", "plan", "rewrite", "train", "tune"})
 
 
 class _Package(types.ModuleType):
