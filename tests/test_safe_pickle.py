@@ -9,10 +9,7 @@ import ast
 import collections
 import datetime
 import io
-import json
-import os
 import pathlib
-import pickle
 import re
 import struct
 import subprocess
