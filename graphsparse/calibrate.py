@@ -281,13 +281,16 @@ def _as_batches(data: Any, rank: int, world_size: int) -> Iterable[Any]:
     return data
 
 
-def _inputs(batch: Any, index: int) -> torch.Tensor:
-    x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+def _inputs(batch: Any, index: int, input_key: str | None) -> torch.Tensor:
+    from .data import batch_parts
+    from .errors import DataError
+
+    try:
+        x, _ = batch_parts(batch, input_key=input_key, labels=False, where=f"batch {index}")
+    except DataError as e:
         raise CalibrationError(
-            f"batch {index} is a {type(batch).__name__}, not a tensor or an (x, y) pair. "
-            "Hint: pass a DataLoader or any iterable of input tensors or (inputs, labels) pairs"
-        )
+            f"{e} (a {type(batch).__name__}; calibration takes input tensors, (inputs, labels) pairs or dicts)"
+        ) from e
     return x
 
 
@@ -358,6 +361,7 @@ def _local_pass(
     total: int | None,
     checkpoint: Path | None,
     checkpoint_every: int | None,
+    input_key: str | None,
 ) -> None:
     modes = [(m, m.training) for m in model.modules()]
     alphas = [
@@ -387,7 +391,7 @@ def _local_pass(
                 batch = next(batches, _END)
                 if batch is _END:
                     break
-                x = _inputs(batch, index)[drop:]
+                x = _inputs(batch, index, input_key)[drop:]
                 whole = int(x.shape[0])
                 if max_samples is not None:
                     x = x[: max_samples - state.samples]
@@ -507,12 +511,13 @@ def calibrate(
     source: str = "",
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
+    input_key: str | None = None,
 ) -> CalibrationRecord:
     """Fill the ``mean``/``var`` buffers of every operator of ``model`` from one pass over ``data``.
 
     Args:
         model: a rewritten model (with operators, see :func:`graphsparse.ops.operators`).
-        data: any iterable of input tensors or ``(inputs, labels)`` pairs, e.g. a ``DataLoader``
+        data: any iterable of input tensors, ``(inputs, labels)`` pairs or dicts, e.g. a ``DataLoader``
             (:func:`graphsparse.data.make_loader` for one shard per process).
         max_batches: stop after this many batches in total (a resumed state's batches count).
         max_samples: stop after this many samples in total (the last batch is cut to fit).
@@ -530,6 +535,8 @@ def calibrate(
             ``checkpoint_every`` batches and at the end of the pass. With several processes it must
             contain ``{rank}``.
         checkpoint_every: batches between checkpoints (``None``: only at the end).
+        input_key: the key of the inputs when batches are dicts (default the first of ``image``,
+            ``pixel_values``, ... present; :func:`graphsparse.data.batch_parts`).
 
     Returns:
         A :class:`CalibrationRecord`; its ``state`` holds the final merged accumulators. On a rewritten
@@ -585,6 +592,7 @@ def calibrate(
             total=_known_total(data, max_samples),
             checkpoint=ckpt,
             checkpoint_every=checkpoint_every,
+            input_key=input_key,
         )
         if ckpt is not None:
             state.save_state(ckpt)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from graphsparse.errors import DataError, closest
 
 __all__ = [
+    "INPUT_KEYS",
+    "LABEL_KEYS",
+    "batch_parts",
     "SPLITS",
     "SPLIT_FRACTIONS",
     "SplitDataset",
@@ -51,6 +54,98 @@ SPLITS = ("train", "val", "test", "all")
 """Valid ``split`` names; ``all`` is every sample."""
 
 _FILE_SUFFIXES = (".npz", ".safetensors")
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+INPUT_KEYS = ("image", "pixel_values", "img", "input", "inputs", "x")
+"""Keys tried, in order, for the inputs of a dict batch (Hugging Face datasets: ``image``/``pixel_values``)."""
+
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+"""Keys tried, in order, for the labels of a dict batch."""
+
+
+def _key(batch: Mapping[Any, Any], given: str | None, defaults: Sequence[str], what: str, where: str) -> Any:
+    if given is not None:
+        if given in batch:
+            return batch[given]
+        found = ", ".join(repr(k) for k in batch) or "none"
+        raise DataError(
+            f"{where} has no key {given!r}{closest(given, [str(k) for k in batch])} (keys: {found}). "
+            f"Hint: pass the key that holds the {what} as {'input_key' if what == 'inputs' else 'label_key'}="
+        )
+    for key in defaults:
+        if key in batch:
+            return batch[key]
+    return _MISSING
+
+
+_MISSING = object()
+
+
+def batch_parts(
+    batch: Any,
+    *,
+    input_key: str | None = None,
+    label_key: str | None = None,
+    labels: bool = True,
+    where: str = "batch",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(inputs, labels)`` of one batch or sample: an ``(x, y)`` pair, a tensor, or a dict.
+
+    Dicts (the Hugging Face datasets convention, ``{"image": ..., "label": ...}``) are read at ``input_key``
+    and ``label_key``, by default the first of :data:`INPUT_KEYS` and :data:`LABEL_KEYS` present.
+
+    Args:
+        batch: what a loader or dataset gave.
+        input_key, label_key: the dict keys of inputs and labels.
+        labels: labels are required (else ``None`` is returned when there are none).
+        where: how to name the batch in errors (``batch 3``, ``sample 12``).
+
+    Raises:
+        DataError: a dict without the keys (the message lists the keys present), or something that is not
+            a batch.
+    """
+    x: Any
+    y: Any = None
+    if isinstance(batch, Mapping):
+        x = _key(batch, input_key, INPUT_KEYS, "inputs", where)
+        y = _key(batch, label_key, LABEL_KEYS, "labels", where) if labels or label_key is not None else None
+        found = ", ".join(repr(k) for k in batch) or "none"
+        if x is _MISSING:
+            raise DataError(
+                f"{where} is a dict without inputs under any of the keys {', '.join(INPUT_KEYS)} (keys: {found}). "
+                "Hint: name the key of the inputs with input_key="
+            )
+        if y is _MISSING:
+            if labels:
+                raise DataError(
+                    f"{where} is a dict without labels under any of the keys {', '.join(LABEL_KEYS)} "
+                    f"(keys: {found}). Hint: name the key of the labels with label_key="
+                )
+            y = None
+    elif isinstance(batch, (list, tuple)) and batch:
+        x = batch[0]
+        y = batch[1] if len(batch) >= 2 else None
+    else:
+        x = batch
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise DataError(
+            f"{where} gives inputs of type {type(x).__name__}"
+            + (f" (from a {type(batch).__name__})" if x is not batch else "")
+            + ", not a tensor. Hint: pass (x, y) pairs, dicts of tensors (transform images to tensors first) "
+            "or input tensors"
+        )
+    if y is not None and not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{where} gives labels of type {type(y).__name__}, not integers") from e
+    if labels and y is None:
+        raise DataError(
+            f"{where} gives inputs without labels. Hint: pass (x, y) pairs or dicts with a label key"
+        )
+    return x, y
 
 
 # ---------------------------------------------------------------------------------------------- splits

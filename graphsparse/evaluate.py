@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from graphsparse.data import batch_parts
 from graphsparse.errors import GraphsparseError, PlanError, closest
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
 from graphsparse.records import stats_digest, store_record, utc_now  # store_record's old home: importable here
@@ -149,7 +150,7 @@ class Samples:
         positions: positions of the samples in the data given (sorted).
         indices: indices of the samples in the data *source* (``positions`` mapped through the
             ``indices`` of a graphsparse split / torch ``Subset``); equal to ``positions`` when the data
-            carries no bookkeeping.
+            carries no bookkeeping; empty when a loader's sampler reorders a split (unknown).
         split: the split name of a graphsparse dataset (``train``/``val``/``test``/``all``), or ``None``.
         source: the source description (``digits``, a path), or ``''``.
         total: number of samples in the data given.
@@ -216,74 +217,62 @@ def data_bookkeeping(data: Any) -> tuple[str | None, str, np.ndarray | None, lis
     return (splits[0] if splits else None), "", None, splits
 
 
-def _as_xy(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(item, (list, tuple)) and len(item) >= 2:
-        x, y = item[0], item[1]
-        if isinstance(x, torch.Tensor):
-            return x, torch.as_tensor(y)
-    raise EvaluationError(
-        f"{where} is a {type(item).__name__}, not an (x, y) pair. "
-        "Hint: pass a dataset of (x, y) samples, a DataLoader, or an iterable of (x, y) batches"
-    )
-
-
-def pick_samples(data: Any, n: int | None, seed: int) -> Samples:
+def pick_samples(
+    data: Any, n: int | None, seed: int, *, input_key: str | None = None, label_key: str | None = None
+) -> Samples:
     """Pick ``n`` samples of ``data`` deterministically (all of them when ``n`` is None or too large).
 
-    The positions are the first ``n`` of a permutation seeded by ``seed`` (so a smaller ``n`` picks a
-    subset of a larger one), sorted.
+    Where the number of samples is known (datasets, loaders over them) the positions are the first ``n`` of
+    a permutation seeded by ``seed``, sorted; otherwise (iterables, ``IterableDataset`` loaders) each
+    sample gets a seeded random priority in stream order and the ``n`` smallest are kept. Either way a
+    smaller ``n`` picks a subset of a larger one, and a loader or iterable is read as it is given (its
+    sampler and ``collate_fn`` apply), batch by batch, keeping only the picked samples: reading stops after
+    the last picked position when the total is known.
 
     Args:
         data: a map-style dataset of ``(x, y)`` samples (a graphsparse split, ``TensorDataset``,
-            ``Subset``), a ``DataLoader`` over one, an ``(x, y)`` pair of tensors, or any iterable of
-            ``(x, y)`` batches.
+            ``Subset``), a ``DataLoader``, an ``(x, y)`` pair of tensors, or any iterable of ``(x, y)``
+            batches; samples and batches may be dicts (see :func:`graphsparse.data.batch_parts`).
         n: number of samples; ``None`` for all.
         seed: seed of the pick.
+        input_key, label_key: the keys of inputs and labels in dict samples or batches.
     """
     _check_positive("n", n)
     split, source, mapping, _ = data_bookkeeping(data)
-    base = data.dataset if isinstance(data, DataLoader) and _is_map_style(data.dataset) else data
+    keys = {"input_key": input_key, "label_key": label_key}
+    reordered = False
     if (
-        isinstance(base, (tuple, list))
-        and len(base) == 2
-        and isinstance(base[0], torch.Tensor)
-        and isinstance(base[1], torch.Tensor)
-        and base[0].dim() >= 2
-        and base[1].dim() == 1
-        and base[0].shape[0] == base[1].shape[0]
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], torch.Tensor)
+        and isinstance(data[1], torch.Tensor)
+        and data[0].dim() >= 2
+        and data[1].dim() == 1
+        and data[0].shape[0] == data[1].shape[0]
     ):
-        xs, ys = base[0], base[1]
-        total = xs.shape[0]
+        total = data[0].shape[0]
         positions = _positions(total, n, seed)
-        x, y = xs[torch.from_numpy(positions)], ys[torch.from_numpy(positions)]
-    elif _is_map_style(base):
-        total = len(base)
+        x, y = data[0][torch.from_numpy(positions)], data[1][torch.from_numpy(positions)]
+    elif _is_map_style(data):
+        total = len(data)
         positions = _positions(total, n, seed)
-        tensors = getattr(base, "tensors", None)
+        tensors = getattr(data, "tensors", None)
         if (
             isinstance(tensors, tuple)
             and len(tensors) == 2
-            and getattr(base, "transform", None) is None
+            and getattr(data, "transform", None) is None
             and all(isinstance(t, torch.Tensor) for t in tensors)
         ):
             index = torch.from_numpy(positions)
             x, y = tensors[0][index], tensors[1][index]
         else:
-            items = [_as_xy(base[int(i)], f"sample {int(i)}") for i in positions]
+            items = [batch_parts(data[int(i)], where=f"sample {int(i)}", **keys) for i in positions]
             x = torch.stack([a for a, _ in items]) if items else torch.empty(0)
-            y = torch.stack([torch.as_tensor(b).reshape(()) for _, b in items]) if items else torch.empty(0)
+            y = torch.stack([b.reshape(()) for _, b in items]) if items else torch.empty(0)  # type: ignore[union-attr]
     else:
-        xs_list, ys_list = [], []
-        for i, item in enumerate(data):
-            a, b = _as_xy(item, f"batch {i}")
-            xs_list.append(a if a.dim() >= 4 or b.dim() == 1 else a.unsqueeze(0))
-            ys_list.append(b.reshape(-1))
-        if not xs_list:
-            raise EvaluationError("the data is empty. Hint: pass the test split of a data source")
-        xs, ys = torch.cat(xs_list), torch.cat(ys_list)
-        total = xs.shape[0]
-        positions = _positions(total, n, seed)
-        x, y = xs[torch.from_numpy(positions)], ys[torch.from_numpy(positions)]
+        if isinstance(data, DataLoader) and mapping is not None and not _in_order(data):
+            reordered = True  # positions in the stream are not positions in the dataset
+        x, y, positions, total = _stream_pick(data, n, seed, _stream_total(data), keys)
     if total == 0 or x.numel() == 0:
         raise EvaluationError("the data is empty. Hint: pass the test split of a data source")
     x = x.float()
@@ -296,10 +285,104 @@ def pick_samples(data: Any, n: int | None, seed: int) -> Samples:
             f"inputs have values in [{lo:g}, {hi:g}], expected [0, 1]. Hint: attacks work in pixel space; "
             "let the model normalise its inputs (RobustBench convention)"
         )
-    indices = positions if mapping is None or len(mapping) != total else mapping[positions]
+    if reordered:
+        indices = np.empty(0, dtype=np.int64)  # unknown: not recorded, and not compared with tuning's
+    elif mapping is not None and len(mapping) == total:
+        indices = mapping[positions]
+    else:
+        indices = positions
     return Samples(
         x, y, positions, np.asarray(indices, dtype=np.int64), split, source, total, data_classes(data)
     )
+
+
+UNKNOWN_INDICES = (
+    "graphsparse: the loader's sampler reorders the data, so which source samples were read is unknown: no "
+    "indices are recorded and the overlap with the samples used for tuning is not checked. Hint: pass the "
+    "dataset, or a loader without shuffling"
+)
+
+
+def _in_order(loader: DataLoader) -> bool:
+    """The loader reads its dataset in order (position i of the stream is sample i of the dataset)."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    if loader.batch_sampler is None:
+        return isinstance(loader.sampler, SequentialSampler)
+    return type(loader.batch_sampler) is BatchSampler and isinstance(loader.batch_sampler.sampler, SequentialSampler)
+
+
+def _stream_total(data: Any) -> int | None:
+    """How many samples iterating ``data`` gives, when that is known without reading it."""
+    from torch.utils.data import BatchSampler
+
+    if isinstance(data, DataLoader) and _is_map_style(data.dataset):
+        try:
+            if data.batch_sampler is None:
+                return len(data.sampler)  # type: ignore[arg-type]
+            if type(data.batch_sampler) is BatchSampler:
+                if data.drop_last:
+                    return len(data) * int(data.batch_size or 1)
+                return len(data.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return None
+
+
+def _stream_pick(
+    data: Iterable[Any], n: int | None, seed: int, total: int | None, keys: dict[str, str | None]
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+    """``(x, y, positions, total)`` of the picked samples of an iterable of batches (or samples), read once."""
+    wanted = None if total is None else _positions(total, n, seed)
+    rng = np.random.default_rng(seed)
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    pos: list[np.ndarray] = []
+    prio: list[np.ndarray] = []
+    seen = 0
+    for i, batch in enumerate(data):
+        a, b = batch_parts(batch, where=f"batch {i}", **keys)
+        assert b is not None  # labels=True
+        if b.dim() == 0:  # one sample, not a batch
+            a, b = a.unsqueeze(0), b.reshape(1)
+        b = b.reshape(-1)
+        count = int(a.shape[0])
+        here = np.arange(seen, seen + count, dtype=np.int64)
+        seen += count
+        if wanted is not None:
+            keep = np.isin(here, wanted)
+        elif n is not None:
+            p = rng.random(count)
+            prio.append(p)
+            keep = np.ones(count, dtype=bool)
+        else:
+            keep = np.ones(count, dtype=bool)
+        if keep.any():
+            index = torch.from_numpy(np.flatnonzero(keep))
+            xs.append(a[index].detach().cpu())
+            ys.append(b[index].detach().cpu())
+            pos.append(here[keep])
+        if wanted is None and n is not None and sum(len(q) for q in pos) > 2 * n:  # keep memory at O(n)
+            xs, ys, pos, prio = _smallest(xs, ys, pos, prio, n)
+        if wanted is not None and (len(wanted) == 0 or seen > int(wanted[-1])):
+            break  # past the last picked position: the rest is not read
+    if wanted is None and n is not None and pos:
+        xs, ys, pos, prio = _smallest(xs, ys, pos, prio, n)
+    if not xs:
+        return torch.empty(0), torch.empty(0), np.empty(0, dtype=np.int64), seen
+    positions = np.concatenate(pos)
+    order = torch.from_numpy(np.argsort(positions, kind="stable"))
+    return torch.cat(xs)[order], torch.cat(ys)[order], np.sort(positions), seen if wanted is None else total
+
+
+def _smallest(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], pos: list[np.ndarray], prio: list[np.ndarray], n: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray], list[np.ndarray]]:
+    """Keep the ``n`` samples of smallest priority (a seeded bottom-n sample of a stream of unknown length)."""
+    p = np.concatenate(prio)
+    keep = np.sort(np.argsort(p, kind="stable")[:n])
+    index = torch.from_numpy(keep)
+    return [torch.cat(xs)[index]], [torch.cat(ys)[index]], [np.concatenate(pos)[keep]], [p[keep]]
 
 
 def _is_map_style(obj: Any) -> bool:
@@ -753,6 +836,8 @@ def evaluate(
     base_alpha_zero: bool = True,
     steps: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    input_key: str | None = None,
+    label_key: str | None = None,
 ) -> EvalReport:
     """Clean and robust accuracy of ``model`` as base (α = 0), exact-gradient and BPDA variants.
 
@@ -763,8 +848,9 @@ def evaluate(
 
     Args:
         model: a rewritten model (MeanSparse operators inside) taking ``[0, 1]`` pixels.
-        data: the **test** split: a dataset of ``(x, y)``, a DataLoader, an ``(x, y)`` pair of tensors
-            or an iterable of ``(x, y)`` batches.
+        data: the **test** split: a dataset of ``(x, y)``, a DataLoader (read as given, sampler and
+            ``collate_fn`` included), an ``(x, y)`` pair of tensors or an iterable of ``(x, y)`` batches;
+            samples and batches may be dicts.
         attacks: attack entries (see the module docstring): ``apgd-ce``, ``apgd-t``, ``autoattack``, a
             list of components for a custom cascade.
         eps: radius of the threat model (in ``[0, 1]`` pixel units).
@@ -778,6 +864,9 @@ def evaluate(
         steps: iterations of APGD/APGD-T/FAB; ``None`` keeps AutoAttack's 100 (a smaller number makes a
             weaker, cheaper attack: use it for tests and quick looks only).
         progress: called as ``progress(done, total, label)`` after each attack run.
+        input_key, label_key: the keys of inputs and labels when samples or batches are dicts (default the
+            first present of ``image``/``pixel_values``/... and ``label``/``labels``/...;
+            :func:`graphsparse.data.batch_parts`).
 
     Returns:
         An :class:`EvalReport`.
@@ -801,7 +890,7 @@ def evaluate(
     if len(set(keys)) != len(keys):
         raise EvaluationError(f"attack list {keys} names an attack twice. Hint: name each one once")
     _import_autoattack()
-    s = pick_samples(data, n, seed)
+    s = pick_samples(data, n, seed, input_key=input_key, label_key=label_key)
     n_eval = int(s.x.shape[0])
     ops = operators(model, types=(MeanSparse,))
     alphas = {site: float(op.alpha) for site, op in ops.items()}
@@ -819,6 +908,8 @@ def evaluate(
         )
     if s.split is not None and s.split != "test":
         messages.append(f"graphsparse: evaluated on the {s.split!r} split; report numbers on the 'test' split")
+    if s.split is not None and not len(s.indices):
+        messages.append(UNKNOWN_INDICES)
     tuned = _tuned_on(model, s)
     if tuned:
         messages.append(

@@ -38,6 +38,7 @@ from torch import nn
 from graphsparse._files import atomic_write
 from graphsparse.errors import CalibrationError, DataError, PlanError
 from graphsparse.evaluate import (
+    UNKNOWN_INDICES,
     EvaluationError,
     _check_classes,
     _check_eps,
@@ -304,13 +305,16 @@ def tune(
     device: str | torch.device | None = None,
     steps: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    input_key: str | None = None,
+    label_key: str | None = None,
 ) -> TuneResult:
     """Sweep α on validation data, choose it under a clean-accuracy bound and set it on ``model``.
 
     Args:
         model: a calibrated model with MeanSparse operators (a rewritten model, or hand-placed ops).
-        val_data: the **validation** split (a graphsparse dataset, ``Subset``, ``DataLoader``, an
-            ``(x, y)`` pair of tensors or an iterable of ``(x, y)`` batches). Test data is refused.
+        val_data: the **validation** split (a graphsparse dataset, ``Subset``, ``DataLoader`` (read as
+            given), an ``(x, y)`` pair of tensors or an iterable of ``(x, y)`` batches; samples and batches
+            may be dicts). Test data is refused.
         alphas: the α values to try (0 is always added: it is the reference); default 0 to 0.5 step 0.05.
         attack: the attack (an AutoAttack component name, see :mod:`graphsparse.evaluate`).
         eps, norm: threat model.
@@ -325,6 +329,8 @@ def tune(
         steps: APGD iterations (None: AutoAttack's 100).
         progress: called as ``progress(done, total, label)`` after each measured configuration (the
             total grows when the per-stage search starts).
+        input_key, label_key: the keys of inputs and labels when samples or batches are dicts
+            (:func:`graphsparse.data.batch_parts`).
 
     Returns:
         A :class:`TuneResult`; the chosen α is set on ``model`` and, for a rewritten model, the result is
@@ -357,13 +363,15 @@ def tune(
             "Hint: calibrate first (graphsparse calibrate ARTIFACT --data SOURCE; in Python "
             "graphsparse.calibrate(model, train_data))"
         )
-    s = pick_samples(val_data, n, seed)
+    s = pick_samples(val_data, n, seed, input_key=input_key, label_key=label_key)
     n_eval = int(s.x.shape[0])
     notes: list[str] = []
     if s.split is None:
         notes.append("graphsparse: the data carries no split bookkeeping; make sure it is not test data")
     elif s.split != "val":
         notes.append(f"graphsparse: tuned on the {s.split!r} split; the validation split is 'val'")
+    if s.split is not None and not len(s.indices):
+        notes.append(UNKNOWN_INDICES)
     stages, stages_known = site_stages(model) if per_stage else ({}, True)
     if per_stage and not stages_known:
         notes.append("graphsparse: some operators have no stage (not from a rewrite plan); they share stage 0")

@@ -244,3 +244,90 @@ def test_a_model_that_gives_features_instead_of_logits_is_refused(trained, parit
         gs.tune(headless, load_dataset(parity_source, split="val"), alphas=[0.0, 0.5], n=8, steps=1)
     assert test_split.num_classes == 2
     assert load_dataset("digits", split="val").num_classes == 10
+
+
+# ------------------------------------------------------------------------------------ loaders and dicts
+
+
+def test_a_loader_is_read_as_given_with_its_collate_fn_and_sampler(test_split):
+    x, y = test_split.tensors
+    raw = torch.utils.data.TensorDataset((x * 255).round(), y)  # bytes: the collate_fn scales them
+
+    def to_unit(items):
+        xs, ys = zip(*items)
+        return torch.stack(xs) / 255, torch.stack(ys)
+
+    s = pick_samples(torch.utils.data.DataLoader(raw, batch_size=16, collate_fn=to_unit), 20, seed=0)
+    assert s.x.shape[0] == 20 and float(s.x.max()) <= 1.0
+    assert torch.allclose(s.x, x[torch.from_numpy(s.positions)], atol=1 / 255)
+    evens = torch.utils.data.DataLoader(test_split, batch_size=16, sampler=list(range(0, 100, 2)))
+    s = pick_samples(evens, None, seed=0)
+    assert s.total == 50 and torch.equal(s.x, x[0:100:2]) and torch.equal(s.y, y[0:100:2])
+    assert s.split == "test" and len(s.indices) == 0  # reordered by the sampler: the source indices are unknown
+    in_order = pick_samples(torch.utils.data.DataLoader(test_split, batch_size=16), 20, seed=0)
+    assert np.array_equal(in_order.indices, test_split.indices[in_order.positions])
+    assert torch.equal(in_order.x, pick_samples(test_split, 20, seed=0).x)  # the same pick as the dataset's
+
+
+def test_an_iterable_is_streamed_keeping_only_the_picked_samples(test_split):
+    import weakref
+
+    x, y = test_split.tensors
+    alive: list[weakref.ref] = []
+    most = []
+
+    def stream():
+        for i in range(0, 320, 8):
+            most.append(sum(r() is not None for r in alive))
+            batch = x[i : i + 8].clone()
+            alive.append(weakref.ref(batch))
+            yield batch, y[i : i + 8]
+
+    s = pick_samples(stream(), 10, seed=0)
+    assert s.x.shape[0] == 10 and s.total == 320
+    assert max(most) <= 2, most  # earlier batches were let go, not read whole into memory
+    assert torch.equal(s.x, x[torch.from_numpy(s.positions)])
+    bigger = pick_samples(iter([(x[i : i + 8], y[i : i + 8]) for i in range(0, 320, 8)]), 40, seed=0)
+    assert set(s.positions.tolist()) <= set(bigger.positions.tolist())  # a smaller n picks a subset
+
+
+class DictSamples(torch.utils.data.Dataset):
+    """Samples as dicts, the Hugging Face datasets convention."""
+
+    def __init__(self, x, y, keys=("image", "label")):
+        self.x, self.y, self.keys = x, y, keys
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {self.keys[0]: self.x[i], self.keys[1]: self.y[i], "id": i}
+
+
+def test_dict_samples_and_batches_in_calibrate_tune_and_evaluate(masked, parity_source, test_split):
+    from graphsparse.errors import CalibrationError, DataError
+
+    train = load_dataset(parity_source, split="train")
+    as_pairs = copy.deepcopy(masked)
+    gs.calibrate(as_pairs, train.tensors)
+    loader = torch.utils.data.DataLoader(DictSamples(*train.tensors, keys=("pixel_values", "labels")), batch_size=64)
+    gs.calibrate(masked, loader)
+    assert torch.equal(operators(masked)["logits"].var, operators(as_pairs)["logits"].var)
+
+    gs.set_alpha(masked, 0.0)
+    by_pairs = evaluate(masked, test_split, n=16, steps=1, eps=EPS)
+    by_dicts = evaluate(masked, DictSamples(*test_split.tensors), n=16, steps=1, eps=EPS)
+    assert by_dicts.exact.to_dict() == by_pairs.exact.to_dict()
+    val = load_dataset(parity_source, split="val")
+    tuned = gs.tune(masked, DictSamples(*val.tensors), alphas=[0.0, 0.5], n=16, steps=1, eps=EPS)
+    assert tuned.n == 16
+
+    odd = DictSamples(*test_split.tensors, keys=("img_data", "cls"))
+    with pytest.raises(DataError, match=r"sample \d+ is a dict without inputs .* \(keys: 'img_data', 'cls', 'id'\)"):
+        evaluate(masked, odd, n=4, steps=1)
+    with pytest.raises(CalibrationError, match=r"batch 0 is a dict without inputs .*'img_data'"):
+        gs.calibrate(masked, torch.utils.data.DataLoader(odd, batch_size=4))
+    named = evaluate(masked, odd, n=16, steps=1, eps=EPS, input_key="img_data", label_key="cls")
+    assert named.exact.to_dict() == by_pairs.exact.to_dict()
+    with pytest.raises(DataError, match=r"has no key 'label' .*Hint: pass the key that holds the labels"):
+        evaluate(masked, odd, n=4, steps=1, input_key="img_data", label_key="label")
