@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import ensure_autoattack_alias
 from .errors import ModelSourceError, closest
 from .safe_pickle import TRUSTED_PACKAGES, class_problem, read_pickle, user_allowed
 
@@ -44,10 +45,12 @@ __all__ = [
 RECIPE_KINDS = ("timm", "torchvision", "robustbench", "class", "file")
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
-# Checkpoint dict keys that hold the model or its state dict, in order of preference.
+# Checkpoint dict keys that hold the model or its state dict, in order of preference: the trained model's own
+# entry before an EMA copy (choose another entry with checkpoint_key / --checkpoint-key).
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema", "model_ema", "state_dict_ema")
-# Key prefixes added by wrappers: DistributedDataParallel / DataParallel, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# How many shared leading key components (Lightning 'model.', DDP 'module.', torch.compile '_orig_mod.',
+# nested) are tried when a state dict's keys do not match the architecture.
+_MAX_PREFIX_DEPTH = 4
 
 # Options that would make timm download or read weights on its own (hidden network / pickle access).
 _TIMM_FORBIDDEN_KWARGS = (
@@ -197,9 +200,17 @@ def load_model(
     *,
     arch: str | None = None,
     allow_modules: Sequence[str] = (),
+    strip_prefix: str | Sequence[str] | None = None,
+    checkpoint_key: str | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, Recipe]:
     """Load a model from a spec and return it in eval mode with its rebuild :class:`Recipe`.
+
+    A file may hold a whole pickled module, a state dict, or a checkpoint dict; from a checkpoint dict the
+    first of ``state_dict``, ``model_state_dict``, ``model``, ``net``, ``ema``, ``model_ema``,
+    ``state_dict_ema`` is taken (the trained model before its EMA copy; ``checkpoint_key`` chooses). A key
+    prefix that every key of a state dict shares (Lightning's ``model.``, DDP's ``module.``, torch.compile's
+    ``_orig_mod.``, or several) is removed when that makes the keys those of the architecture.
 
     Args:
         spec: ``timm:NAME`` or ``torchvision:NAME`` (random init), ``robustbench:MODEL_ID[@dataset/threat]``
@@ -212,16 +223,36 @@ def load_model(
         allow_modules: extra packages/modules whose *classes* a pickle may use (``mypkg`` or
             ``mypkg.models``), or exact global names (``numpy._core.multiarray.scalar``) to allow that
             one global whatever it is. Only name code you trust.
+        strip_prefix: for state dicts: keep only the keys that start with this prefix (``"model."``), without
+            it; a sequence strips several in turn.
+        checkpoint_key: for checkpoint dicts: the entry that holds the weights (e.g. ``"model_ema"``).
         **kwargs: constructor options (timm ``num_classes``..., the class's arguments, the ``arch``'s);
             for RobustBench, ``model_dir``; for torchvision, ``weights`` too (downloads; not recorded in the
             recipe, since an artifact holds the weights).
     """
     spec_str = os.fspath(spec)
     allow = _check_allow_modules(allow_modules)
-    if arch is not None and not _looks_like_file(spec_str):
-        raise ModelSourceError(f"arch={arch!r} (--arch) only applies to weights files, not to {spec_str!r}")
+    prefixes = _check_prefixes(strip_prefix)
+    if checkpoint_key is not None and (not isinstance(checkpoint_key, str) or not checkpoint_key):
+        raise ModelSourceError(f"checkpoint_key (--checkpoint-key) must be a non-empty string, got {checkpoint_key!r}")
+    if os.path.isdir(spec_str):
+        raise ModelSourceError(_directory_message(Path(spec_str)))
+    if not _looks_like_file(spec_str):
+        for name, value in (("arch", arch), ("strip_prefix", strip_prefix), ("checkpoint_key", checkpoint_key)):
+            if value is not None and value != ():
+                option = "--" + name.replace("_", "-")
+                raise ModelSourceError(
+                    f"{name}={value!r} ({option}) only applies to weights files, not to {spec_str!r}"
+                )
     if _looks_like_file(spec_str):
-        return _load_file(Path(spec_str), arch=arch, allow_modules=allow, kwargs=kwargs)
+        return _load_file(
+            Path(spec_str),
+            arch=arch,
+            allow_modules=allow,
+            kwargs=kwargs,
+            strip_prefix=prefixes,
+            checkpoint_key=checkpoint_key,
+        )
     model_dir = kwargs.pop("model_dir", None)
     weights = kwargs.pop("weights", None) if spec_str.startswith("torchvision:") else None
     recipe = _recipe_for_spec(spec_str, kwargs)
@@ -267,16 +298,7 @@ def build_from_recipe(recipe: Recipe, *, allow_modules: Sequence[str] = ()) -> n
 
 def import_robustbench() -> types.ModuleType:
     """Import robustbench, aliasing ``autoattack`` to PyPI's ``pyautoattack`` first (DESIGN §6)."""
-    if "autoattack" not in sys.modules:
-        try:
-            import autoattack  # noqa: F401  (the GitHub package, when it is installed)
-        except ImportError:
-            try:
-                import pyautoattack
-            except ImportError:
-                pass  # robustbench's own import below reports what is missing
-            else:
-                sys.modules["autoattack"] = pyautoattack
+    ensure_autoattack_alias()  # when neither is installed, robustbench's own import below says what is missing
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # old-timm-path FutureWarnings and pkg_resources warnings
@@ -400,6 +422,32 @@ def _check_robustbench_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
             f"robustbench recipe {name!r}: threat_model {kwargs['threat_model']!r} is not "
             f"one of {', '.join(_ROBUSTBENCH_THREATS)}"
         )
+
+
+def _check_prefixes(strip_prefix: str | Sequence[str] | None) -> tuple[str, ...]:
+    if strip_prefix is None:
+        return ()
+    prefixes = (strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix)
+    for prefix in prefixes:
+        if not isinstance(prefix, str) or not prefix:
+            raise ModelSourceError(
+                f"strip_prefix (--strip-prefix) must be a non-empty key prefix such as 'model.', got {prefix!r}"
+            )
+    return prefixes
+
+
+def _directory_message(path: Path) -> str:
+    try:
+        inside = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES))
+    except OSError:
+        inside = []
+    if not inside:
+        return (
+            f"{path} is a directory and holds no model file ({', '.join(FILE_SUFFIXES)}); give the weights file "
+            "itself as MODEL"
+        )
+    listed = ", ".join(inside[:5]) + (f" (+{len(inside) - 5} more)" if len(inside) > 5 else "")
+    return f"{path} is a directory; give one of its model files as MODEL, e.g. {path / inside[0]} (it holds {listed})"
 
 
 def _check_allow_modules(allow_modules: Sequence[str] | str) -> tuple[str, ...]:
@@ -668,14 +716,16 @@ def _load_robustbench(recipe: Recipe, model_dir: Path) -> nn.Module:
 
 
 def _load_file(
-    path: Path, *, arch: str | None, allow_modules: Sequence[str], kwargs: Mapping[str, Any]
+    path: Path,
+    *,
+    arch: str | None,
+    allow_modules: Sequence[str],
+    kwargs: Mapping[str, Any],
+    strip_prefix: Sequence[str] = (),
+    checkpoint_key: str | None = None,
 ) -> tuple[nn.Module, Recipe]:
     if not path.is_file():
         raise ModelSourceError(f"model file {path} does not exist{closest(path.name, _siblings(path))}")
-    if path.suffix.lower() not in FILE_SUFFIXES:
-        raise ModelSourceError(
-            f"model file {path} has suffix {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}"
-        )
     arch_recipe = None
     if arch is not None:
         if _looks_like_file(arch):
@@ -689,25 +739,65 @@ def _load_file(
             f"when loading the file {path}"
         )
 
-    if path.suffix.lower() == ".safetensors":
+    kind = _file_format(path)
+    if kind == "safetensors":  # whatever the suffix: a renamed .safetensors file is still one
         obj: Any = _read_safetensors(path)
+    elif path.suffix.lower() == ".safetensors":  # torch.load reads any *.safetensors path as safetensors
+        raise ModelSourceError(
+            f"{path} is named .safetensors but holds a {'torch.save checkpoint' if kind != 'unknown' else 'file'} "
+            f"(it starts with {_head(path, 8)!r}), not safetensors: rename it to {path.with_suffix('.pt').name}"
+        )
+    elif kind == "unknown" and path.suffix.lower() not in FILE_SUFFIXES:
+        raise ModelSourceError(
+            f"model file {path} is neither a torch.save checkpoint nor a safetensors file (it starts with "
+            f"{_head(path)!r}); give a file written by torch.save or safetensors"
+        )
     else:
         obj = read_pickle(path, allow_modules)
-    obj = _unwrap(obj, path)
+    obj = _unwrap(obj, path, checkpoint_key)
 
     if isinstance(obj, nn.Module) and arch_recipe is None:
+        if strip_prefix:
+            raise ModelSourceError(
+                f"{path} holds a whole model ({type(obj).__name__}); --strip-prefix applies to state dicts "
+                "loaded with --arch"
+            )
         recipe = _timm_recipe(obj) or Recipe("file", str(path.resolve()), {}, sha256=_sha256(path))
         return obj.eval(), recipe
     if arch_recipe is None:
         example = ", ".join(repr(k) for k in list(obj)[:3])
         raise ModelSourceError(
             f"{path} holds a state dict ({len(obj)} tensors, e.g. {example}), not a whole model: say which "
-            "architecture it belongs to with --arch timm:NAME or --arch pkg.module:Class (Python: arch=...)"
+            "architecture it belongs to with --arch timm:NAME, --arch torchvision:NAME or --arch "
+            "pkg.module:Class (Python: arch=...)"
         )
     state = obj.state_dict() if isinstance(obj, nn.Module) else obj
     model = _build(arch_recipe, trusted=True, allow_modules=allow_modules)
-    _load_state(model, state, path, arch_recipe)
+    state, note = _fit_keys(dict(state), list(model.state_dict()), strip_prefix, path)
+    _load_state(model, state, path, arch_recipe, note)
     return model.eval(), arch_recipe
+
+
+def _file_format(path: Path) -> str:
+    """``safetensors``, ``zip`` (torch.save), ``pickle`` (legacy torch.save) or ``unknown``, from the bytes."""
+    head = _head(path, 16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 little-endian header length, then JSON
+        size = int.from_bytes(head[:8], "little")
+        if 0 < size <= path.stat().st_size - 8:
+            return "safetensors"
+    if head[:1] == b"\x80":  # a pickle's PROTO opcode (legacy torch.save starts with its magic number)
+        return "pickle"
+    return "unknown"
+
+
+def _head(path: Path, n: int = 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise ModelSourceError(f"cannot read model file {path}: {e}") from e
 
 
 def _siblings(path: Path) -> list[str]:
@@ -728,22 +818,39 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _unwrap(obj: Any, path: Path) -> nn.Module | dict[str, torch.Tensor]:
-    """A whole module, or a state dict with wrapper prefixes stripped, from whatever the file held."""
+def _unwrap(obj: Any, path: Path, checkpoint_key: str | None = None) -> nn.Module | dict[str, torch.Tensor]:
+    """A whole module or a state dict, from whatever the file held (``checkpoint_key`` picks the entry)."""
     trail = []
+    if checkpoint_key is not None:
+        if not isinstance(obj, Mapping) or checkpoint_key not in obj:
+            keys = [str(k) for k in obj] if isinstance(obj, Mapping) else []
+            what = f"a dict with keys {', '.join(repr(k) for k in keys[:8])}" if keys else f"a {type(obj).__name__}"
+            raise ModelSourceError(
+                f"{path} has no entry {checkpoint_key!r} (--checkpoint-key){closest(checkpoint_key, keys)}; "
+                f"it holds {what}"
+            )
+        trail.append(f"[{checkpoint_key!r}]")
+        obj = obj[checkpoint_key]
     for _ in range(4):
         if isinstance(obj, nn.Module):
             return obj
-        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return _strip_prefixes({str(k): v for k, v in obj.items()})
+        if _is_state_dict(obj):
+            return {str(k): v for k, v in obj.items()}
         if isinstance(obj, Mapping):
             key = next((k for k in CHECKPOINT_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
             if key is None:
                 keys = ", ".join(repr(k) for k in list(obj)[:8])
+                holders = [str(k) for k, v in obj.items() if isinstance(v, nn.Module) or _is_state_dict(v)]
+                hint = (
+                    f"; the weights look to be under {holders[0]!r}: pass --checkpoint-key {holders[0]} "
+                    f"(Python: checkpoint_key={holders[0]!r})"
+                    if holders and not trail
+                    else ""
+                )
                 raise ModelSourceError(
                     f"{path}{''.join(trail)} is a dict with keys {keys or '(none)'}: "
                     "neither a state dict (all "
-                    f"values tensors) nor a checkpoint holding one under {', '.join(CHECKPOINT_KEYS)}"
+                    f"values tensors) nor a checkpoint holding one under {', '.join(CHECKPOINT_KEYS)}{hint}"
                 )
             trail.append(f"[{key!r}]")
             obj = obj[key]
@@ -754,18 +861,73 @@ def _unwrap(obj: Any, path: Path) -> nn.Module | dict[str, torch.Tensor]:
     raise ModelSourceError(f"{path}{''.join(trail)}: checkpoint dicts nested too deep to find the weights")
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                changed = True
-    return state
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, recipe: Recipe) -> None:
+def _fit_keys(
+    state: dict[str, torch.Tensor], expected: list[str], strip_prefix: Sequence[str], path: Path
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict with its keys fitted to the architecture's, and a note on what was done for messages.
+
+    Explicit prefixes keep only the keys under them. Otherwise a leading component every key shares is
+    removed (repeatedly: ``module._orig_mod.``) when that makes the key set exactly the architecture's.
+    """
+    for prefix in strip_prefix:
+        kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not kept:
+            raise ModelSourceError(
+                f"no key of the state dict in {path} starts with {prefix!r} (--strip-prefix); "
+                f"its keys start with {_leading(state)}"
+            )
+        state = kept
+    if strip_prefix:
+        return state, f"keys under {''.join(strip_prefix)!r}, without it"
+    want = set(expected)
+    candidates = [("", state)]
+    for _ in range(_MAX_PREFIX_DEPTH):
+        current = candidates[-1][1]
+        heads = {k.split(".", 1)[0] for k in current}
+        if len(heads) != 1 or any("." not in k for k in current):
+            break
+        head = heads.pop() + "."
+        candidates.append((candidates[-1][0] + head, {k[len(head) :]: v for k, v in current.items()}))
+    for prefix, candidate in candidates:
+        if set(candidate) == want:
+            return candidate, f"without the prefix {prefix!r} every key shared" if prefix else ""
+    # no exact fit: compare with the closest candidate, and name a prefix that selects the architecture's keys
+    prefix, best = max(candidates, key=lambda c: len(want & set(c[1])))
+    note = f"compared without the prefix {prefix!r} every key shares" if prefix else ""
+    fits = [p for p in _leading_components(state) if {k[len(p) :] for k in state if k.startswith(p)} == want]
+    if fits:
+        others = f" (or {', '.join(fits[1:])})" if len(fits) > 1 else ""
+        note += ("; " if note else "") + (
+            f"the keys under {fits[0]!r} are exactly the architecture's: pass --strip-prefix {fits[0]}{others} "
+            f"(Python: strip_prefix={fits[0]!r})"
+        )
+    return best, note
+
+
+def _leading_components(state: Mapping[str, Any]) -> list[str]:
+    """Leading key components ('model.'), most keys first."""
+    counts: dict[str, int] = {}
+    for k in state:
+        if "." in k:
+            head = k.split(".", 1)[0] + "."
+            counts[head] = counts.get(head, 0) + 1
+    return sorted(counts, key=lambda h: -counts[h])
+
+
+def _leading(state: Mapping[str, Any]) -> str:
+    heads = _leading_components(state)
+    if heads:
+        return ", ".join(repr(h) for h in heads[:6])
+    return f"no shared prefix (e.g. {next(iter(state), '')!r})"
+
+
+def _load_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, recipe: Recipe, note: str = ""
+) -> None:
     try:
         model.load_state_dict(state, strict=True)
         return
@@ -787,10 +949,30 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
     parts += [f"{len(unexpected)} unexpected: {few(unexpected)}"] if unexpected else []
     parts += [f"{len(shapes)} with another shape (file vs model): {few(shapes)}"] if shapes else []
     detail = "; ".join(parts) or str(cause)
-    raise ModelSourceError(
-        f"the weights in {path} do not fit {recipe} ({detail}); check --arch and its options "
-        "(num_classes, in_chans, ...)"
-    ) from cause
+    if note and "--strip-prefix" in note:
+        hint = note.split("; ")[-1]
+        note = "; ".join(note.split("; ")[:-1])
+    else:
+        hint = "check --arch and its options (--num-classes, --model-kwargs JSON; Python: keyword arguments)"
+        classes = _num_classes_hint(expected, state)
+        if classes is not None and not missing and not unexpected:
+            hint = (
+                f"the file's classifier has {classes} classes: pass --num-classes {classes} "
+                f"(Python: num_classes={classes})"
+            )
+    keys = f"; keys {note}" if note else ""
+    raise ModelSourceError(f"the weights in {path} do not fit {recipe} ({detail}{keys}); {hint}") from cause
+
+
+def _num_classes_hint(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> int | None:
+    """The class count, when the only tensors of another shape are the classifier's (dim 0 differs, once)."""
+    differ = [(state[k], v) for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not differ or len(differ) > 2:
+        return None
+    if not all(a.dim() == b.dim() >= 1 and a.shape[1:] == b.shape[1:] for a, b in differ):
+        return None
+    counts = {int(a.shape[0]) for a, _ in differ}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _sha256(path: Path) -> str:

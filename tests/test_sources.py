@@ -181,8 +181,9 @@ def test_artifacts_of_torchvision_and_builder_sources_reload(tmp_path):
     pytest.importorskip("torchvision")
     from click.testing import CliRunner
 
-    import graphsparse as gs
     from graphsparse.cli import main
+    from graphsparse.io import load, save
+    from graphsparse.rewrite import rewrite, rewrite_info
 
     out = tmp_path / "r18.safetensors"
     result = CliRunner().invoke(
@@ -191,17 +192,50 @@ def test_artifacts_of_torchvision_and_builder_sources_reload(tmp_path):
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
+    assert Recipe.from_json(rewrite_info(load(out)).recipe) == Recipe("torchvision", "resnet18", {})
+    base, recipe = load_model("torchvision:resnet18")
+    rewritten = rewrite(base, "after_addition", torch.zeros(1, 3, 32, 32), recipe=recipe.to_json())
+    save(rewritten, tmp_path / "api.safetensors")
+    assert same_output(load(tmp_path / "api.safetensors"), base, shape=(2, 3, 32, 32))  # α = 0: identical
+    demo, recipe = load_model("graphsparse.models:load_demo_model")
+    rewritten = rewrite(demo, "full", torch.zeros(1, 1, 28, 28), recipe=recipe.to_json())
+    save(rewritten, tmp_path / "demo.safetensors")
+    assert same_output(load(tmp_path / "demo.safetensors"), demo, shape=(2, 1, 28, 28))
+
+
+def test_cli_constructor_options_reach_the_model_and_its_recipe(tmp_path):
+    from click.testing import CliRunner
+
+    from graphsparse.cli import main
+    from graphsparse.io import load
     from graphsparse.rewrite import rewrite_info
 
-    assert Recipe.from_json(rewrite_info(gs.load(out)).recipe) == Recipe("torchvision", "resnet18", {})
-    base, recipe = load_model("torchvision:resnet18")
-    rewritten = gs.rewrite(base, "after_addition", torch.zeros(1, 3, 32, 32), recipe=recipe.to_json())
-    gs.save(rewritten, tmp_path / "api.safetensors")
-    assert same_output(gs.load(tmp_path / "api.safetensors"), base, shape=(2, 3, 32, 32))  # α = 0: identical
-    demo, recipe = load_model("graphsparse.models:load_demo_model")
-    rewritten = gs.rewrite(demo, "full", torch.zeros(1, 1, 28, 28), recipe=recipe.to_json())
-    gs.save(rewritten, tmp_path / "demo.safetensors")
-    assert same_output(gs.load(tmp_path / "demo.safetensors"), demo, shape=(2, 1, 28, 28))
+    out = tmp_path / "r.safetensors"
+    args = ["rewrite", "timm:test_resnet", "--rule", "after_addition", "--input-shape", "1,3,32,32", "-o", str(out)]
+    options = ["--num-classes", "10", "--model-kwargs", '{"drop_rate": 0.1}']
+    result = CliRunner().invoke(main, args + options, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    model = load(out)
+    recipe = Recipe.from_json(rewrite_info(model).recipe)
+    assert recipe == Recipe("timm", "test_resnet", {"num_classes": 10, "drop_rate": 0.1})
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    bad = CliRunner().invoke(main, args + ["--model-kwargs", "{drop_rate: 0.1}"])
+    assert bad.exit_code == 2 and "--model-kwargs" in bad.output and "not JSON" in bad.output
+    both = CliRunner().invoke(main, args + ["--num-classes", "10", "--model-kwargs", '{"num_classes": 3}'])
+    assert both.exit_code == 1 and "disagree" in both.output
+    prefix = CliRunner().invoke(main, args + ["--strip-prefix", "model."])
+    assert prefix.exit_code == 1 and "only applies to weights files" in prefix.output
+
+
+def test_cli_reaches_the_shipped_demo_model_and_warns_about_the_bare_class():
+    from click.testing import CliRunner
+
+    from graphsparse.cli import main
+
+    bare = CliRunner().invoke(main, ["inspect", "graphsparse.models:DemoPreActResNet", "--json"])
+    assert bare.exit_code == 0 and "warning: graphsparse.models:DemoPreActResNet builds" in bare.output
+    trained = CliRunner().invoke(main, ["inspect", "graphsparse.models:load_demo_model", "--json"])
+    assert trained.exit_code == 0 and "warning" not in trained.output
 
 
 def test_unrecognised_spec_lists_the_accepted_forms():
@@ -442,21 +476,6 @@ def test_allow_modules_admits_a_user_class(tmp_path):
     assert isinstance(model, TinyNet) and same_output(model, original, shape=(2, 1, 8, 8))
     assert recipe.kind == "file"
     assert same_output(build_from_recipe(recipe, allow_modules=[USER_MODULE]), original, shape=(2, 1, 8, 8))
-
-
-def test_numpy_values_in_a_checkpoint_need_their_exact_names(tmp_path):
-    np = pytest.importorskip("numpy")
-    torch.save({"state_dict": timm_model().state_dict(), "best_acc": np.float64(0.5)}, tmp_path / "np.pt")
-    with pytest.raises(UnsafePickleError, match="package 'numpy' is not trusted"):
-        load_model(tmp_path / "np.pt", arch="timm:test_resnet")
-    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar-rebuilding function
-    allow = ["numpy", f"{scalar.__module__}.{scalar.__name__}"]
-    with pytest.raises(UnsafePickleError, match=f"--allow-module {type(np.dtype('float64')).__module__}"):
-        load_model(tmp_path / "np.pt", arch="timm:test_resnet", allow_modules=allow)
-    dtype_class = type(np.dtype("float64"))
-    allow.append(f"{dtype_class.__module__}.{dtype_class.__qualname__}")
-    _, recipe = load_model(tmp_path / "np.pt", arch="timm:test_resnet", allow_modules=allow)
-    assert recipe.spec() == "timm:test_resnet"
 
 
 # ------------------------------------------------------------------------------------------ recipes
