@@ -120,14 +120,41 @@ def _check_norm(norm: str) -> str:
     return canonical
 
 
-def _check_eps(eps: float) -> float:
+def _check_eps(eps: float, norm: str = "Linf") -> float:
     try:
         value = float(eps)
     except (TypeError, ValueError) as e:
         raise EvaluationError(f"eps must be a number, got {eps!r}") from e
     if not (math.isfinite(value) and value > 0):
         raise EvaluationError(f"eps must be a finite number > 0, got {eps!r}. Hint: e.g. 8/255 for Linf")
+    if norm == "Linf" and value >= 1:
+        raise EvaluationError(
+            f"eps = {eps!r} for Linf covers the whole [0, 1] pixel range: ε is in [0, 1] pixel units. "
+            f"Hint: {value:g}/255 = {value / 255:.4f}"
+        )
     return value
+
+
+def check_threat(eps: float, norm: str) -> tuple[float, str]:
+    """``(eps, norm)`` checked and canonical (``Linf``/``L2``/``L1``), before anything is loaded.
+
+    Raises:
+        EvaluationError: an unknown norm, ε not a finite number > 0, or an L∞ ε of 1 or more (ε is in ``[0, 1]``
+            pixel units: 8/255, not 8).
+    """
+    canonical = _check_norm(norm)
+    return _check_eps(eps, canonical), canonical
+
+
+def _check_radius(eps: float, norm: str, s: Samples) -> None:
+    """An L2/L1 ball that holds the whole [0, 1] cube of the inputs is no threat model: ε is mistyped."""
+    d = int(s.x[0].numel())
+    reach = {"L2": math.sqrt(d), "L1": float(d)}.get(norm)
+    if reach is not None and eps >= reach:
+        raise EvaluationError(
+            f"eps = {eps:g} for {norm} reaches every image of {d} values in [0, 1] (the largest {norm} distance "
+            f"is {reach:.4g}): ε is in [0, 1] pixel units. Hint: e.g. 0.5 for L2 on CIFAR-10, 3.0 on ImageNet"
+        )
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
@@ -853,7 +880,8 @@ def evaluate(
             samples and batches may be dicts.
         attacks: attack entries (see the module docstring): ``apgd-ce``, ``apgd-t``, ``autoattack``, a
             list of components for a custom cascade.
-        eps: radius of the threat model (in ``[0, 1]`` pixel units).
+        eps: radius of the threat model (in ``[0, 1]`` pixel units: 8/255, not 8; an L∞ ε of 1 or more is
+            refused).
         norm: ``Linf`` or ``L2`` (``L1`` is passed through to AutoAttack too).
         n: number of samples, picked deterministically by ``seed``; ``None`` for all.
         batch_size: batch size of the attacks and of the clean pass.
@@ -875,8 +903,7 @@ def evaluate(
         EvaluationError: unknown attack or norm, bad ε/n/batch size, empty data, inputs outside
             ``[0, 1]``, pyautoattack not installed.
     """
-    norm = _check_norm(norm)
-    eps = _check_eps(eps)
+    eps, norm = check_threat(eps, norm)
     _check_positive("batch_size", batch_size, allow_none=False)
     _check_positive("steps", steps)
     if isinstance(attacks, str):
@@ -891,6 +918,7 @@ def evaluate(
         raise EvaluationError(f"attack list {keys} names an attack twice. Hint: name each one once")
     _import_autoattack()
     s = pick_samples(data, n, seed, input_key=input_key, label_key=label_key)
+    _check_radius(eps, norm, s)
     n_eval = int(s.x.shape[0])
     ops = operators(model, types=(MeanSparse,))
     alphas = {site: float(op.alpha) for site, op in ops.items()}

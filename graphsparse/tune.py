@@ -41,13 +41,13 @@ from graphsparse.evaluate import (
     UNKNOWN_INDICES,
     EvaluationError,
     _check_classes,
-    _check_eps,
-    _check_norm,
     _check_positive,
+    _check_radius,
     _n_classes,
     _pct,
     _summarise,
     attack_key,
+    check_threat,
     correct_clean,
     data_bookkeeping,
     eval_mode,
@@ -317,7 +317,7 @@ def tune(
             may be dicts). Test data is refused.
         alphas: the α values to try (0 is always added: it is the reference); default 0 to 0.5 step 0.05.
         attack: the attack (an AutoAttack component name, see :mod:`graphsparse.evaluate`).
-        eps, norm: threat model.
+        eps, norm: threat model (ε in ``[0, 1]`` pixel units: 8/255, not 8).
         n: number of validation samples (deterministic pick by ``seed``); None for all.
         batch_size: batch size of attacks and clean passes.
         max_clean_drop: largest allowed clean-accuracy drop against α = 0, in percentage points.
@@ -343,8 +343,7 @@ def tune(
         EvaluationError: bad attack, norm, ε, n, α or bound; no α within the bound.
     """
     _refuse_test(val_data)
-    norm = _check_norm(norm)
-    eps = _check_eps(eps)
+    eps, norm = check_threat(eps, norm)
     key = attack_key(attack)
     _check_positive("batch_size", batch_size, allow_none=False)
     _check_positive("steps", steps)
@@ -364,6 +363,7 @@ def tune(
             "graphsparse.calibrate(model, train_data))"
         )
     s = pick_samples(val_data, n, seed, input_key=input_key, label_key=label_key)
+    _check_radius(eps, norm, s)
     n_eval = int(s.x.shape[0])
     notes: list[str] = []
     if s.split is None:

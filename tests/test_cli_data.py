@@ -102,3 +102,10 @@ def test_calibrating_again_flags_the_tuning_and_evaluation_records_stale(demo_ar
     res = run("eval", art, "--data", "digits", "--n", "8", "--steps", "1", "--eps", "0.1")
     assert res.exit_code == 0, res.output
     assert "the tuning record (it chose α" in res.output  # the α in use was chosen for other statistics
+
+
+@pytest.mark.parametrize("command", ["eval", "tune"])
+def test_an_eps_in_pixel_levels_is_refused_with_its_unit(never_loaded, command):
+    res = run(command, never_loaded, "--data", "digits", "--eps", "8")
+    assert res.exit_code == 1, res.output
+    assert "ε is in [0, 1] pixel units" in res.output and "8/255 = 0.0314" in res.output

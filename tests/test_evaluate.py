@@ -218,6 +218,12 @@ def test_bad_requests_are_refused_with_hints(masked, test_split):
         evaluate(masked, test_split, attacks=("apgd-t",), n=8)
     with pytest.raises(EvaluationError, match="norm"):
         evaluate(masked, test_split, norm="L3", n=8)
+    with pytest.raises(EvaluationError, match=r"ε is in \[0, 1\] pixel units. Hint: 8/255 = 0.0314"):
+        evaluate(masked, test_split, eps=8, n=8)
+    with pytest.raises(EvaluationError, match=r"ε is in \[0, 1\] pixel units. Hint: 8/255 = 0.0314"):
+        gs.tune(masked, test_split.tensors, eps=8, n=8)
+    with pytest.raises(EvaluationError, match=r"eps = 8 for L2 reaches every image of 64 values"):
+        evaluate(masked, test_split, eps=8, norm="L2", n=8)
     with pytest.raises(EvaluationError, match=r"\[0, 1\]"):
         evaluate(masked, (test_split.tensors[0][:8] * 255, test_split.tensors[1][:8]), n=8)
     x, y = test_split.tensors[0][:8], test_split.tensors[1][:8]

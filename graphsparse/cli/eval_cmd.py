@@ -31,7 +31,7 @@ def report_table(report: dict) -> list:
     show_default=True,
     help="apgd-ce, apgd-t, autoattack, or a custom chain like apgd-ce+square (repeatable).",
 )
-@click.option("--eps", type=float, default=8 / 255, show_default=True)
+@click.option("--eps", type=float, default=8 / 255, show_default=True, help="Radius in [0, 1] pixel units (8/255).")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
 @click.option("--n", "n", type=POSITIVE, default=None, help="Number of evaluation samples (default: all).")
 @click.option("--steps", type=POSITIVE, default=None, help="APGD iterations (default: AutoAttack's).")
@@ -41,11 +41,12 @@ def command(
     artifact, data_source, split, seed, batch_size, max_samples, attacks, eps, norm, n, steps, allow_modules, as_json
 ):
     """Evaluate ARTIFACT honestly: every robust number with the exact and the straight-through gradient."""
-    from ..evaluate import evaluate
+    from ..evaluate import check_threat, evaluate
     from ..fuse import fuse_activations
     from ..io import load, save
     from ..rewrite import rewrite_info
 
+    check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
     data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)

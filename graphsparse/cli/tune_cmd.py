@@ -15,7 +15,7 @@ from ._term import console, print_next, table
 @data_options(default_split="val")
 @click.option("--alphas", default=None, help="Comma-separated α grid (default 0,0.05,…,0.5).")
 @click.option("--attack", default="apgd-ce", show_default=True)
-@click.option("--eps", type=float, default=8 / 255, show_default=True)
+@click.option("--eps", type=float, default=8 / 255, show_default=True, help="Radius in [0, 1] pixel units (8/255).")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
 @click.option("--n", "n", type=POSITIVE, default=None, help="Number of validation samples (default: all).")
 @click.option("--steps", type=POSITIVE, default=None, help="APGD iterations (default: AutoAttack's).")
@@ -49,6 +49,7 @@ def command(
     out_dir,
 ):
     """Sweep α on the validation split, set the chosen α in ARTIFACT and draw the α curve."""
+    from ..evaluate import check_threat
     from ..fuse import fuse_activations
     from ..io import load, save
     from ..plots import plot_tuning
@@ -56,6 +57,7 @@ def command(
     from ..tune import tune
 
     grid = _parse_alphas(alphas) if alphas else None
+    check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
     data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)
