@@ -238,6 +238,22 @@ def test_cli_reaches_the_shipped_demo_model_and_warns_about_the_bare_class():
     assert trained.exit_code == 0 and "warning" not in trained.output
 
 
+def test_the_readme_demo_command_names_the_trained_model():
+    import pathlib
+    import re
+
+    from graphsparse.models import load_demo_model
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    specs = re.findall(r"graphsparse rewrite (graphsparse\.models:\w+)", readme)
+    assert specs, "the README shows no rewrite of the demo model"
+    for spec in specs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the bare class warns: random weights
+            model, _ = load_model(spec)
+        assert same_output(model, load_demo_model(), shape=(2, 1, 28, 28)), spec
+
+
 def test_unrecognised_spec_lists_the_accepted_forms():
     with pytest.raises(ModelSourceError, match="accepted forms: 'timm:NAME'.*pkg.module:Class.*safetensors"):
         load_model("resnet18")
