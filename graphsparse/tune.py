@@ -12,9 +12,12 @@ with straight-through gradients, BPDA), and picks
 the exact-gradient and BPDA numbers, so a gain that only comes from gradient masking cannot be chosen.
 ``per_stage=True`` then runs a coordinate search over the stages of the network (one α per stage).
 
-The data must not be the test split: a graphsparse dataset whose ``split`` is ``test`` (at any level of
-``DataLoader``/``Subset`` wrapping) is refused, and the result records the split name and the source
-indices of every sample it read, so "tuning never touched test indices" can be checked afterwards.
+The data must not be the test split: a graphsparse dataset whose ``split`` is ``test`` or ``all`` (at any
+level of ``DataLoader``/``Subset`` wrapping) is refused, and the result records the split name and the
+source indices of every sample it read, so "tuning never touched test indices" can be checked afterwards.
+Data without that bookkeeping (your own tensors, dataset or loader) cannot be checked: tuning runs on it,
+warns (:class:`SplitWarning`, also listed in :attr:`TuneResult.warnings`) and records ``split`` None; so
+does data of another split than ``val``.
 
 Accuracies are percentages (0–100).
 """
@@ -27,6 +30,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -58,12 +62,16 @@ from graphsparse.evaluate import (
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
 from graphsparse.records import stats_digest, store_record, utc_now
 
-__all__ = ["DEFAULT_ALPHAS", "TunePoint", "TuneResult", "tune", "select_alpha", "site_stages"]
+__all__ = ["DEFAULT_ALPHAS", "SplitWarning", "TunePoint", "TuneResult", "tune", "select_alpha", "site_stages"]
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(11))
 """The default sweep: 0, 0.05, ..., 0.5."""
 
 _TOL = 1e-9
+
+
+class SplitWarning(UserWarning):
+    """Tuning data that may not be the validation split: no split bookkeeping, or another split than 'val'."""
 
 
 # -------------------------------------------------------------------------------------------- result
@@ -280,7 +288,7 @@ def _refuse_test(data: Any) -> None:
     _, _, _, splits = data_bookkeeping(data)
     for split in ("test", "all"):  # 'all' holds the test samples too
         if split in splits:
-            holds = "" if split == "test" else ", which holds the test samples,"
+            holds = "" if split == "test" else " (it holds the test samples)"
             raise DataError(
                 f"refusing to tune on the {split!r} split{holds}: choosing alpha on test data makes the final "
                 "evaluation optimistic. Hint: tune on the 'val' split (--split val; in Python "
@@ -314,7 +322,8 @@ def tune(
         model: a calibrated model with MeanSparse operators (a rewritten model, or hand-placed ops).
         val_data: the **validation** split (a graphsparse dataset, ``Subset``, ``DataLoader`` (read as
             given), an ``(x, y)`` pair of tensors or an iterable of ``(x, y)`` batches; samples and batches
-            may be dicts). Test data is refused.
+            may be dicts). A graphsparse test (or ``all``) split is refused; data whose split cannot be told
+            gives a :class:`SplitWarning`.
         alphas: the α values to try (0 is always added: it is the reference); default 0 to 0.5 step 0.05.
         attack: the attack (an AutoAttack component name, see :mod:`graphsparse.evaluate`).
         eps, norm: threat model (ε in ``[0, 1]`` pixel units: 8/255, not 8).
@@ -367,9 +376,15 @@ def tune(
     n_eval = int(s.x.shape[0])
     notes: list[str] = []
     if s.split is None:
-        notes.append("graphsparse: the data carries no split bookkeeping; make sure it is not test data")
+        notes.append(
+            "graphsparse: the data carries no split bookkeeping, so tuning cannot tell whether it is test data; "
+            "choosing alpha on test samples makes their evaluation optimistic. Hint: tune on "
+            "load_dataset(source, split='val'), or make sure this data is not the test set"
+        )
     elif s.split != "val":
         notes.append(f"graphsparse: tuned on the {s.split!r} split; the validation split is 'val'")
+    if s.split != "val":
+        warnings.warn(notes[-1].removeprefix("graphsparse: "), SplitWarning, stacklevel=2)
     if s.split is not None and not len(s.indices):
         notes.append(UNKNOWN_INDICES)
     stages, stages_known = site_stages(model) if per_stage else ({}, True)

@@ -92,8 +92,10 @@ def test_calibrating_again_flags_the_tuning_and_evaluation_records_stale(demo_ar
     import graphsparse as gs
 
     art = str(demo_artifact)
-    res = run("tune", art, "--data", "digits", "--alphas", "0,0.5", "--n", "8", "--steps", "1", "--eps", "0.1")
+    res = run("tune", art, "--data", "digits", "--alphas", "0,0.5", "--n", "8", "--steps", "1", "--eps", "0.1",
+              "--split", "train")
     assert res.exit_code == 0, res.output
+    assert "warning: graphsparse: tuned on the 'train' split; the validation split is 'val'" in res.output
     res = run("calibrate", art, "--data", "digits", "--seed", "1", "--max-samples", "64")
     assert res.exit_code == 0, res.output
     assert "the tuning record (it chose α = " in res.output and "is marked stale" in res.output

@@ -20,7 +20,7 @@ from graphsparse.data import load_dataset, split_indices
 from graphsparse.errors import CalibrationError, DataError, PlanError
 from graphsparse.evaluate import EvaluationError
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.tune import DEFAULT_ALPHAS, TunePoint, TuneResult, select_alpha, site_stages, tune
+from graphsparse.tune import DEFAULT_ALPHAS, SplitWarning, TunePoint, TuneResult, select_alpha, site_stages, tune
 
 N_DIGITS = 1797
 FAST = {"eps": 0.1, "n": 64, "steps": 5, "batch_size": 64}
@@ -67,10 +67,23 @@ def test_tuning_refuses_test_data_in_any_wrapping(model, parity_source):
         with pytest.raises(DataError, match="refusing to tune on the 'test' split"):
             tune(model, data, alphas=[0.0, 0.1], **FAST)
     every = load_dataset(parity_source, split="all")
-    with pytest.raises(DataError, match="refusing to tune on the 'all' split, which holds the test samples"):
+    with pytest.raises(DataError, match=r"refusing to tune on the 'all' split \(it holds the test samples\): choosing"):
         tune(model, torch.utils.data.Subset(every, list(range(50))), alphas=[0.0, 0.1], **FAST)
     assert alphas_of(model) == before
     assert "tuning" not in gs.rewrite_info(model).records
+
+
+def test_data_whose_split_cannot_be_told_gives_a_visible_warning(model, val, parity_source):
+    with pytest.warns(SplitWarning, match="no split bookkeeping, so tuning cannot tell whether it is test data"):
+        result = tune(model, val.tensors, alphas=[0.0, 0.2], **FAST)
+    assert result.split is None and any("no split bookkeeping" in w for w in result.warnings)
+    with pytest.warns(SplitWarning, match="tuned on the 'train' split"):
+        tune(model, load_dataset(parity_source, split="train"), alphas=[0.0, 0.2], **FAST)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SplitWarning)
+        tune(model, val, alphas=[0.0, 0.2], **FAST)  # the validation split: no warning
 
 
 def test_tuning_reads_only_validation_indices_and_records_them(model, val):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import click
@@ -54,14 +55,15 @@ def command(
     from ..io import load, save
     from ..plots import plot_tuning
     from ..rewrite import rewrite_info
-    from ..tune import tune
+    from ..tune import SplitWarning, tune
 
     grid = _parse_alphas(alphas) if alphas else None
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
     data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)
-    with progress_bar("tuning") as update:
+    with progress_bar("tuning") as update, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SplitWarning)  # printed below with the other warnings
         result = tune(
             model,
             data,
@@ -102,6 +104,8 @@ def command(
         )
     )
     out.print(f"chosen α = {result.chosen_alpha:g} (clean drop ≤ {max_clean_drop:g} points); wrote {csv}, {png}")
+    for w in result.warnings:
+        out.print(f"warning: {w}", soft_wrap=True)
     print_next("eval", artifact, data_source, "test", seed=seed, allow_modules=allow_modules, extra="--attack apgd-ce")
 
 
