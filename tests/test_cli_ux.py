@@ -93,13 +93,15 @@ def test_a_command_not_installed_is_left_out(monkeypatch):
     assert res.exit_code == 2 and "No such command" in res.output
 
 
-def test_no_cuda_home_notice_on_cpu_machines(tmp_path):
-    """Building the CPU kernel imports torch.utils.cpp_extension, which logs `No CUDA runtime is found, using
-    CUDA_HOME=...` on a machine with a CUDA toolkit and no GPU: graphsparse drops that one record, not others."""
+@pytest.mark.parametrize("trigger", ["cpu_kernel.available()", "from torch.utils import cpp_extension"])
+def test_no_cuda_home_notice_on_cpu_machines(tmp_path, trigger):
+    """Building the CPU kernel, and inductor compiling graphsparse's kernels, import torch.utils.cpp_extension,
+    which logs `No CUDA runtime is found, using CUDA_HOME=...` on a machine with a CUDA toolkit and no GPU:
+    graphsparse drops that one record, not others."""
     code = (
         "import logging\n"
         "from graphsparse.ops import cpu_kernel\n"
-        "cpu_kernel.available()\n"
+        f"{trigger}\n"
         "logging.getLogger('torch.utils.cpp_extension').warning('another notice')\n"
     )
     env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}  # a toolkit, no GPU

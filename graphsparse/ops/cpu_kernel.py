@@ -71,27 +71,28 @@ def unavailable_reason() -> str | None:
 
 
 class _NoCudaHomeNotice(logging.Filter):
-    """Drops torch's ``No CUDA runtime is found, using CUDA_HOME=...``, which importing cpp_extension logs on
-    every CPU machine that has a CUDA toolkit: this kernel is CPU-only, so CUDA_HOME does not matter to it."""
+    """Drops torch's ``No CUDA runtime is found, using CUDA_HOME=...``, which the first import of
+    ``torch.utils.cpp_extension`` logs on every CPU machine that has a CUDA toolkit. graphsparse causes that
+    import twice: building this CPU-only kernel, and inductor compiling its CPU kernels (``torch.compile`` in
+    :mod:`graphsparse.ops.fast` and :mod:`graphsparse.moments`); CUDA_HOME matters to neither. Only that
+    record is dropped; every other one of that logger passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("No CUDA runtime is found")
 
 
-def _import_cpp_extension():
+def _quiet_cuda_home_notice() -> None:
     logger = logging.getLogger("torch.utils.cpp_extension")
-    notice = _NoCudaHomeNotice()
-    logger.addFilter(notice)  # only around the import, which is when torch logs it; other records pass
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.removeFilter(notice)
-    return cpp_extension
+    if not any(isinstance(f, _NoCudaHomeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaHomeNotice())
+
+
+_quiet_cuda_home_notice()
 
 
 def _build() -> None:
     global _op, _failure
-    cpp_extension = _import_cpp_extension()
+    from torch.utils import cpp_extension
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     # at::parallel_for is an inline template: with torch's OpenMP backend, this file must be compiled with
