@@ -9,6 +9,8 @@ import ast
 import collections
 import datetime
 import io
+import json
+import os
 import pathlib
 import re
 import struct
@@ -417,3 +419,68 @@ def test_a_zip_written_without_crcs_still_loads(tmp_path):
     finally:
         torch.serialization.set_crc32_options(before)
     assert torch.equal(read_pickle(tmp_path / "nocrc.pt", [])["w"], torch.arange(10.0))
+
+
+# ------------------------------------------------------------------------------------------ other people's corpora
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_scan.py"
+
+
+@pytest.fixture(scope="module")
+def bench_scan():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scan", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_scan"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_scan"]
+
+
+@pytest.mark.slow
+def test_malicious_corpora_are_refused_without_running_and_benign_files_load(tmp_path, bench_scan):
+    pytest.importorskip("fickling")
+    corpus = bench_scan.build_corpus(tmp_path / "corpus")
+    sources = {s.source for s in corpus if s.malicious}
+    assert sources == {"fickling", "picklescan", "modelscan"} and sum(s.malicious for s in corpus) > 80
+    # every file in one fresh process, each verdict printed as it comes: a payload that ends the process
+    # (sys.exit), hangs or runs shows as a missing verdict, a timeout or a sentinel file
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import json, sys
+                from graphsparse.errors import GraphsparseError
+                from graphsparse.safe_pickle import read_pickle
+                for path in sys.argv[1:]:
+                    try:
+                        read_pickle(path, [])
+                        verdict = "loaded"
+                    except GraphsparseError as e:
+                        verdict = type(e).__name__
+                    print(json.dumps([path, verdict]), flush=True)
+                print("done")
+                """
+            ),
+            *[str(s.path) for s in corpus],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "BROWSER": f"touch {tmp_path / 'corpus' / 'sentinels' / 'browser'}"},
+    )
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("done"), done.stderr[-3000:]
+    verdicts = dict(json.loads(line) for line in done.stdout.splitlines()[:-1])
+    ran = sorted(p.name for p in (tmp_path / "corpus" / "sentinels").iterdir() if not p.name.endswith(".py"))
+    assert ran == []
+    for sample in corpus:
+        verdict = verdicts[str(sample.path)]
+        if sample.malicious:
+            assert verdict in ("UnsafePickleError", "ModelSourceError"), sample.name
+        elif sample.name.endswith(".pt"):  # torch.save files; picklescan's benign lists are not checkpoints
+            assert verdict == "loaded", sample.name
+    refused = [s for s in corpus if s.malicious and verdicts[str(s.path)] == "UnsafePickleError"]
+    assert len(refused) >= sum(s.malicious for s in corpus) - 2  # not merely unreadable
