@@ -6,9 +6,11 @@ clean accuracy and the robust accuracy under an AutoAttack component (APGD-CE by
 with straight-through gradients, BPDA), and picks
 
     the α with the highest robust accuracy whose clean accuracy is at most ``max_clean_drop``
-    percentage points below that of α = 0
+    percentage points below that of α = 0,
 
-(ties: higher clean accuracy, then smaller α). With ``bpda=True`` the robust accuracy used is the worse of
+and a non-zero α only with a robust gain: when α = 0 reaches the highest robust accuracy, α = 0 is chosen,
+however the clean accuracy of the others moved. Ties between non-zero α go to the higher clean accuracy,
+then the smaller α. With ``bpda=True`` the robust accuracy used is the worse of
 the exact-gradient and BPDA numbers, so a gain that only comes from gradient masking cannot be chosen.
 ``per_stage=True`` then runs a coordinate search over the stages of the network (one α per stage).
 
@@ -206,6 +208,7 @@ def select_alpha(
     *,
     max_clean_drop: float = 0.5,
     baseline_clean: float | None = None,
+    reference_alpha: float = 0.0,
 ) -> TunePoint:
     """The point with the highest :attr:`TunePoint.score` whose clean drop is within the bound.
 
@@ -213,8 +216,11 @@ def select_alpha(
         points: measured points.
         max_clean_drop: largest allowed ``baseline_clean - clean``, in percentage points.
         baseline_clean: the reference clean accuracy; default that of the point with α = 0.
+        reference_alpha: the α kept unless another brings a robust gain (0; in a per-stage search, the
+            stage's current α).
 
-    Ties are broken by higher clean accuracy, then smaller α.
+    Another α than ``reference_alpha`` wins only with a higher score: a clean accuracy that moved by a
+    sample is no reason to change α. Ties between the others go to higher clean accuracy, then smaller α.
 
     Raises:
         EvaluationError: no α = 0 point and no ``baseline_clean``, or no point within the bound.
@@ -230,7 +236,11 @@ def select_alpha(
             f"no alpha keeps the clean accuracy within {max_clean_drop:g} points of {baseline_clean:.2f}%. "
             "Hint: raise max_clean_drop or include alpha = 0"
         )
-    return max(feasible, key=lambda p: (p.score, p.clean, -p.alpha))
+    best = max(feasible, key=lambda p: (p.score, p.clean, -p.alpha))
+    reference = [p for p in feasible if math.isclose(p.alpha, reference_alpha, abs_tol=_TOL)]
+    if reference and reference[0].score >= best.score - _TOL:
+        return reference[0]
+    return best
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -444,7 +454,9 @@ def tune(
                         clean, robust, robust_b = measure(trial, f"stage {stage} alpha={a:g}")
                         rows.append(TunePoint(a, clean, robust, robust_b, stage=stage))
                     stage_curve.extend(rows)
-                    pick = select_alpha(rows, max_clean_drop=max_clean_drop, baseline_clean=baseline)
+                    pick = select_alpha(
+                        rows, max_clean_drop=max_clean_drop, baseline_clean=baseline, reference_alpha=config[members[0]]
+                    )
                     stage_alphas[stage] = pick.alpha
                     config.update(dict.fromkeys(members, pick.alpha))
     except BaseException:

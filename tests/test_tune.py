@@ -122,6 +122,12 @@ def test_selection_respects_the_clean_drop_bound():
     # ties: higher clean, then smaller alpha
     ties = [TunePoint(0.0, 95.0, 40.0), TunePoint(0.1, 95.0, 45.0), TunePoint(0.2, 95.0, 45.0)]
     assert select_alpha(ties).alpha == 0.1
+    # a non-zero α wins only with a robust gain: one more sample classified clean is no reason to move
+    no_gain = [TunePoint(0.0, 95.0, 40.0), TunePoint(0.2, 95.8, 40.0), TunePoint(0.4, 96.0, 40.0)]
+    assert select_alpha(no_gain).alpha == 0.0
+    assert select_alpha(no_gain, reference_alpha=0.2).alpha == 0.2  # a stage keeps its α unless another gains
+    gain = no_gain + [TunePoint(0.3, 94.9, 40.8)]
+    assert select_alpha(gain).alpha == 0.3
     with pytest.raises(EvaluationError, match="alpha = 0"):
         select_alpha(curve[1:])
 
