@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,55 +45,87 @@ def plot_tuning(
 ) -> Path:
     """Clean and robust accuracy versus α, with the chosen α marked, as a PNG.
 
-    Points whose clean drop exceeds the bound are drawn hollow; a BPDA curve is drawn when measured.
+    Points whose clean drop exceeds the bound are drawn hollow; a BPDA curve is drawn when measured. Each
+    curve has its own line style and marker, so equal curves stay visible (the clean line is the wide solid
+    one under the dashed robust line); the legend, with the chosen α's numbers, sits below the axes.
 
     Args:
         result: a :class:`~graphsparse.tune.TuneResult` or its ``to_dict()`` (the ``tuning`` record).
         path: the PNG to write.
-        title: figure title; default names the attack and ε.
+        title: figure title; default names the split (when known), the attack and ε.
 
     Returns:
         ``path``.
     """
+    return _save(_tuning_figure(result, title), path)
+
+
+# label, line style, line width, marker, marker size (points²), colour: drawn in this order, each over the last
+_TUNING_STYLES = (
+    ("clean", "-", 3.0, "o", 64, "tab:blue"),
+    ("exact", "--", 1.5, "s", 28, "tab:red"),
+    ("BPDA", ":", 1.5, "^", 28, "tab:purple"),
+)
+
+
+def _tuning_figure(result: TuneResult | Mapping[str, Any], title: str | None) -> Any:
     if not isinstance(result, TuneResult):
         result = TuneResult.from_dict(result)
     if not result.curve:
         raise ValueError("the tuning result has no curve to plot")
     alphas = np.array([p.alpha for p in result.curve])
-    clean = np.array([p.clean for p in result.curve])
-    robust = np.array([p.robust for p in result.curve])
-    feasible = result.baseline_clean - clean <= result.max_clean_drop + 1e-9
-    fig, (ax,) = _figure(6.4, 4.2)
-    series = [("clean", clean, "tab:blue", "o"), (f"robust ({result.attack}, exact)", robust, "tab:red", "s")]
+    values = {
+        "clean": np.array([p.clean for p in result.curve]),
+        "exact": np.array([p.robust for p in result.curve]),
+    }
     if any(p.robust_bpda is not None for p in result.curve):
-        bpda = np.array([np.nan if p.robust_bpda is None else p.robust_bpda for p in result.curve])
-        series.append((f"robust ({result.attack}, BPDA)", bpda, "tab:purple", "^"))
-    for label, values, colour, marker in series:
-        ax.plot(alphas, values, color=colour, label=label, linewidth=1.5)
-        ax.scatter(alphas[feasible], values[feasible], color=colour, marker=marker, zorder=3)
-        ax.scatter(alphas[~feasible], values[~feasible], facecolors="white", edgecolors=colour, marker=marker, zorder=3)
-    ax.axvline(result.chosen_alpha, color="black", linestyle="--", linewidth=1)
+        values["BPDA"] = np.array([np.nan if p.robust_bpda is None else p.robust_bpda for p in result.curve])
+    feasible = result.baseline_clean - values["clean"] <= result.max_clean_drop + 1e-9
+    fig, (ax,) = _figure(6.4, 4.8)
+    for z, (key, linestyle, width, marker, size, colour) in enumerate(_TUNING_STYLES):
+        if key not in values:
+            continue
+        label = "clean" if key == "clean" else f"robust ({result.attack}, {key})"
+        ys = values[key]
+        ax.plot(alphas, ys, color=colour, linestyle=linestyle, linewidth=width, label=label, zorder=2 + 2 * z)
+        ax.scatter(alphas[feasible], ys[feasible], s=size, color=colour, marker=marker, zorder=3 + 2 * z)
+        ax.scatter(
+            alphas[~feasible], ys[~feasible], s=size, facecolors="white", edgecolors=colour, marker=marker,
+            zorder=3 + 2 * z,
+        )
     chosen = result.chosen
-    ax.annotate(
-        f"chosen α = {result.chosen_alpha:g}\nclean {chosen.clean:.1f}%, robust {chosen.robust:.1f}%"
-        + ("" if chosen.robust_bpda is None else f" (BPDA {chosen.robust_bpda:.1f}%)"),
-        xy=(result.chosen_alpha, chosen.score),
-        xytext=(8, 8),
-        textcoords="offset points",
-        fontsize=8,
+    ax.axvline(
+        result.chosen_alpha, color="black", linestyle="-.", linewidth=1, zorder=1,
+        label=f"chosen α = {result.chosen_alpha:g}: clean {chosen.clean:.1f}%, robust {chosen.robust:.1f}%"
+        + ("" if chosen.robust_bpda is None else f", BPDA {chosen.robust_bpda:.1f}%"),
     )
+    if not feasible.all():
+        ax.scatter([], [], s=28, facecolors="white", edgecolors="grey", label="hollow: clean drop over the bound")
     ax.set_xlabel("α")
     ax.set_ylabel("accuracy (%)")
     norm = "∞" if result.norm == "Linf" else result.norm[1:]
+    split = f" on the '{result.split}' split" if result.split else ""
     ax.set_title(
-        title
-        or f"α sweep on '{result.split or 'unknown'}' split, {result.attack}, "
-        f"ε = {result.eps:.4g} (L{norm}), n = {result.n}",
+        _wrap(title or f"α sweep{split}, {result.attack}, ε = {result.eps:.4g} (L{norm}), n = {result.n}"),
         fontsize=9,
     )
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    _legend_below(fig, *ax.get_legend_handles_labels())
+    return fig
+
+
+def _legend_below(fig: Any, handles: list[Any], labels: list[str]) -> None:
+    """One legend below the axes, in two columns when they fit the figure's width, else in one."""
+    legend = fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=2)
+    fig.canvas.draw()
+    if legend.get_window_extent().width > fig.bbox.width * 0.98:
+        legend.remove()
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=1)
+
+
+def _wrap(text: str, width: int = 90) -> str:
+    """A title on lines of at most ``width`` characters, so that it stays inside the figure."""
+    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
 
 
 def plot_site_histogram(
@@ -120,6 +153,18 @@ def plot_site_histogram(
     Returns:
         ``path``.
     """
+    return _save(_site_histogram_figure(hist, site_id, op, channel=channel, alpha=alpha, title=title), path)
+
+
+def _site_histogram_figure(
+    hist: SiteHistogram | Mapping[str, SiteHistogram],
+    site_id: str,
+    op: Any,
+    *,
+    channel: int | None,
+    alpha: float | None,
+    title: str | None,
+) -> Any:
     h = hist if isinstance(hist, SiteHistogram) else hist.get(site_id) if isinstance(hist, Mapping) else None
     if h is None:
         raise KeyError(f"no histogram for site {site_id!r}")
@@ -137,9 +182,9 @@ def plot_site_histogram(
     mu = 0.0 if channel is None else float(h.mean[channel])
     sigma = 1.0 if channel is None else float(h.std[channel])
     widths = np.diff(edges)
-    fig, (ax_in, ax_out) = _figure(6.4, 5.6, rows=2)
+    fig, (ax_in, ax_out) = _figure(6.4, 6.0, rows=2)
     for ax, values, label in ((ax_in, inner, "before MeanSparse"), (ax_out, after, "after MeanSparse")):
-        ax.bar(edges[:-1], values, width=widths, align="edge", color="tab:blue", alpha=0.8, label=label)
+        ax.bar(edges[:-1], values, width=widths, align="edge", color="tab:blue", alpha=0.8, label="values")
         if alpha > 0:
             ax.axvspan(
                 mu - alpha * sigma,
@@ -149,7 +194,7 @@ def plot_site_histogram(
                 label=f"blocked band ±{alpha:g}σ",
             )
         ax.axvline(mu, color="black", linestyle="--", linewidth=1, label="μ")
-        ax.set_ylabel("count")
+        ax.set_ylabel(f"count, {label}")
         ax.grid(True, alpha=0.3)
     top = max(float(inner.max(initial=0)), 1.0) * 1.1
     if blocked:
@@ -169,15 +214,21 @@ def plot_site_histogram(
             ax.set_xlim(lo - pad, hi + pad)
     for ax in (ax_in, ax_out):
         ax.set_ylim(0, top)
-    ax_in.legend(fontsize=8)
-    ax_out.legend(fontsize=8)
+    handles: dict[str, Any] = {}
+    for ax in (ax_in, ax_out):  # one legend below both panels: it covers neither bars nor labels
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, handle)
+    _legend_below(fig, list(handles.values()), list(handles))
     unit = "(x − μ) / σ, all channels" if channel is None else f"input value, channel {channel}"
     ax_out.set_xlabel(unit)
     outside = int(counts[0] + counts[-1])
     ax_in.set_title(
-        title
-        or f"{site_id}: α = {alpha:g}, {int(counts.sum())} values"
-        + (f" ({outside} outside ±{h.edges[-1]:g}σ)" if outside else ""),
+        _wrap(
+            title
+            or f"{site_id}: α = {alpha:g}, {int(counts.sum())} values"
+            + (f" ({outside} outside ±{h.edges[-1]:g}σ)" if outside else "")
+            + ("; α = 0 moves nothing, so both panels are the same" if alpha == 0 else "")
+        ),
         fontsize=9,
     )
-    return _save(fig, path)
+    return fig

@@ -109,3 +109,43 @@ def test_no_cuda_home_notice_on_cpu_machines(tmp_path, trigger):
     assert done.returncode == 0, done.stderr
     assert "No CUDA runtime" not in done.stderr
     assert "another notice" in done.stderr
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def demo_artifact(tmp_path_factory):
+    """A calibrated artifact of the demo architecture on the digits data (8×8), α = 0, and one of its sites."""
+    art = tmp_path_factory.mktemp("demo") / "demo.safetensors"
+    res = _run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
+               "1,1,8,8", "--data", "digits", "--max-samples", "256", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    return art, next(iter(graphsparse.operators(graphsparse.load(art))))
+
+
+@pytest.mark.slow
+def test_plot_site_draws_the_alpha_asked_for(demo_artifact, tmp_path, monkeypatch):
+    """plot --site --alpha A draws the band of A (the artifact's α is 0 here: both panels were the same)."""
+    import graphsparse.plots
+
+    art, site = demo_artifact
+    drawn = []
+    real = graphsparse.plots.plot_site_histogram
+    monkeypatch.setattr(
+        graphsparse.plots, "plot_site_histogram", lambda *a, **k: drawn.append(k["alpha"]) or real(*a, **k)
+    )
+    common = ("plot", str(art), "--site", site, "--max-samples", "16")
+    res = _run(*common, "-o", str(tmp_path / "a0.png"))
+    assert res.exit_code == 0, res.output
+    assert "α = 0" in res.output and "--alpha" in res.output  # says why the panels are the same
+    res = _run(*common, "--alpha", "0.5", "-o", str(tmp_path / "a05.png"))
+    assert res.exit_code == 0, res.output
+    assert "α = 0.5" in res.output and "note:" not in res.output
+    assert drawn == [0.0, 0.5]
+    assert (tmp_path / "a05.png").read_bytes() != (tmp_path / "a0.png").read_bytes()
+    res = _run(*common, "--alpha", "-1", "-o", str(tmp_path / "bad.png"))
+    assert res.exit_code == 2 and "--alpha" in res.output
+    res = _run("plot", str(art), "--tuning", "--alpha", "0.5")
+    assert res.exit_code == 2 and "--site" in res.output

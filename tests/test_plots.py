@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ import graphsparse as gs
 from graphsparse.data import load_dataset
 from graphsparse.histograms import SiteHistogram, record_histograms
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.plots import plot_site_histogram, plot_tuning
+from graphsparse.plots import _site_histogram_figure, _tuning_figure, plot_site_histogram, plot_tuning
 from graphsparse.tune import TunePoint, TuneResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +75,76 @@ def test_tuning_plot_overwrites_atomically(tmp_path):
     with pytest.raises(ValueError):
         plot_tuning({**tuning_result().to_dict(), "curve": []}, target)
     assert target.read_bytes()[:8] == PNG_MAGIC  # a failed plot leaves the old file alone
+
+
+def _text_boxes(fig) -> list[tuple[str, object]]:
+    """(description, window extent) of every piece of text in ``fig``: titles, axis and tick labels,
+    annotations and legends (a legend as one box)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [(f"legend {i}", lg.get_window_extent(renderer)) for i, lg in enumerate(fig.legends)]
+    for i, ax in enumerate(fig.axes):
+        texts = [("title", ax.title), ("xlabel", ax.xaxis.label), ("ylabel", ax.yaxis.label)]
+        texts += [(f"text {t.get_text()!r}", t) for t in ax.texts]
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            ticks = zip(axis.get_ticklocs(), axis.get_ticklabels())  # labels of ticks outside the view are not drawn
+            texts += [(f"tick {t.get_text()!r}", t) for loc, t in ticks if min(lo, hi) <= loc <= max(lo, hi)]
+        boxes += [(f"axes {i} {name}", t.get_window_extent(renderer)) for name, t in texts if t.get_text()]
+        if ax.get_legend() is not None:
+            boxes.append((f"axes {i} legend", ax.get_legend().get_window_extent(renderer)))
+    return boxes
+
+
+def _assert_text_laid_out(fig) -> None:
+    """No text runs off the figure, and no two pieces of text overlap (tick labels of one axis may touch)."""
+    width, height = fig.canvas.get_width_height()
+    boxes = _text_boxes(fig)
+    for name, box in boxes:
+        assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= width + 1 and box.y1 <= height + 1, (name, box)
+    for i, (name_a, a) in enumerate(boxes):
+        for name_b, b in boxes[i + 1 :]:
+            if "tick" in name_a and "tick" in name_b:
+                continue
+            overlap = min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1
+            assert not overlap, f"{name_a} overlaps {name_b}"
+
+
+def _edge_cases() -> list[TuneResult]:
+    r = tuning_result()
+    flat = [TunePoint(p.alpha, 90.0 - p.alpha, 90.0 - p.alpha, None) for p in r.curve]
+    return [
+        r,
+        dataclasses.replace(r, chosen_alpha=0.5),  # at the right edge: the note ran off the figure
+        dataclasses.replace(r, curve=flat, chosen_alpha=0.0),  # at the top left: the note crossed the title
+        dataclasses.replace(r, attack="apgd-ce+apgd-t+fab-t+square", eps=0.0313725, n=10_000, split="validation"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_tuning_plot_text_stays_inside_and_apart(case):
+    _assert_text_laid_out(_tuning_figure(_edge_cases()[case], None))
+
+
+def test_tuning_plot_keeps_equal_curves_visible():
+    """When robust equals clean the robust line is drawn over the clean one: it must be dashed or dotted and
+    thinner, each curve with its own marker, so that the clean line shows beneath."""
+    fig = _tuning_figure(_edge_cases()[2], None)
+    (ax,) = fig.axes
+    lines = sorted((ln for ln in ax.get_lines() if not ln.get_label().startswith("chosen")), key=lambda ln: ln.zorder)
+    assert [ln.get_label() for ln in lines][0] == "clean"
+    for below, above in zip(lines, lines[1:]):
+        assert above.zorder > below.zorder
+        assert above.get_linestyle() != "-" and above.get_linewidth() < below.get_linewidth(), above.get_label()
+    markers = [tuple(c.get_paths()[0].vertices.round(3).ravel()) for c in ax.collections if len(c.get_offsets())]
+    assert len(set(markers)) >= 2  # clean and robust points have different markers
+
+
+def test_tuning_plot_title_names_the_split_only_when_known():
+    r = tuning_result()
+    assert "'val' split" in _tuning_figure(r, None).axes[0].get_title()
+    for split in ("", None):
+        title = _tuning_figure(dataclasses.replace(r, split=split), None).axes[0].get_title()
+        assert "unknown" not in title and "split" not in title and "apgd-ce" in title
 
 
 # ---------------------------------------------------------------------------------------- histograms
@@ -144,3 +215,13 @@ def test_histograms_need_statistics():
         record_histograms(model, [torch.rand(4, 1, 8, 8)])
     with pytest.raises(gs.PlanError, match="did you mean 'a'"):
         record_histograms(model, [torch.rand(4, 1, 8, 8)], sites=["aa"])
+
+
+@pytest.mark.parametrize("alpha,channel", [(0.25, None), (0.0, None), (3.0, 1)])
+def test_site_histogram_text_stays_inside_and_apart(calibrated, alpha, channel):
+    model, loader = calibrated
+    hists = record_histograms(model, loader, sites=["layer1.act"], max_batches=2)
+    fig = _site_histogram_figure(hists, "layer1.act", None, channel=channel, alpha=alpha, title=None)
+    _assert_text_laid_out(fig)
+    if alpha == 0:
+        assert "both panels are the same" in fig.axes[0].get_title()
