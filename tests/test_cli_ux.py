@@ -149,3 +149,33 @@ def test_plot_site_draws_the_alpha_asked_for(demo_artifact, tmp_path, monkeypatc
     assert res.exit_code == 2 and "--alpha" in res.output
     res = _run("plot", str(art), "--tuning", "--alpha", "0.5")
     assert res.exit_code == 2 and "--site" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,suffix",
+    [
+        (("rewrite", "timm:no_such_model", "--rule", "full", "-o", "{tmp}/out.pt"), ".safetensors"),
+        (("rewrite", "timm:no_such_model", "--rule", "full", "-o", "{tmp}/out"), ".safetensors"),
+        (("plot", "{art}", "--tuning", "-o", "{tmp}/curve.jpg"), ".png"),
+    ],
+    ids=["rewrite-pt", "rewrite-bare", "plot-jpg"],
+)
+def test_an_output_named_for_another_format_is_refused_before_any_work(tmp_path, args, suffix):
+    """`-o out.pt` wrote a safetensors file under a pickle's name without a word; now the option is refused
+    (usage error, exit 2) before the model is even looked up, with the name to use instead."""
+    art = tmp_path / "a.safetensors"
+    art.write_bytes(b"not read: the option is checked first")
+    args = [a.format(tmp=tmp_path, art=art) for a in args]
+    res = _run(*args)
+    assert res.exit_code == 2, res.output
+    wanted = str(tmp_path / ("out" if args[0] == "rewrite" else "curve")) + suffix
+    assert "'-o'" in res.output and suffix in res.output and f"-o {wanted}" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_an_output_with_the_right_suffix_in_any_case_is_accepted(tmp_path):
+    from graphsparse.cli._term import output_suffix
+
+    check = output_suffix(".safetensors", "an artifact")
+    assert check(None, None, str(tmp_path / "Model.SafeTensors")) == str(tmp_path / "Model.SafeTensors")
+    assert check(None, None, None) is None

@@ -6,12 +6,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "print_json", "print_next", "table"]
+__all__ = ["console", "output_suffix", "print_json", "print_next", "table"]
 
 
 def console(stderr: bool = False) -> Console:
@@ -54,3 +56,21 @@ def table(columns: list[str], rows: list[list[Any]], *, title: str | None = None
     for row in rows:
         t.add_row(*("" if v is None else str(v) for v in row))
     return t
+
+
+def output_suffix(suffix: str, what: str):
+    """A click callback refusing an output path named for another format than the one written (``-o out.pt``
+    got a safetensors file that ``torch.load`` cannot read); the message names the option and a right name."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None or value.lower().endswith(suffix):
+            return value
+        path = Path(value)
+        right = path.with_suffix(suffix) if path.suffix else path.with_name(path.name + suffix)
+        raise click.BadParameter(
+            f"{value!r}: the command writes {what}, so the name must end in {suffix}. Hint: -o {right}",
+            ctx=ctx,
+            param=param,
+        )
+
+    return check

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._data import open_dataset
-from ._term import console
+from ._term import console, output_suffix
 
 
 @click.command("plot")
@@ -27,7 +27,9 @@ from ._term import console
 @click.option("--seed", type=int, default=None, help="Seed of the split (default: the calibration's, else 0).")
 @click.option("--max-samples", type=int, default=512, show_default=True)
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="PKG")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), default=None, callback=output_suffix(".png", "a PNG image")
+)
 def command(artifact, tuning, site, channel, alpha, data_source, split, seed, max_samples, allow_modules, output):
     """Draw a PNG from ARTIFACT (the paper's Figure 1 or Figure 3)."""
     from ..errors import GraphsparseError

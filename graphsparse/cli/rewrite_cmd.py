@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._options import load_cli_model, model_options
-from ._term import console, print_next
+from ._term import console, output_suffix, print_next
 
 
 def default_output(model_spec: str, rule: str) -> Path:
@@ -26,7 +26,14 @@ def default_output(model_spec: str, rule: str) -> Path:
 @click.option("--rule", required=True, help="Built-in rule name (after_addition, ...) or a YAML path.")
 @model_options
 @click.option("--alpha", type=float, default=None, help="α for every MeanSparse site (overrides the rule file).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Artifact path (.safetensors).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    callback=output_suffix(".safetensors", "a safetensors artifact (not a torch pickle)"),
+    help="Artifact path (.safetensors).",
+)
 @click.option("--data", "data_source", default=None, metavar="SRC", help="Also calibrate on this data source.")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--seed", type=int, default=0, show_default=True)
