@@ -383,7 +383,39 @@ def _recipe_for_spec(spec: str, kwargs: Mapping[str, Any], *, role: str = "model
         return Recipe("robustbench", model_id, {"dataset": dataset, "threat_model": threat})
     if _CLASS_SPEC.match(spec):
         return Recipe("class", spec, _json_kwargs(kwargs, f"{role} {spec!r}"))
+    if "/" in spec or os.sep in spec or Path(spec).suffix:
+        raise ModelSourceError(
+            f"cannot tell what {role} {spec!r} is: there is no such file (check the path), and it is none of the "
+            f"other forms; {_ACCEPTED_FORMS}"
+        )
+    known = _bare_name_sources(spec)
+    if known:
+        raise ModelSourceError(
+            f"cannot tell what {role} {spec!r} is: name the library, e.g. {' or '.join(known)} (random init)"
+        )
     raise ModelSourceError(f"cannot tell what {role} {spec!r} is; {_ACCEPTED_FORMS}")
+
+
+def _bare_name_sources(name: str) -> list[str]:
+    """The specs a bare architecture name could mean (``timm:resnet18``, ``torchvision:resnet18``)."""
+    if not re.match(r"^\w+$", name):
+        return []
+    found = []
+    try:
+        import timm
+
+        if timm.is_model(name):
+            found.append(f"timm:{name}")
+    except ImportError:
+        pass
+    try:
+        from torchvision import models
+
+        if name in models.list_models():
+            found.append(f"torchvision:{name}")
+    except ImportError:
+        pass
+    return found
 
 
 def _parse_robustbench(spec: str) -> tuple[str, str, str]:
@@ -856,7 +888,8 @@ def _unwrap(obj: Any, path: Path, checkpoint_key: str | None = None) -> nn.Modul
             obj = obj[key]
             continue
         raise ModelSourceError(
-            f"{path}{''.join(trail)} holds a {type(obj).__name__}, not a model, state dict or checkpoint dict"
+            f"{path}{''.join(trail)} holds a {type(obj).__name__}, not a model, state dict or checkpoint dict; "
+            "give a file written by torch.save(model), torch.save(model.state_dict()) or safetensors"
         )
     raise ModelSourceError(f"{path}{''.join(trail)}: checkpoint dicts nested too deep to find the weights")
 
@@ -882,7 +915,7 @@ def _fit_keys(
             )
         state = kept
     if strip_prefix:
-        return state, f"keys under {''.join(strip_prefix)!r}, without it"
+        return state, f"taken from under {''.join(strip_prefix)!r} (--strip-prefix)"
     want = set(expected)
     candidates = [("", state)]
     for _ in range(_MAX_PREFIX_DEPTH):

@@ -256,7 +256,11 @@ def test_the_readme_demo_command_names_the_trained_model():
 
 def test_unrecognised_spec_lists_the_accepted_forms():
     with pytest.raises(ModelSourceError, match="accepted forms: 'timm:NAME'.*pkg.module:Class.*safetensors"):
+        load_model("resnet_of_mine")
+    with pytest.raises(ModelSourceError, match="name the library, e.g. timm:resnet18 or torchvision:resnet18"):
         load_model("resnet18")
+    with pytest.raises(ModelSourceError, match="no such file"):
+        load_model("runs/best.pth.tar")
     with pytest.raises(ModelSourceError, match="does not exist"):
         load_model("missing_model.pt")
     with pytest.raises(ModelSourceError, match="only applies to weights files"):
