@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from safetensors.torch import save as safetensors_bytes
 from ._files import atomic_write
 from .errors import ArtifactError, GraphsparseError
 from .plan import Plan
+from .records import mark_stale, stats_digest
 from .rewrite import RewriteInfo, apply_plan, rewrite_info
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "FORMAT_VERSION", "atomic_write"]
@@ -90,8 +92,20 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     Returns:
         The path written.
+
+    Warns:
+        UserWarning: ``path`` does not end in ``.safetensors`` (``model.pt`` would promise a torch pickle, which
+            ``torch.load`` then fails to read); the file is written all the same.
     """
     info = rewrite_info(model)
+    if not str(path).lower().endswith(".safetensors"):
+        warnings.warn(
+            f"{path}: graphsparse artifacts are safetensors files (no pickle); this name promises another format "
+            f"and torch.load cannot read it. Hint: name it {Path(path).with_suffix('.safetensors').name}; load it "
+            "with graphsparse.load.",
+            UserWarning,
+            stacklevel=2,
+        )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -150,6 +164,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             f"{path}: the metadata does not match its digest (metadata_sha256): the plan, recipe or records were "
             "modified after saving. Refusing to load."
         )
+    records = _json_field(meta, "records", path)
+    if isinstance(records, dict) and mark_stale(records):  # flagged against the calibration record's digest
+        meta["records"] = json.dumps(records, sort_keys=True, default=str)
     return meta
 
 
@@ -196,7 +213,11 @@ def _saved_dtype(base: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.dty
 
 
 def load(
-    path: str | os.PathLike[str], *, allow_modules: Sequence[str] = (), base: nn.Module | None = None
+    path: str | os.PathLike[str],
+    *,
+    allow_modules: Sequence[str] = (),
+    base: nn.Module | None = None,
+    fuse: bool = True,
 ) -> nn.Module:
     """Rebuild a rewritten model from an artifact written by :func:`save`.
 
@@ -205,6 +226,8 @@ def load(
         allow_modules: packages whose classes may be imported when the recipe refers to a pickled file.
         base: the base model to rewrite instead of rebuilding it from the recipe (e.g. a model built in a
             notebook); its weights are replaced by the artifact's.
+        fuse: return the fused form, as :func:`graphsparse.rewrite` does (the same outputs, gradients and
+            ``state_dict``, faster); ``False`` for one graph node per activation.
 
     Raises:
         ArtifactError: the file is not a valid, untampered artifact, or it does not match the rebuilt model.
@@ -269,5 +292,10 @@ def load(
     model.load_state_dict(tensors, strict=True)
     info: RewriteInfo = rewrite_info(model)
     info.records = dict(records)
+    mark_stale(info.records, stats_digest(model))  # records made with other statistics are flagged
     model.eval()
+    if fuse:
+        from .fuse import fuse_activations
+
+        fuse_activations(model)
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import timm
@@ -66,6 +67,29 @@ def test_same_model_gives_byte_identical_files(rewritten, tmp_path):
     p1 = gs.save(model, tmp_path / "1.safetensors")
     p2 = gs.save(gs.load(p1), tmp_path / "2.safetensors")
     assert p1.read_bytes() == p2.read_bytes()
+
+
+def test_load_returns_the_fused_form_and_fused_or_not_writes_the_same_bytes(rewritten, tmp_path):
+    """load fuses as rewrite does (fuse=False opts out); the artifact does not depend on the form."""
+    model, x = rewritten
+    path = gs.save(model, tmp_path / "a.safetensors")
+    fused, plain = gs.load(path), gs.load(path, fuse=False)
+    assert any(op.activation is not None for op in gs.operators(fused).values())
+    assert all(op.activation is None for op in gs.operators(plain).values())
+    with torch.no_grad():
+        assert torch.equal(fused(x.clone()), plain(x))
+    unfused = gs.save(plain, tmp_path / "plain.safetensors").read_bytes()
+    assert gs.save(fused, tmp_path / "fused.safetensors").read_bytes() == unfused == path.read_bytes()
+
+
+def test_saving_under_another_formats_name_warns_and_says_what_the_file_is(rewritten, tmp_path):
+    model, _ = rewritten
+    with pytest.warns(UserWarning, match=r"safetensors.*a\.safetensors"):
+        path = gs.save(model, tmp_path / "a.pt")
+    assert path.read_bytes() == gs.save(model, tmp_path / "b.safetensors").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gs.save(model, tmp_path / "C.SafeTensors")
 
 
 def test_no_pickle_in_the_artifact(rewritten, tmp_path):
