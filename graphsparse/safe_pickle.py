@@ -352,6 +352,8 @@ class PickleScan:
             held by a value that is called. A class that is only instantiated without running its
             constructor (NEWOBJ, as ``torch.save`` writes every module) is not among them.
         opcodes: how many opcodes were followed.
+        module_ids: in a legacy file, each ``('module', cls, source_file, source)`` persistent id (how the
+            legacy format stores a module's class): offsets of its MARK and BINPERSID, module, qualname.
     """
 
     imports: set[str] = field(default_factory=set)
@@ -361,8 +363,6 @@ class PickleScan:
     _passed: dict[str, list[_Slot]] = field(default_factory=dict, repr=False)
     # values that are called (a partial, a call's result): whatever they hold may run
     _called_values: list[_Slot] = field(default_factory=list, repr=False)
-    # legacy torch.save's ('module', cls, source_file, source) persistent ids: file offsets of the id's MARK
-    # and of its BINPERSID, the class's module and qualname
     module_ids: list[tuple[int, int, str, str]] = field(default_factory=list, repr=False)
 
     def called(self) -> set[str]:
@@ -902,7 +902,7 @@ def read_pickle(path: Path, allow_modules: Sequence[str]) -> Any:
         if "." not in entry or any(name == entry for _, name in allowed):
             continue
         obj = data_global(entry)
-        if obj is None and entry.split(".")[0] in sys.modules:  # only what is imported already
+        if obj is None:  # the user named it exactly (never a __main__ that is not running)
             try:
                 obj = _resolve(entry)
             except _Unresolvable:

@@ -48,6 +48,7 @@ def suggested(message: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ robustbench alias
 
 
+@pytest.mark.slow
 def test_autoattack_alias_lets_robustbench_import_in_a_fresh_process():
     done = run_fresh(
         """
@@ -95,6 +96,7 @@ def test_whole_robustbench_module_loads_in_a_fresh_process(tmp_path, robustbench
 _PROGRAMS = ["graphsparse.__main__", "torch.utils.model_dump.__main__", "timm.__main__"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allow", [[], ["graphsparse.__main__.main", "torch.utils.model_dump"]])
 def test_a_pickle_naming_a_program_is_refused_without_importing_it(tmp_path, allow):
     files = []
@@ -126,7 +128,9 @@ def test_scan_imports_nothing_the_file_names(tmp_path, monkeypatch):
     (tmp_path / "b.pt").write_bytes(raw)
     imported = []
     real = safe_pickle.importlib.import_module
-    monkeypatch.setattr(safe_pickle.importlib, "import_module", lambda n, *a: imported.append(n) or real(n, *a))
+    monkeypatch.setattr(
+        safe_pickle.importlib, "import_module", lambda n, *a, **k: imported.append(n) or real(n, *a, **k)
+    )
     with pytest.raises(UnsafePickleError, match="torch.utils.bottleneck.__main__ is a program"):
         read_pickle(tmp_path / "b.pt", [])
     assert not any("__main__" in name for name in imported)
