@@ -356,7 +356,7 @@ class MeanSparse(nn.Module):
         self.site_id = str(site_id)
         self.depth = int(depth)
         self.backward_mode = "exact"
-        self.activation: ActivationSpec | None = None
+        self.activation = None  # no annotation: TorchScript warns about instance-level ones
         self.inplace = False
         self.activation_inplace = False
         self.register_buffer("mean", torch.zeros(channels, dtype=torch.float32))
