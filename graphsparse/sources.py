@@ -794,8 +794,8 @@ def _load_file(
                 f"{path} holds a whole model ({type(obj).__name__}); --strip-prefix applies to state dicts "
                 "loaded with --arch"
             )
-        recipe = _timm_recipe(obj) or Recipe("file", str(path.resolve()), {}, sha256=_sha256(path))
-        return obj.eval(), recipe
+        recipe = _timm_recipe(obj) or _torchvision_recipe(obj)
+        return obj.eval(), recipe or Recipe("file", str(path.resolve()), {}, sha256=_sha256(path))
     if arch_recipe is None:
         example = ", ".join(repr(k) for k in list(obj)[:3])
         raise ModelSourceError(
@@ -1064,6 +1064,39 @@ def _timm_recipe(model: nn.Module) -> Recipe | None:
     return recipe if _computes_the_same(model, rebuilt) else None
 
 
+def _torchvision_recipe(model: nn.Module) -> Recipe | None:
+    """A torchvision recipe for a whole torchvision classifier: the builder of its module whose model (with the
+    same class count) has its parameter names and shapes and computes the same function."""
+    module = type(model).__module__
+    if not module.startswith("torchvision.models."):
+        return None
+    from torchvision import models
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    classes = getattr(last[-1], "out_features", getattr(last[-1], "out_channels", None)) if last else None
+    options: list[dict[str, Any]] = [{}] if classes in (None, 1000) else [{"num_classes": classes}, {}]
+    for name in models.list_models():
+        if models.get_model_builder(name).__module__ != module:
+            continue
+        for kwargs in options:
+            try:  # on the meta device first: no memory, no initialisation, to compare the layout
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")
+                    candidate = models.get_model(name, **kwargs)
+            except Exception:
+                continue
+            layout = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+            if type(candidate) is not type(model) or layout != shapes:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rebuilt = models.get_model(name, **kwargs)
+            if _computes_the_same(model, rebuilt):
+                return Recipe("torchvision", name, kwargs)
+    return None
+
+
 def _computes_the_same(model: nn.Module, rebuilt: nn.Module) -> bool:
     """Whether ``rebuilt``, given ``model``'s weights, has its parameter names and shapes and gives its output
     on a probe. Shapes alone miss options that own no weights (timm's ``global_pool='max'``,
@@ -1095,12 +1128,13 @@ def _computes_the_same(model: nn.Module, rebuilt: nn.Module) -> bool:
 def infer_recipe(model: nn.Module) -> Recipe | None:
     """A recipe that rebuilds ``model``'s architecture, when one can be found without guessing.
 
-    timm models give a ``timm`` recipe; other classes of an importable module give a ``class`` recipe
+    timm models give a ``timm`` recipe, torchvision classifiers a ``torchvision`` one (the builder whose model
+    has the same layout); other classes of an importable module give a ``class`` recipe
     when their no-argument constructor rebuilds the same parameter names and shapes. Either is kept only
     if the rebuilt model, given ``model``'s weights, gives ``model``'s output on a probe. None otherwise
     (then :func:`graphsparse.load` needs ``base=``).
     """
-    recipe = _timm_recipe(model)
+    recipe = _timm_recipe(model) or _torchvision_recipe(model)
     if recipe is not None:
         return recipe
     cls = type(model)

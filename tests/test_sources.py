@@ -149,6 +149,24 @@ def test_torchvision_weights_stay_possible_but_are_not_recorded(monkeypatch):
     assert seen == {"weights": "DEFAULT"} and recipe == Recipe("torchvision", "resnet18", {})
 
 
+@pytest.mark.slow
+def test_a_torchvision_model_gets_a_torchvision_recipe(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    from graphsparse.io import load, save
+    from graphsparse.rewrite import rewrite
+    from graphsparse.sources import infer_recipe
+
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1(num_classes=5).eval()
+    assert infer_recipe(model) == Recipe("torchvision", "squeezenet1_1", {"num_classes": 5})
+    torch.save(model, tmp_path / "squeeze.pt")
+    assert load_model(tmp_path / "squeeze.pt")[1] == Recipe("torchvision", "squeezenet1_1", {"num_classes": 5})
+    # a notebook's torchvision model: the artifact reloads without base= (its recipe was inferred)
+    x = torch.zeros(1, 3, 64, 64)
+    save(rewrite(model, "before_activations", x), tmp_path / "squeeze.safetensors")
+    assert same_output(load(tmp_path / "squeeze.safetensors"), model)
+
+
 def test_builder_functions_are_model_sources():
     torchvision = pytest.importorskip("torchvision")
     model, recipe = load_model("torchvision.models:resnet18", num_classes=3)
