@@ -31,7 +31,6 @@ from graphsparse.sources import load_model
 
 ARCH = "timm:test_resnet"
 SHAPE = (2, 3, 32, 32)
-NEEDS_A1 = pytest.mark.xfail(strict=True, reason="needs safe_pickle data allowlist (A1)")
 
 
 def reference() -> nn.Module:
@@ -158,8 +157,6 @@ CASES = [
     Case("whole_timm_module", lambda m: m, {}),
     Case("whole_timm_module_legacy", lambda m: m, {}, legacy=True),
 ]
-# the cases that hold numpy values or an argparse.Namespace, or a legacy-format whole module
-_DATA_ALLOWLIST = {"research_numpy_argparse", "legacy_research", "whole_timm_module_legacy"}
 
 
 def cli_options(options: dict[str, Any]) -> list[str]:
@@ -169,11 +166,7 @@ def cli_options(options: dict[str, Any]) -> list[str]:
     return args
 
 
-def _params():
-    return [pytest.param(c, id=c.name, marks=NEEDS_A1 if c.name in _DATA_ALLOWLIST else ()) for c in CASES]
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_checkpoint_loads_through_the_api_and_the_cli(case, tmp_path):
     original = reference()
     saved = case.make(original)
@@ -221,7 +214,6 @@ def test_whole_torch_and_torchvision_modules_load(tmp_path):
         assert result.exit_code == 0, result.output
 
 
-@NEEDS_A1
 @pytest.mark.slow
 def test_whole_robustbench_module_loads_in_a_fresh_process(tmp_path):
     if importlib.util.find_spec("robustbench") is None:  # pragma: no cover - CI installs it
