@@ -136,6 +136,20 @@ def test_scan_imports_nothing_the_file_names(tmp_path, monkeypatch):
     assert not any("__main__" in name for name in imported)
 
 
+def test_resolve_global_finds_classes_statically_and_refuses_programs():
+    assert safe_pickle.resolve_global("torch.nn.modules.linear.Linear") is nn.Linear
+    assert safe_pickle.resolve_global("timm.layers.Format").__name__ == "Format"  # via a package's attribute
+    for name, why in [
+        ("graphsparse.__main__.main", "is a program"),
+        ("torch.nn.functional.torch.hub.load", "through a module"),
+        ("torch.nn", "names a module"),
+        ("torch.nn.modules.linear.NoSuchThing", "no attribute path"),
+    ]:
+        with pytest.raises(LookupError, match=why):
+            safe_pickle.resolve_global(name)
+    assert "graphsparse.__main__" not in sys.modules
+
+
 # ------------------------------------------------------------------------------------------ linear cost
 
 
