@@ -179,3 +179,22 @@ def test_an_output_with_the_right_suffix_in_any_case_is_accepted(tmp_path):
     check = output_suffix(".safetensors", "an artifact")
     assert check(None, None, str(tmp_path / "Model.SafeTensors")) == str(tmp_path / "Model.SafeTensors")
     assert check(None, None, None) is None
+
+
+def test_every_lazy_name_is_exported_and_visible_to_type_checkers():
+    """graphsparse/__init__.py lists each public name three times (the lazy table, the TYPE_CHECKING imports,
+    __all__); a name added to one list only would be missing for users or for type checkers."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(graphsparse))
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    typed = {
+        alias.asname or alias.name: f"{node.module}"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert typed == dict(graphsparse._LAZY)
+    assert set(graphsparse.__all__) == set(graphsparse._LAZY) | {"plan"}
+    assert len(graphsparse.__all__) == len(set(graphsparse.__all__))
