@@ -300,9 +300,11 @@ def _resolve(name: str) -> Any:
         raise _Unresolvable("not a module path")
     obj: Any = _import_module(parts[0])
     i = 1
-    while i < len(parts) and hasattr(obj, "__path__"):  # a package: is the next part a submodule?
+    while i < len(parts):  # is the next part a submodule (imported already, or of a package)?
         sub = ".".join(parts[: i + 1])
         if sub not in sys.modules:
+            if not hasattr(obj, "__path__"):  # a plain module: the rest are attributes
+                break
             if parts[i] == "__main__":
                 _import_module(sub)  # raises: a program
             try:

@@ -150,6 +150,17 @@ def test_resolve_global_finds_classes_statically_and_refuses_programs():
     assert "graphsparse.__main__" not in sys.modules
 
 
+def test_functions_living_in_extension_modules_resolve(tmp_path):
+    # F.gelu and F.hardtanh_ are torch._C._nn's: the module chain passes through torch._C, a plain
+    # (extension) module whose submodule is already imported
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.gate, model.clip = torch.nn.functional.gelu, torch.nn.functional.hardtanh_
+    assert model.gate.__module__ == "torch._C._nn"
+    torch.save(model, tmp_path / "gelu.pt")
+    loaded = read_pickle(tmp_path / "gelu.pt", [])
+    assert loaded.gate is torch.nn.functional.gelu and loaded.clip is torch.nn.functional.hardtanh_
+
+
 # ------------------------------------------------------------------------------------------ linear cost
 
 
