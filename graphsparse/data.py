@@ -35,6 +35,7 @@ __all__ = [
     "INPUT_KEYS",
     "LABEL_KEYS",
     "batch_parts",
+    "model_input_size",
     "SPLITS",
     "SPLIT_FRACTIONS",
     "SplitDataset",
@@ -344,17 +345,44 @@ def _resize(x: torch.Tensor, image_size: int | tuple[int, int] | None) -> torch.
     return out.clamp_(0.0, 1.0)
 
 
-def _default_image_transform(image_size: int | tuple[int, int] | None) -> Callable[[Any], Any]:
+def _default_image_transform(
+    image_size: int | tuple[int, int] | None, channels: int | None = None
+) -> Callable[[Any], Any]:
     from torchvision import transforms
 
     steps: list[Any] = []
+    if channels == 1:
+        steps.append(transforms.Grayscale(num_output_channels=1))
     if image_size is not None:
-        steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+        size = tuple(image_size) if isinstance(image_size, (tuple, list)) else image_size
+        steps += [transforms.Resize(size), transforms.CenterCrop(size)]
     steps.append(transforms.ToTensor())
     return transforms.Compose(steps)
 
 
-def data_config_transform(model: nn.Module, *, normalize: bool = False) -> Callable[[Any], Any]:
+def model_input_size(model: nn.Module | None) -> tuple[int, int] | None:
+    """The ``(H, W)`` a model declares for its inputs: timm's ``pretrained_cfg`` ``input_size``, or a
+    ``default_input_size`` attribute; ``None`` when it declares none."""
+    card = getattr(model, "meta", None)  # a rewritten model keeps the original's in its meta (capture)
+    card = card if isinstance(card, dict) else {}
+    cfg = getattr(model, "pretrained_cfg", None) or card.get("pretrained_cfg")
+    size = (cfg or {}).get("input_size") or getattr(model, "default_input_size", None) or card.get(
+        "default_input_size"
+    )
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) >= 2:
+        return int(size[-2]), int(size[-1])
+    return None
+
+
+def data_config_transform(
+    model: nn.Module | None,
+    *,
+    normalize: bool = False,
+    channels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+) -> Callable[[Any], Any]:
     """The evaluation transform (PIL image -> tensor) that suits ``model``.
 
     Models with a timm ``pretrained_cfg`` get timm's transform (resize, crop, interpolation from
@@ -362,23 +390,28 @@ def data_config_transform(model: nn.Module, *, normalize: bool = False) -> Calla
     ``default_input_size`` attribute, when it has one).
 
     Args:
-        model: the model the images are for.
+        model: the model the images are for (``None``: no model, plain ``ToTensor``).
         normalize: apply the model's mean/std normalisation. Off by default: graphsparse works on
             ``[0, 1]`` pixels and expects the model (or its wrapper) to normalise.
+        channels: 1 converts images to grayscale (for single-channel models; resized as above, never
+            normalised); default: colour, as the image files are read.
+        image_size: resize and center-crop to this size instead of the model's.
     """
     card = getattr(model, "meta", None)  # a rewritten model keeps the original's in its meta (capture)
     card = card if isinstance(card, dict) else {}
     cfg = getattr(model, "pretrained_cfg", None) or card.get("pretrained_cfg")
-    if cfg:
+    if cfg and channels != 1:
         from timm.data import create_transform, resolve_data_config
 
         data_cfg = resolve_data_config({}, pretrained_cfg=cfg)
         if not normalize:  # timm's normalize=False keeps uint8; a unit mean/std gives float in [0, 1]
-            channels = len(data_cfg["mean"])
-            data_cfg.update(mean=(0.0,) * channels, std=(1.0,) * channels)
+            n = len(data_cfg["mean"])
+            data_cfg.update(mean=(0.0,) * n, std=(1.0,) * n)
+        if image_size is not None:
+            h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+            data_cfg.update(input_size=(data_cfg["input_size"][0], h, w), crop_pct=1.0)
         return create_transform(**data_cfg, is_training=False)
-    size = getattr(model, "default_input_size", None) or card.get("default_input_size")
-    return _default_image_transform(size[-2:] if isinstance(size, (tuple, list)) else size)
+    return _default_image_transform(image_size if image_size is not None else model_input_size(model), channels)
 
 
 def _unknown_source(source: str) -> DataError:

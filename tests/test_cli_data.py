@@ -68,11 +68,13 @@ def test_a_model_without_a_classifier_head_is_refused(tmp_path):
     res = run("rewrite", str(tmp_path / "features.pt"), "--rule", "after_addition", "--input-shape", "1,3,16,16",
               "-o", str(art))
     assert res.exit_code == 0, res.output
-    for command in ("calibrate", "eval"):
-        res = run(command, str(art), "--data", str(data), "--n" if command == "eval" else "--seed", "4")
-        assert res.exit_code == 1, (command, res.output)
-        assert "gives 512 outputs per sample (output shape (1, 512)), but the data has 10 classes" in res.output
-        assert "no classifier head" in res.output
+    found = "gives 512 outputs per sample (output shape (1, 512)), but the data has 10 classes"
+    res = run("calibrate", str(art), "--data", str(data))  # statistics need no labels: a warning
+    assert res.exit_code == 0, res.output
+    assert found in res.output and "tune and eval will refuse this data" in res.output
+    res = run("eval", str(art), "--data", str(data), "--n", "4", "--steps", "1")
+    assert res.exit_code == 1, res.output
+    assert found in res.output and "no classifier head" in res.output
 
 
 @pytest.fixture
@@ -111,3 +113,57 @@ def test_an_eps_in_pixel_levels_is_refused_with_its_unit(never_loaded, command):
     res = run(command, never_loaded, "--data", "digits", "--eps", "8")
     assert res.exit_code == 1, res.output
     assert "ε is in [0, 1] pixel units" in res.output and "8/255 = 0.0314" in res.output
+
+
+@pytest.fixture
+def tiny_artifact(tmp_path):
+    """A user's 1-channel, 3-class model captured at 8x8 (it declares no input size of its own)."""
+    try:  # tests/ may or may not be a package, depending on how pytest was started
+        from tests._user_models import TinyNet
+    except ImportError:
+        from _user_models import TinyNet
+
+    art = tmp_path / "tiny.safetensors"
+    res = run("rewrite", f"{TinyNet.__module__}:TinyNet", "--rule", "full", "--input-shape", "1,1,8,8", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    return str(art), TinyNet.__module__.split(".")[0]
+
+
+def test_an_image_folder_follows_the_models_channels_and_capture_size(tmp_path, tiny_artifact):
+    import numpy as np
+    from PIL import Image
+
+    import graphsparse as gs
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b", "c"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+    art, trust = tiny_artifact
+    res = run("calibrate", art, "--data", str(tmp_path / "imgs"), "--split", "all", "--allow-module", trust)
+    assert res.exit_code == 0, res.output  # colour files, read as grayscale for the 1-channel model, 8x8
+    assert "warning" not in res.output, res.output
+    assert gs.rewrite_info(gs.load(art, allow_modules=[trust])).records["calibration"]["samples"] == 12
+    res = run("calibrate", art, "--data", str(tmp_path / "imgs"), "--channels", "3", "--allow-module", trust)
+    assert res.exit_code == 1 and "(image folders: --channels)" in res.output
+
+
+def test_image_size_resizes_arrays(tmp_path, tiny_artifact):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((30, 1, 16, 16), dtype=np.float32), y=np.arange(30) % 3)
+    art, trust = tiny_artifact
+    res = run("calibrate", art, "--data", str(tmp_path / "d.npz"), "--allow-module", trust)
+    assert res.exit_code == 0, res.output
+    assert "gives 16x16 images, but the model was captured on 8x8" in res.output
+    assert "--image-size resizes them" in res.output
+    res = run("calibrate", art, "--data", str(tmp_path / "d.npz"), "--image-size", "8", "--allow-module", trust)
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+
+
+def test_a_malformed_image_size_is_refused_before_loading(never_loaded):
+    res = CliRunner().invoke(main, ["eval", never_loaded, "--data", "digits", "--image-size", "8,x"])
+    assert res.exit_code == 2 and "'8,x' is not a size: give N or H,W" in res.output

@@ -35,6 +35,19 @@ def data_options(default_split: str) -> Callable[[Callable[..., Any]], Callable[
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn = click.option(
+            "--image-size",
+            callback=_image_size,
+            default=None,
+            metavar="N|H,W",
+            help="Resize images to this size (default: image folders follow the model).",
+        )(fn)
+        fn = click.option(
+            "--channels",
+            type=click.Choice(["1", "3"]),
+            default=None,
+            help="Image folders: 1 reads them as grayscale (default: the model's input channels).",
+        )(fn)
+        fn = click.option(
             "--max-samples", type=POSITIVE, default=None, help="Use at most this many samples (default: all)."
         )(fn)
         fn = click.option("--batch-size", type=POSITIVE, default=128, show_default=True)(fn)
@@ -58,16 +71,50 @@ def data_options(default_split: str) -> Callable[[Callable[..., Any]], Callable[
     return wrap
 
 
-def open_dataset(source: str, split: str, seed: int, model: Any = None, input_shape: tuple[int, ...] = ()):
+def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """``N`` or ``H,W`` -> ``(H, W)``; checked before anything is loaded."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts, default=0) < 1:
+        raise click.BadParameter(f"{value!r} is not a size: give N or H,W, e.g. 224 or 28,28")
+    return (parts[0], parts[-1])
+
+
+def open_dataset(
+    source: str,
+    split: str,
+    seed: int,
+    model: Any = None,
+    input_shape: tuple[int, ...] = (),
+    *,
+    channels: int | str | None = None,
+    image_size: tuple[int, int] | None = None,
+):
     """The split of ``source``; image folders are preprocessed with the model's timm data config.
 
-    With ``input_shape`` (B, C, H, W) the data's channel count is checked against the model's.
+    With ``input_shape`` (B, C, H, W) the data's channel count is checked against the model's. Image folders
+    follow the model: grayscale for a 1-channel model (or ``channels``), resized to ``image_size``, else to
+    the size the model declares, else to the size it was captured at. Arrays are resized to ``image_size``.
     """
-    from ..data import data_config_transform, load_dataset
+    from ..data import data_config_transform, load_dataset, model_input_size
     from ..errors import DataError
 
-    transform = data_config_transform(model) if model is not None and Path(source).is_dir() else None
-    dataset = load_dataset(source, split=split, seed=seed, transform=transform)
+    channels = int(channels) if channels else None  # click's choice gives '1' or '3'
+    transform = None
+    if Path(source).is_dir():
+        if channels is None and len(input_shape) == 4:
+            channels = input_shape[1]
+        size = image_size
+        if size is None and (model is None or model_input_size(model) is None) and len(input_shape) == 4:
+            size = tuple(input_shape[2:])  # the capture size: images of any size become one batchable size
+        transform = data_config_transform(model, channels=channels, image_size=size)
+    dataset = load_dataset(
+        source, split=split, seed=seed, transform=transform, image_size=None if transform else image_size
+    )
     if len(input_shape) == 4 and len(dataset):
         sample = tuple(dataset[0][0].shape)
         if len(sample) != 3 or sample[0] != input_shape[1]:
@@ -77,7 +124,7 @@ def open_dataset(source: str, split: str, seed: int, model: Any = None, input_sh
             raise DataError(
                 f"data source {source!r} gives images of shape {sample}, but the model takes "
                 f"{input_shape[1]}-channel input {tuple(input_shape[1:])}.{layout} Hint: pick data that matches "
-                "the model."
+                "the model (image folders: --channels)."
             )
         if sample[1:] != tuple(input_shape[2:]):
             from ._term import console
@@ -85,7 +132,7 @@ def open_dataset(source: str, split: str, seed: int, model: Any = None, input_sh
             console(stderr=True).print(
                 f"warning: data source {source!r} gives {sample[1]}x{sample[2]} images, but the model was "
                 f"captured on {input_shape[2]}x{input_shape[3]} inputs; its statistics will describe inputs of "
-                "another size than it was built for.",
+                "another size than it was built for (--image-size resizes them).",
                 soft_wrap=True,
             )
     return dataset
@@ -145,10 +192,15 @@ def print_stale(records: dict) -> None:
 
 
 def check_model_fits(model, dataset) -> None:
-    """Refuse a model whose output is not one logit per class of ``dataset`` (one sample, before a long pass)."""
+    """Warn when the model's output is not one logit per class of ``dataset`` (one sample, before a long pass).
+
+    Calibration itself needs no labels (an ImageNet model may be calibrated on any images), so this is a
+    warning here; tune and eval refuse such data.
+    """
     import torch
 
-    from ..evaluate import check_logits, data_classes, eval_mode
+    from ..evaluate import EvaluationError, check_logits, data_classes, eval_mode
+    from ._term import console
 
     classes = data_classes(dataset)
     if classes is None or not len(dataset):
@@ -159,11 +211,18 @@ def check_model_fits(model, dataset) -> None:
         x = x.to(weights.device, weights.dtype)
     with eval_mode(model), torch.no_grad():
         out = model(x)
-    check_logits(out, classes, where=f"the model (on data {getattr(dataset, 'source', '')!r})")
+    try:
+        check_logits(out, classes, where=f"the model (on data {getattr(dataset, 'source', '')!r})")
+    except EvaluationError as e:
+        console(stderr=True).print(
+            f"warning: {e}. The statistics do not need labels, but tune and eval will refuse this data.",
+            soft_wrap=True,
+        )
 
 
 def calibrate_with_progress(model, dataset, *, batch_size: int, max_samples: int | None):
-    """Calibrate ``model`` on ``dataset`` with a progress bar; returns the CalibrationRecord."""
+    """Calibrate ``model`` on ``dataset`` with a progress bar (warning first when its output is not one logit per
+    class of the data); returns the CalibrationRecord."""
     from ..calibrate import calibrate
     from ..data import make_loader
 

@@ -13,7 +13,7 @@ from ._term import console, print_next, table
 @data_options(default_split="train")
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="PKG")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead.")
-def command(artifact, data_source, split, seed, batch_size, max_samples, allow_modules, output):
+def command(artifact, data_source, split, seed, batch_size, max_samples, channels, image_size, allow_modules, output):
     """Calibrate the MeanSparse statistics of ARTIFACT on one pass over the data (updated atomically)."""
     from ..io import load, save
     from ..ops import operators
@@ -22,7 +22,9 @@ def command(artifact, data_source, split, seed, batch_size, max_samples, allow_m
     model = load(artifact, allow_modules=allow_modules)
     record = calibrate_with_progress(
         model,
-        open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape),
+        open_dataset(
+            data_source, split, seed, model, rewrite_info(model).input_shape, channels=channels, image_size=image_size
+        ),
         batch_size=batch_size,
         max_samples=max_samples,
     )

@@ -38,7 +38,21 @@ def report_table(report: dict) -> list:
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="PKG")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(
-    artifact, data_source, split, seed, batch_size, max_samples, attacks, eps, norm, n, steps, allow_modules, as_json
+    artifact,
+    data_source,
+    split,
+    seed,
+    batch_size,
+    max_samples,
+    channels,
+    image_size,
+    attacks,
+    eps,
+    norm,
+    n,
+    steps,
+    allow_modules,
+    as_json,
 ):
     """Evaluate ARTIFACT honestly: every robust number with the exact and the straight-through gradient."""
     from ..evaluate import check_threat, evaluate
@@ -49,7 +63,9 @@ def command(
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
-    data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)
+    data = open_dataset(
+        data_source, split, seed, model, rewrite_info(model).input_shape, channels=channels, image_size=image_size
+    )
     print_stale({k: v for k, v in rewrite_info(model).records.items() if k == "tuning"})  # α chosen for other stats
     with progress_bar("evaluating") as update:
         report = evaluate(

@@ -37,6 +37,8 @@ def command(
     seed,
     batch_size,
     max_samples,
+    channels,
+    image_size,
     alphas,
     attack,
     eps,
@@ -61,7 +63,9 @@ def command(
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
-    data = open_dataset(data_source, split, seed, model, rewrite_info(model).input_shape)
+    data = open_dataset(
+        data_source, split, seed, model, rewrite_info(model).input_shape, channels=channels, image_size=image_size
+    )
     with progress_bar("tuning") as update, warnings.catch_warnings():
         warnings.simplefilter("ignore", SplitWarning)  # printed below with the other warnings
         result = tune(
