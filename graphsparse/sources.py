@@ -130,9 +130,10 @@ class Recipe:
             )
         if self.kind == "class" and not _CLASS_SPEC.match(self.name):
             raise ModelSourceError(f"class recipe name {self.name!r} must look like 'pkg.module:Class'")
-        if self.kind == "torchvision" and "weights" in self.kwargs:
+        fetching = _fetching_kwarg(self.kwargs)
+        if self.kind == "torchvision" and fetching:
             raise ModelSourceError(
-                f"torchvision recipe {self.name!r} has a 'weights' option; a recipe rebuilds the architecture "
+                f"torchvision recipe {self.name!r} has a {fetching!r} option; a recipe rebuilds the architecture "
                 "only (the artifact holds the weights) and never downloads"
             )
         if self.kind == "robustbench":
@@ -177,6 +178,15 @@ class Recipe:
             if not isinstance(data.get(key), str):
                 raise ModelSourceError(f"model recipe needs a string {key!r}, got {data.get(key)!r}")
         return cls(data["kind"], data["name"], data.get("kwargs", {}), data.get("sha256", ""))
+
+
+def _fetching_kwarg(kwargs: Mapping[str, Any]) -> str | None:
+    """The first option that makes a builder download or read weights (torchvision ``weights``,
+    ``weights_backbone``; timm ``pretrained``, ``checkpoint_path``...), or None."""
+    for key in kwargs:
+        if key in _TIMM_FORBIDDEN_KWARGS or "weights" in key or "pretrained" in key:
+            return key
+    return None
 
 
 def _json_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -651,7 +661,13 @@ def _build_class(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str])
         if is_class:
             problem = class_problem(obj)
         elif recipe.name in _TRUSTED_BUILDERS or _is_registered_builder(obj):
-            problem = None
+            fetching = _fetching_kwarg(recipe.kwargs)
+            problem = (
+                f"its option {fetching!r} would make the builder download or read weights, which a recipe never "
+                "does (the artifact holds the weights)"
+                if fetching
+                else None
+            )
         else:
             problem = (
                 "it is a function, not an nn.Module subclass or a registered model builder (torchvision, "

@@ -132,8 +132,9 @@ def test_torchvision_spec_builds_the_architecture_and_a_recipe_that_rebuilds_it(
         load_model("torchvision:resnet18x")
     with pytest.raises(ModelSourceError, match="does not accept the options"):
         load_model("torchvision:resnet18", depth=3)
-    with pytest.raises(ModelSourceError, match="never downloads"):  # a recipe read from an artifact
-        Recipe("torchvision", "resnet18", {"weights": "DEFAULT"})
+    for options in ({"weights": "DEFAULT"}, {"weights_backbone": "DEFAULT"}):  # a recipe read from an artifact
+        with pytest.raises(ModelSourceError, match="never downloads"):
+            Recipe("torchvision", "resnet18", options)
 
 
 def test_torchvision_weights_stay_possible_but_are_not_recorded(monkeypatch):
@@ -173,6 +174,11 @@ def test_builder_functions_are_model_sources():
     assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 3
     assert recipe == Recipe("class", "torchvision.models:resnet18", {"num_classes": 3})
     assert layout(build_from_recipe(recipe)) == layout(model)  # a registered builder: trusted from an artifact
+    for options in ({"weights": "DEFAULT"}, {"weights_backbone": "DEFAULT"}):  # but never to download
+        with pytest.raises(ModelSourceError, match="download or read weights"):
+            build_from_recipe(Recipe("class", "torchvision.models:resnet18", options))
+    with pytest.raises(ModelSourceError, match="download or read weights"):
+        build_from_recipe(Recipe("class", "timm.models.resnet:resnet18", {"pretrained": True}))
     model, recipe = load_model(f"{USER_MODULE}:make_tiny", width=5)
     assert isinstance(model, TinyNet) and model.conv.out_channels == 5
     with pytest.raises(ModelSourceError, match="not in a trusted package.*--allow-module"):
