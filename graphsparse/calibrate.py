@@ -370,6 +370,7 @@ def _local_pass(
         if isinstance(getattr(op, "alpha", None), torch.Tensor)
     ]
     handles = []
+    last_good: CalibrationState | None = None
     try:
         model.eval()
         with torch.no_grad():
@@ -379,6 +380,7 @@ def _local_pass(
                 handles.append(op.register_forward_pre_hook(partial(_pre_hook, state.moments[site], site)))
             if progress is not None:
                 progress(state.samples, total)
+            last_good = state.copy() if checkpoint is not None else None  # what an interruption saves
             batches: Iterator[Any] = iter(data)
             skip -= 1 if drop else 0  # the batch a resumed state cut is read again, minus what it took
             for _ in range(skip):
@@ -411,10 +413,18 @@ def _local_pass(
                 state.samples += int(x.shape[0])
                 drop = 0
                 index += 1
-                if checkpoint is not None and checkpoint_every and state.batches % checkpoint_every == 0:
-                    state.save_state(checkpoint)
+                if checkpoint is not None:
+                    last_good = state.copy()
+                    if checkpoint_every and state.batches % checkpoint_every == 0:
+                        state.save_state(checkpoint)
                 if progress is not None:
                     progress(state.samples, total)
+    except BaseException:
+        # Ctrl-C (or an error) in the middle of a batch leaves some sites with part of it: save the state
+        # of the last whole batch, so that resuming loses nothing and counts nothing twice
+        if checkpoint is not None and last_good is not None:
+            last_good.save_state(checkpoint)
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -492,6 +502,27 @@ def _all_merge(state: CalibrationState, world_size: int, comm: torch.device) -> 
     return merged
 
 
+def _check_resume(resume: CalibrationState, data: Any, source: str) -> None:
+    """A state resumes only the data it was made on, read in batches of the same size (else skipping its
+    batches would skip other samples)."""
+    hint = "Hint: resume with the data and batch size of the interrupted pass, or start again without the state"
+    if resume.source and source and resume.source != source:
+        raise CalibrationError(f"the calibration state was made on {resume.source!r}, not on {source!r}. {hint}")
+    if not isinstance(data, torch.utils.data.DataLoader) or not data.batch_size or not resume.batches:
+        return
+    size = int(data.batch_size)
+    expected = (resume.batches - 1) * size + resume.partial if resume.partial else resume.batches * size
+    try:
+        whole = len(data.sampler)  # type: ignore[arg-type]  # a state of a finished pass holds them all
+    except TypeError:
+        whole = None
+    if resume.samples not in (expected, whole):
+        raise CalibrationError(
+            f"the calibration state holds {resume.samples} samples in {resume.batches} batches, which batches of "
+            f"{size} cannot give: it was saved with another batch size. {hint}"
+        )
+
+
 def _check_limit(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise CalibrationError(f"{name} must be an int >= 0 or None, got {value!r}")
@@ -532,8 +563,9 @@ def calibrate(
             so when a process group is initialised.
         source: description of the data for the record; default taken from a graphsparse dataset.
         checkpoint: path of a ``.safetensors`` file to save this process's state to, every
-            ``checkpoint_every`` batches and at the end of the pass. With several processes it must
-            contain ``{rank}``.
+            ``checkpoint_every`` batches, at the end of the pass, and when the pass is interrupted
+            (``KeyboardInterrupt`` or an error: the state after the last whole batch). With several processes
+            it must contain ``{rank}``.
         checkpoint_every: batches between checkpoints (``None``: only at the end).
         input_key: the key of the inputs when batches are dicts (default the first of ``image``,
             ``pixel_values``, ... present; :func:`graphsparse.data.batch_parts`).
@@ -564,6 +596,8 @@ def calibrate(
     data = _as_batches(data, rank, world_size)
     weights = next((p for p in model.parameters() if p.is_floating_point()), None)
     resumed = state.batches
+    if resume is not None and skip_batches is None:
+        _check_resume(resume, data, source or _describe(data))
     skip = skip_batches if skip_batches is not None else (resume.batches if resume is not None else 0)
     drop = resume.partial if resume is not None and skip_batches is None else 0
     ckpt: Path | None = None

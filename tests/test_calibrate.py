@@ -419,11 +419,71 @@ def test_checkpoint_survives_an_interruption(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         calibrate(model, interrupted(), checkpoint=path, checkpoint_every=2)
     state = CalibrationState.load_state(path)
-    assert state.batches == 4 and state.samples == 12
+    assert state.batches == 5 and state.samples == 15  # saved at the interruption, not only every 2 batches
     assert [p.name for p in tmp_path.iterdir()] == ["calib.safetensors"]  # no temporary file left
     record = calibrate(model, batches(x, 3), resume=state, checkpoint=path)
     assert_matches(record.state, brute_force(model, batches(x, 3)))
     assert load_state(path).batches == 8  # saved again at the end of the pass
+
+
+class StopAt(torch.utils.data.Dataset):
+    """Samples of ``x``; reading sample ``stop`` raises KeyboardInterrupt (Ctrl-C while loading data)."""
+
+    def __init__(self, x: torch.Tensor, stop: int | None) -> None:
+        self.x, self.stop = x, stop
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.stop:
+            raise KeyboardInterrupt
+        return self.x[i]
+
+
+@pytest.mark.parametrize("where", ["data", "forward"])
+def test_an_interrupted_pass_resumes_to_bit_equal_statistics(tmp_path, where):
+    """Ctrl-C while a batch loads, or in the middle of its forward pass (one site has seen it, the next not):
+    the checkpoint holds the state after the last whole batch, and resuming gives the uninterrupted numbers."""
+    x = images(37)
+    whole = conv_model()
+    calibrate(whole, torch.utils.data.DataLoader(StopAt(x, None), batch_size=4))
+
+    model, path = conv_model(), tmp_path / "calib.safetensors"
+    handle = None
+    if where == "forward":
+        calls = []
+
+        def stop(module, args):
+            calls.append(1)
+            if len(calls) == 6:  # the 6th batch reached the second site after the first folded it in
+                raise KeyboardInterrupt
+
+        handle = operators(model)["layer1.act"].register_forward_pre_hook(stop)
+    stop_at = 22 if where == "data" else None  # in the 6th batch
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, torch.utils.data.DataLoader(StopAt(x, stop_at), batch_size=4), checkpoint=path)
+    if handle is not None:
+        handle.remove()
+    state = load_state(path)
+    assert (state.batches, state.samples) == (5, 20)
+    assert {m.count for m in state.moments.values()} == {20 * 64, 20 * 9}  # every site saw 5 whole batches
+    calibrate(model, torch.utils.data.DataLoader(StopAt(x, None), batch_size=4), resume=state)
+    for site, op in operators(model).items():
+        ref = operators(whole)[site]
+        assert torch.equal(op.mean, ref.mean) and torch.equal(op.var, ref.var), site
+
+
+def test_a_state_resumes_only_its_data_and_batch_size(tmp_path):
+    x = images(20)
+    state = calibrate(conv_model(), torch.utils.data.DataLoader(x, batch_size=4), max_batches=2).state
+    with pytest.raises(CalibrationError, match="8 samples in 2 batches, which batches of 5 cannot give"):
+        calibrate(conv_model(), torch.utils.data.DataLoader(x, batch_size=5), resume=state)
+    digits = calibrate(nn.Sequential(nn.Conv2d(1, 2, 3), MeanSparse(2, site_id="a")),
+                       make_loader(load_dataset("digits", split="train"), 32), max_batches=1).state
+    with pytest.raises(CalibrationError, match=r"made on 'digits:train \(seed 0\)', not on 'digits:val"):
+        calibrate(nn.Sequential(nn.Conv2d(1, 2, 3), MeanSparse(2, site_id="a")),
+                  make_loader(load_dataset("digits", split="val"), 32), resume=digits)
 
 
 def test_state_file_errors_name_the_problem(tmp_path):

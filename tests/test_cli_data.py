@@ -167,3 +167,50 @@ def test_image_size_resizes_arrays(tmp_path, tiny_artifact):
 def test_a_malformed_image_size_is_refused_before_loading(never_loaded):
     res = CliRunner().invoke(main, ["eval", never_loaded, "--data", "digits", "--image-size", "8,x"])
     assert res.exit_code == 2 and "'8,x' is not a size: give N or H,W" in res.output
+
+
+def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, tiny_artifact, monkeypatch):
+    """Ctrl-C while the 5th batch loads: 4 batches are saved; --resume ends with the statistics of an
+    uninterrupted pass, bit for bit."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    import graphsparse as gs
+    from graphsparse.data import SplitDataset
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((120, 1, 8, 8), dtype=np.float32), y=np.arange(120) % 3)
+    art, trust = tiny_artifact
+    reference = str(tmp_path / "reference.safetensors")
+    shutil.copy(art, reference)
+    common = ("--data", str(tmp_path / "d.npz"), "--batch-size", "16", "--allow-module", trust)
+    assert run("calibrate", reference, *common).exit_code == 0
+
+    ckpt = tmp_path / "calib.state.safetensors"
+    read = SplitDataset.__getitem__
+
+    def ctrl_c_at_sample_70(self, i):
+        if i == 70:
+            raise KeyboardInterrupt
+        return read(self, i)
+
+    monkeypatch.setattr(SplitDataset, "__getitem__", ctrl_c_at_sample_70)
+    res = run("calibrate", art, *common, "--checkpoint", str(ckpt))
+    assert res.exit_code == 130, res.output
+    assert f"interrupted: 4 batches (64 samples) are saved in {ckpt}" in res.output and "--resume" in res.output
+    monkeypatch.setattr(SplitDataset, "__getitem__", read)
+    res = run("calibrate", art, *common, "--checkpoint", str(ckpt), "--resume")
+    assert res.exit_code == 0, res.output
+    assert "calibrated 1 sites on 84 samples" in res.output and not ckpt.exists()
+    resumed, whole = gs.load(art, allow_modules=[trust]), gs.load(reference, allow_modules=[trust])
+    for site, op in gs.operators(resumed).items():
+        ref = gs.operators(whole)[site]
+        assert torch.equal(op.mean, ref.mean) and torch.equal(op.var, ref.var), site
+    assert gs.rewrite_info(resumed).records["calibration"]["resumed_batches"] == 4
+
+
+def test_resume_needs_a_checkpoint(never_loaded, tmp_path):
+    res = CliRunner().invoke(main, ["calibrate", never_loaded, "--data", "digits", "--resume"])
+    assert res.exit_code == 2 and "--resume continues the pass saved in --checkpoint PATH" in res.output

@@ -220,13 +220,43 @@ def check_model_fits(model, dataset) -> None:
         )
 
 
-def calibrate_with_progress(model, dataset, *, batch_size: int, max_samples: int | None):
+def calibrate_with_progress(
+    model,
+    dataset,
+    *,
+    batch_size: int,
+    max_samples: int | None,
+    checkpoint: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+):
     """Calibrate ``model`` on ``dataset`` with a progress bar (warning first when its output is not one logit per
-    class of the data); returns the CalibrationRecord."""
-    from ..calibrate import calibrate
-    from ..data import make_loader
+    class of the data); returns the CalibrationRecord.
 
+    With ``checkpoint`` the state is saved there every ``checkpoint_every`` batches and when the pass is
+    interrupted (Ctrl-C); ``resume`` continues from it.
+    """
+    from ..calibrate import calibrate, load_state
+    from ..data import make_loader
+    from ..errors import CalibrationError
+
+    state = None
+    if resume:
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise CalibrationError(
+                f"no calibration state at {checkpoint!r} to resume. Hint: run without --resume to start the pass, "
+                "with --checkpoint PATH to make it resumable"
+            )
+        state = load_state(checkpoint)
     check_model_fits(model, dataset)
     loader = make_loader(dataset, batch_size)
     with progress_bar("calibrating") as update:
-        return calibrate(model, loader, max_samples=max_samples, progress=update)
+        return calibrate(
+            model,
+            loader,
+            max_samples=max_samples,
+            progress=update,
+            resume=state,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+        )
