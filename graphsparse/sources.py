@@ -264,16 +264,18 @@ def load_model(
             checkpoint_key=checkpoint_key,
         )
     model_dir = kwargs.pop("model_dir", None)
-    weights = kwargs.pop("weights", None) if spec_str.startswith("torchvision:") else None
+    fetch: dict[str, Any] = {}  # options that fetch weights: used once here, never recorded in the recipe
+    if not spec_str.startswith(("timm:", "robustbench:")):  # timm refuses them; robustbench takes no options
+        fetch = {k: kwargs.pop(k) for k in list(kwargs) if _fetching_kwarg({k: None})}
     recipe = _recipe_for_spec(spec_str, kwargs)
     if model_dir is not None and recipe.kind != "robustbench":
         raise ModelSourceError(f"model_dir only applies to robustbench: specs, not {spec_str!r}")
     if recipe.kind == "robustbench":
         model = _load_robustbench(recipe, Path(model_dir if model_dir is not None else "./models"))
     elif recipe.kind == "torchvision":
-        model = _build_torchvision(recipe.name, recipe.kwargs, weights=weights)
+        model = _build_torchvision(recipe.name, recipe.kwargs, fetch=fetch)
     else:
-        model = _build(recipe, trusted=True, allow_modules=allow)
+        model = _build(Recipe(recipe.kind, recipe.name, {**recipe.kwargs, **fetch}), trusted=True, allow_modules=allow)
         _warn_if_untrained(recipe)
     return model.eval(), recipe
 
@@ -551,7 +553,7 @@ def _build_timm(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
         raise ModelSourceError(f"timm:{name} does not accept the options {dict(kwargs)}: {e}") from e
 
 
-def _build_torchvision(name: str, kwargs: Mapping[str, Any], *, weights: Any = None) -> nn.Module:
+def _build_torchvision(name: str, kwargs: Mapping[str, Any], *, fetch: Mapping[str, Any] | None = None) -> nn.Module:
     try:
         from torchvision import models
     except ImportError as e:
@@ -562,17 +564,18 @@ def _build_torchvision(name: str, kwargs: Mapping[str, Any], *, weights: Any = N
             f"torchvision has no model builder {name!r}{closest(name, names)}; "
             "list them with torchvision.models.list_models()"
         )
+    fetch = dict(fetch or {})
     try:
-        return models.get_model(name, weights=weights, **kwargs)
+        return models.get_model(name, **{"weights": None, **fetch, **kwargs})
     except TypeError as e:
         raise ModelSourceError(f"torchvision:{name} does not accept the options {dict(kwargs)}: {e}") from e
     except Exception as e:
-        if weights is None:
+        if not any(v is not None for v in fetch.values()):
             raise ModelSourceError(
                 f"torchvision:{name} with options {dict(kwargs)} could not be built: {type(e).__name__}: {e}"
             ) from e
         raise ModelSourceError(
-            f"torchvision:{name} could not get the weights {weights!r} ({type(e).__name__}: {e}); without "
+            f"torchvision:{name} could not get the weights {fetch} ({type(e).__name__}: {e}); without "
             f"internet, load a weights file with --arch torchvision:{name} instead"
         ) from e
 

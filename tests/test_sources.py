@@ -146,8 +146,15 @@ def test_torchvision_weights_stay_possible_but_are_not_recorded(monkeypatch):
         return torchvision.models.resnet18()
 
     monkeypatch.setattr(torchvision.models, "get_model", builder)
-    _, recipe = load_model("torchvision:resnet18", weights="DEFAULT")
-    assert seen == {"weights": "DEFAULT"} and recipe == Recipe("torchvision", "resnet18", {})
+    _, recipe = load_model("torchvision:resnet18", weights="DEFAULT", num_classes=1000)
+    assert seen == {"weights": "DEFAULT", "num_classes": 1000}
+    assert recipe == Recipe("torchvision", "resnet18", {"num_classes": 1000})
+    # a builder function named as pkg.module:function: the same, and its artifact's recipe reloads
+    calls = []
+    monkeypatch.setattr(_user_models, "make_tiny", lambda **kw: calls.append(kw) or TinyNet())
+    _, recipe = load_model(f"{USER_MODULE}:make_tiny", weights="DEFAULT", width=4)
+    assert calls == [{"width": 4, "weights": "DEFAULT"}]
+    assert recipe == Recipe("class", f"{USER_MODULE}:make_tiny", {"width": 4})
 
 
 @pytest.mark.slow
