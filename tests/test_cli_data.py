@@ -98,6 +98,7 @@ def test_calibrating_again_flags_the_tuning_and_evaluation_records_stale(demo_ar
               "--split", "train")
     assert res.exit_code == 0, res.output
     assert "warning: graphsparse: tuned on the 'train' split; the validation split is 'val'" in res.output
+    assert f"set with the tuning record in {art}" in res.output
     res = run("calibrate", art, "--data", "digits", "--seed", "1", "--max-samples", "64")
     assert res.exit_code == 0, res.output
     assert "the tuning record (it chose α = " in res.output and "is marked stale" in res.output
@@ -106,6 +107,7 @@ def test_calibrating_again_flags_the_tuning_and_evaluation_records_stale(demo_ar
     res = run("eval", art, "--data", "digits", "--n", "8", "--steps", "1", "--eps", "0.1")
     assert res.exit_code == 0, res.output
     assert "the tuning record (it chose α" in res.output  # the α in use was chosen for other statistics
+    assert "wrote the evaluation record (8 samples, 20" in res.output and f") into {art}" in res.output
 
 
 @pytest.mark.parametrize("command", ["eval", "tune"])

@@ -80,9 +80,11 @@ def command(
             steps=steps,
             progress=lambda d, t, *_: update(d, t),
         )
-    save(model, artifact)  # evaluate recorded its report in the artifact's records
+    path = save(model, artifact)  # evaluate recorded its report in the artifact's records
+    written = f"wrote the evaluation record ({report.n} samples, {report.date}) into {path}"
     if as_json:
         print_json(report.to_dict())
+        console(stderr=True).print(written, soft_wrap=True)  # stdout holds the JSON alone
         return
     out = console()
     out.print(
@@ -95,3 +97,4 @@ def command(
     out.print(report.verdict)
     for w in report.warnings:
         out.print(f"warning: {w}")
+    out.print(written, soft_wrap=True)

@@ -84,7 +84,7 @@ def command(
             steps=steps,
             progress=lambda d, t, *_: update(d, t),
         )
-    save(model, artifact)
+    path = save(model, artifact)
     stem = Path(artifact).name.removesuffix(".safetensors")
     folder = Path(out_dir) if out_dir else Path(artifact).parent
     csv, png = result.to_csv(folder / f"{stem}.tuning.csv"), plot_tuning(result, folder / f"{stem}.tuning.png")
@@ -107,7 +107,11 @@ def command(
             title=f"{result.n} samples of {result.source} ({result.split} split)",
         )
     )
-    out.print(f"chosen α = {result.chosen_alpha:g} (clean drop ≤ {max_clean_drop:g} points); wrote {csv}, {png}")
+    out.print(
+        f"chosen α = {result.chosen_alpha:g} (clean drop ≤ {max_clean_drop:g} points), set with the tuning record in "
+        f"{path}; wrote {csv}, {png}",
+        soft_wrap=True,
+    )
     for w in result.warnings:
         out.print(f"warning: {w}", soft_wrap=True)
     print_next("eval", artifact, data_source, "test", seed=seed, allow_modules=allow_modules, extra="--attack apgd-ce")
