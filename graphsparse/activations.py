@@ -8,6 +8,7 @@ hardsigmoid) are listed separately: they are gates when they feed a multiplicati
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,26 @@ _METHOD_KINDS: dict[str, str] = {
 }
 
 
+# Classes of other libraries, by ``module.QualName``: matched along the MRO without importing the library.
+_QUALNAME_KINDS: dict[str, str] = {
+    f"transformers.activations.{name}": kind
+    for name, kind in [
+        ("GELUActivation", "gelu"),
+        ("GELUTanh", "gelu"),
+        ("PytorchGELUTanh", "gelu"),
+        ("NewGELUActivation", "gelu"),
+        ("FastGELUActivation", "gelu"),
+        ("AccurateGELUActivation", "gelu"),
+        ("ClippedGELUActivation", "gelu"),
+        ("QuickGELUActivation", "quick_gelu"),
+        ("SiLUActivation", "silu"),
+        ("MishActivation", "mish"),
+        ("ReLUSquaredActivation", "relu_squared"),
+        ("SqrtSoftplusActivation", "softplus"),
+    ]
+}
+
+
 def _register_timm() -> None:
     try:
         from timm.layers import activations as ta
@@ -132,7 +153,9 @@ def _register_timm() -> None:
 
 _register_timm()
 
-ACTIVATION_KINDS = frozenset(_MODULE_KINDS.values()) | frozenset(_FUNCTION_KINDS.values())
+ACTIVATION_KINDS = (
+    frozenset(_MODULE_KINDS.values()) | frozenset(_FUNCTION_KINDS.values()) | frozenset(_QUALNAME_KINDS.values())
+)
 
 
 def register_activation_module(cls: type, kind: str) -> type:
@@ -168,21 +191,56 @@ _CLASS_NAME_KINDS = {
 def activation_kind_of_module(module: nn.Module) -> str | None:
     """The kind of an activation module (isinstance match, most derived class wins), else None.
 
-    Unregistered parameter-free classes whose name is an activation's name (``Swish``, ``Mish``) count
-    too; register other classes with :func:`register_activation_module`.
+    Also activations: ``transformers.activations`` classes (matched by name, transformers is not imported),
+    unregistered parameter-free classes whose name is an activation's name (``Swish``, ``Mish``), and any
+    parameter-free module whose ``forward`` is one activation call (``return F.gelu(x)``, ``self.act(x)``
+    with ``self.act = F.silu``). Register other classes with :func:`register_activation_module`.
     """
     for cls in type(module).__mro__:
         kind = _MODULE_KINDS.get(cls)
+        if kind is None:
+            kind = _QUALNAME_KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
         if kind is not None:
             return kind
+    if type(module).__module__.startswith("torch.") or module._parameters or module._modules:
+        return None
+    if any(True for _ in module.parameters()):
+        return None
     name = type(module).__name__.lower().lstrip("_")
-    if (
-        name in _CLASS_NAME_KINDS
-        and not any(True for _ in module.parameters())
-        and not list(module.children())
-    ):
+    if name in _CLASS_NAME_KINDS:
         return _CLASS_NAME_KINDS[name]
-    return None
+    return _one_call_kind(module)
+
+
+_ONE_CALL: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+
+def _one_call_kind(module: nn.Module) -> str | None:
+    """The kind of the single activation call ``module.forward`` makes on its input, else None (cached per
+    module: tracing decides it, and the instance's attributes may choose the function)."""
+    try:
+        return _ONE_CALL[module]
+    except KeyError:
+        pass
+    kind = None
+    try:
+        graph = torch.fx.Tracer().trace(module)
+    except Exception:  # forward is not one traceable function of its input: not an activation
+        graph = None
+    if graph is not None:
+        nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(nodes) == 1 and inputs and nodes[0].args and nodes[0].args[0] is inputs[0]:
+            node = nodes[0]
+            if node.op == "call_function":
+                kind = activation_kind_of_function(node.target)
+            elif node.op == "call_method":
+                kind = activation_kind_of_method(node.target)
+            outputs = [n for n in graph.nodes if n.op == "output"]
+            if not outputs or outputs[0].args[0] is not node:
+                kind = None
+    _ONE_CALL[module] = kind
+    return kind
 
 
 def activation_kind_of_function(fn: Any) -> str | None:

@@ -9,8 +9,10 @@ writes them) and the captured model is checked against the original on the probe
 
 from __future__ import annotations
 
+import ast
 import copy as copy_module
 import inspect
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,9 +162,56 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 def _is_torch_builtin(module: nn.Module) -> bool:
-    """A torch.nn layer (fx's default leaves); containers such as Sequential are traced."""
-    return type(module).__module__.startswith("torch.nn") and not isinstance(module, nn.Sequential)
+    """A torch.nn layer (fx's default leaves); containers are traced (Sequential) or looked into."""
+    return type(module).__module__.startswith("torch.nn") and not isinstance(module, (nn.Sequential, *_CONTAINERS))
+
+
+def _only_called(parent: nn.Module, name: str) -> bool:
+    """True when ``parent.forward`` uses ``self.<name>`` only by calling it (``self.blocks(x)``): then the
+    child may be swapped for a GraphModule. Iterated, indexed, measured or passed on (``for b in
+    self.blocks``, ``self.blocks[0]``, ``len(self.blocks)``), or when the source cannot be read: False."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(parent).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    called = set()
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            called.add(id(node.func))
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == name
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        ):
+            uses.append(node)
+    return all(id(u) in called for u in uses)
+
+
+def _trace_children(
+    module: nn.Module,
+    path: str,
+    graphs: dict[str, fx.GraphModule],
+    leaves: list[str],
+    opaque: list[OpaqueModule],
+) -> None:
+    """Trace the children of an eager ``module``, swapping each for its GraphModule inside ``module`` (a
+    container keeps its class, length and order, so the eager parent still iterates or indexes it)."""
+    for name, child in list(module.named_children()):
+        eager_use = isinstance(module, _CONTAINERS) or not _only_called(module, name)
+        if isinstance(child, nn.Sequential) and eager_use:
+            # a GraphModule neither iterates nor indexes like the Sequential: trace its children instead
+            opaque.append(OpaqueModule(_join(path, name), type(child).__name__, "container used eagerly"))
+            _trace_children(child, _join(path, name), graphs, leaves, opaque)
+            continue
+        child_gm = _trace_tree(child, _join(path, name), graphs, leaves, opaque)
+        if child_gm is not None:
+            setattr(module, name, child_gm)
 
 
 def _trace_tree(
@@ -175,6 +224,9 @@ def _trace_tree(
     """Trace ``module``; when it fails, keep it eager and trace its children instead (in place)."""
     if activation_kind_of_module(module) is not None or _is_torch_builtin(module):
         return None
+    if isinstance(module, _CONTAINERS):  # no forward of its own: its owner iterates or indexes it
+        _trace_children(module, path, graphs, leaves, opaque)
+        return None
     reason = leaf_reason(module)
     if reason is not None:
         opaque.append(OpaqueModule(path, type(module).__name__, reason))
@@ -184,10 +236,7 @@ def _trace_tree(
         gm, leaf_paths = _trace(module)
     except Exception as exc:  # any tracer failure means: fall back to the children
         opaque.append(OpaqueModule(path, type(module).__name__, f"stayed eager: {_first_line(exc)}"))
-        for name, child in list(module.named_children()):
-            child_gm = _trace_tree(child, _join(path, name), graphs, leaves, opaque)
-            if child_gm is not None:
-                setattr(module, name, child_gm)
+        _trace_children(module, path, graphs, leaves, opaque)
         return None
     graphs[path] = gm
     for leaf in leaf_paths:
@@ -346,6 +395,18 @@ def _run_original(model: nn.Module, example_input: torch.Tensor) -> Any:
         ) from exc
 
 
+def _untraceable_hint(model: nn.Module) -> str:
+    """What to do about a module torch.fx cannot trace: timm's no-trace registry only helps timm models."""
+    classes = {type(m).__module__.split(".")[0] for m in model.modules()}
+    if "timm" in classes:
+        return "register the module with timm.layers.register_notrace_module (it then stays a leaf)."
+    return (
+        "make the module's forward free of Python control flow on tensors, or give it an "
+        "autograd.Function (it then stays a leaf); an activation class of your own can be registered with "
+        "graphsparse.activations.register_activation_module."
+    )
+
+
 def _check_output(result: Capture, model_name: str, reference: Any, output: Any, atol: float) -> Capture:
     if reference is not None:
         result.max_abs_diff = _max_abs_diff(reference, output)
@@ -353,8 +414,7 @@ def _check_output(result: Capture, model_name: str, reference: Any, output: Any,
             raise CaptureError(
                 f"{model_name}: the captured graph does not reproduce the model on the probe "
                 f"input (max |difference| = {result.max_abs_diff:.3g}). Hint: a module with "
-                "data-dependent Python control flow was traced on one branch; register it with "
-                "timm.layers.register_notrace_module."
+                f"data-dependent Python control flow was traced on one branch; {_untraceable_hint(result.model)}"
             )
     return result
 
@@ -393,18 +453,15 @@ def _capture_children(
     graphs: dict[str, fx.GraphModule] = {}
     leaves: list[str] = []
     opaque = [OpaqueModule("", type(source).__name__, f"stayed eager: {_first_line(root_error)}")]
-    for name, child in list(source.named_children()):
-        child_gm = _trace_tree(child, name, graphs, leaves, opaque)
-        if child_gm is not None:
-            setattr(source, name, child_gm)
-    if not graphs:
+    _trace_children(source, "", graphs, leaves, opaque)
+    result = Capture(source, graphs, opaque, leaves, 0.0)
+    # with no graph at all, activation modules that run eagerly are still sites (reached through the tree)
+    if not graphs and next(iter_module_tree_activations(source, result), None) is None:
         raise CaptureError(
             f"{type(source).__name__}: neither the model nor any of its submodules could be captured by torch.fx "
-            f"({_first_line(root_error)}). Hint: register untraceable modules with "
-            "timm.layers.register_notrace_module."
+            f"({_first_line(root_error)}), and it holds no activation module. Hint: {_untraceable_hint(source)}"
         ) from root_error
     source.eval()
-    result = Capture(source, graphs, opaque, leaves, 0.0)
     output = _record_shapes(result, example_input)
     return _check_output(result, type(source).__name__, reference, output, atol)
 

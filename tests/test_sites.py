@@ -265,7 +265,8 @@ def _small_eva02():
 
 
 def test_find_sites_plan_and_rewrite_leave_the_model_exactly_as_it_was():
-    import graphsparse
+    from graphsparse.plan import make_plan
+    from graphsparse.rewrite import rewrite
 
     model = _small_eva02()
     model.blocks[0].norm1.eval()  # a frozen submodule's own flag must survive too
@@ -273,21 +274,103 @@ def test_find_sites_plan_and_rewrite_leave_the_model_exactly_as_it_was():
     x = torch.randn(1, 3, 56, 56)
     find_sites(model, x)
     assert _module_state(model) == before
-    graphsparse.plan(model, "after_addition", x)
+    make_plan(find_sites(model, x), "after_addition")
     assert _module_state(model) == before
-    graphsparse.rewrite(model, "after_addition", x)
+    rewrite(model, "after_addition", x)
     assert _module_state(model) == before
 
 
 @pytest.mark.slow
 def test_an_artifact_rewritten_after_find_sites_loads(tmp_path):
-    import graphsparse
+    from graphsparse.io import load, save
+    from graphsparse.rewrite import rewrite
 
     model = _small_eva02().eval()
     x = torch.randn(1, 3, 56, 56)
     find_sites(model, x)
-    rewritten = graphsparse.rewrite(model, "after_addition", x)
-    graphsparse.save(rewritten, tmp_path / "eva.safetensors")
-    loaded = graphsparse.load(tmp_path / "eva.safetensors", base=_small_eva02())
+    rewritten = rewrite(model, "after_addition", x)
+    save(rewritten, tmp_path / "eva.safetensors")
+    loaded = load(tmp_path / "eva.safetensors", base=_small_eva02())
     with torch.no_grad():
         assert torch.equal(loaded(x), rewritten(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.relu(self.conv(x))
+
+
+class _EagerRootWithContainers(nn.Module):
+    """A root fx cannot trace (control flow on a tensor) that iterates a ModuleList, and iterates, indexes
+    and measures a Sequential, as Hugging Face encoders do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.layers = nn.ModuleList([_Block(4), _Block(4)])
+        self.stages = nn.Sequential(_Block(4), _Block(4))
+        self.by_name = nn.ModuleDict({"last": _Block(4)})
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.sum() > -1e9:  # data-dependent: the root stays eager
+            for layer in self.layers:
+                x = layer(x)
+        for i in range(len(self.stages)):
+            x = self.stages[i](x)
+        x = self.by_name["last"](x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_fallback_traces_inside_modulelist_sequential_and_moduledict_and_keeps_them_iterable():
+    model = _EagerRootWithContainers()
+    cap, sites = _sites(model, (2, 3, 8, 8))
+    blocks = ["layers.0", "layers.1", "stages.0", "stages.1", "by_name.last"]
+    assert set(blocks) <= set(cap.graphs)
+    assert type(cap.model.layers) is nn.ModuleList and type(cap.model.stages) is nn.Sequential
+    # the functional relus and the residual additions inside the blocks are graph sites
+    assert [(s.id, s.role) for s in sites] == [
+        pair for b in blocks for pair in ((f"{b}.relu", "main_path"), (f"{b}.add", "after_addition"))
+    ]
+    assert all(s.reached == "graph" for s in sites)
+
+
+class _OneCallGelu(nn.Module):
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+class _ChosenAct(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _TwoOps(nn.Module):
+    def forward(self, x):
+        return F.relu(x) * 2
+
+
+def test_a_parameter_free_module_whose_forward_is_one_activation_call_is_an_activation():
+    assert activation_kind_of_module(_OneCallGelu()) == "gelu"
+    assert activation_kind_of_module(_ChosenAct(F.silu)) == "silu"
+    assert activation_kind_of_module(_ChosenAct(torch.relu)) == "relu"
+    assert activation_kind_of_module(_TwoOps()) is None
+    assert activation_kind_of_module(nn.Identity()) is None and activation_kind_of_module(nn.Dropout()) is None
+
+
+def test_transformers_activation_classes_are_matched_by_name_without_importing_transformers():
+    # a class spelled as transformers spells it, defined here: matching must not need the library
+    fake = type("NewGELUActivation", (nn.Module,), {"forward": lambda self, x: 0.5 * x * (1 + torch.tanh(x))})
+    fake.__module__ = "transformers.activations"
+    assert activation_kind_of_module(fake()) == "gelu"
+    fake.__qualname__ = "QuickGELUActivation"
+    assert activation_kind_of_module(fake()) == "quick_gelu"
