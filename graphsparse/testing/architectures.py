@@ -41,6 +41,7 @@ norms between) is ``mlp``; otherwise ``stem`` (strict ancestor of every residual
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1356,3 +1357,73 @@ def random_architectures(
         mlp=draw(st.none() | mlp_acts()),
     )
     return dataclasses.replace(arch, blocks=tuple(blocks), head=head)
+
+
+def huggingface_classifiers() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    """Small random-init Hugging Face ``*ForImageClassification`` models, one per vision family.
+
+    Returns ``{family: (build, input_shape)}``; ``build()`` makes the model (call ``torch.manual_seed``
+    first for fixed weights). Configs are a few layers of a few channels, so capture takes about a second.
+    Needs ``transformers`` (the ``transformers`` extra).
+    """
+    import transformers as T
+
+    n = 4  # classes
+    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+               patch_size=8, num_labels=n)
+    resnet_like = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=n)
+    specs: dict[str, tuple[Any, Any, int]] = {
+        "vit": (T.ViTForImageClassification, T.ViTConfig(**vit), 32),
+        "deit": (T.DeiTForImageClassification, T.DeiTConfig(**vit), 32),
+        "beit": (T.BeitForImageClassification, T.BeitConfig(**vit, use_relative_position_bias=True), 32),
+        "swin": (T.SwinForImageClassification, T.SwinConfig(
+            image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=n
+        ), 32),
+        "swinv2": (T.Swinv2ForImageClassification, T.Swinv2Config(
+            image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=n
+        ), 32),
+        "convnext": (T.ConvNextForImageClassification, T.ConvNextConfig(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=n
+        ), 32),
+        "convnextv2": (T.ConvNextV2ForImageClassification, T.ConvNextV2Config(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=n
+        ), 32),
+        "resnet": (T.ResNetForImageClassification, T.ResNetConfig(**resnet_like, layer_type="basic"), 32),
+        "regnet": (T.RegNetForImageClassification, T.RegNetConfig(**resnet_like, groups_width=8), 32),
+        "mobilenet_v2": (T.MobileNetV2ForImageClassification, T.MobileNetV2Config(
+            depth_multiplier=0.25, image_size=32, num_labels=n
+        ), 32),
+        "mobilevit": (T.MobileViTForImageClassification, T.MobileViTConfig(
+            image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_labels=n
+        ), 32),
+        "efficientnet": (T.EfficientNetForImageClassification, T.EfficientNetConfig(
+            image_size=32, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320, num_labels=n
+        ), 32),
+        "levit": (T.LevitForImageClassification, T.LevitConfig(
+            image_size=64, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+            key_dim=[8, 8, 8], num_labels=n
+        ), 64),
+        "poolformer": (T.PoolFormerForImageClassification, T.PoolFormerConfig(
+            hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_labels=n
+        ), 32),
+        "segformer": (T.SegformerForImageClassification, T.SegformerConfig(
+            hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1],
+            decoder_hidden_size=32, num_labels=n
+        ), 32),
+        "dinov2": (T.Dinov2ForImageClassification, T.Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, num_labels=n
+        ), 32),
+        # CvT indexes its per-stage drop-path list by stage, so stage i needs more than i blocks
+        "cvt": (T.CvtForImageClassification, T.CvtConfig(
+            embed_dim=[16, 24, 32], num_heads=[1, 1, 2], depth=[1, 2, 3], num_labels=n
+        ), 32),
+        "bit": (T.BitForImageClassification, T.BitConfig(**resnet_like, num_groups=2), 32),
+    }
+    return {
+        family: (functools.partial(_build_eval, cls, config), (1, 3, size, size))
+        for family, (cls, config, size) in specs.items()
+    }
+
+
+def _build_eval(cls: Any, config: Any) -> nn.Module:
+    return cls(config).eval()
