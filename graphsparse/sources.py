@@ -585,7 +585,7 @@ def _is_registered_builder(obj: Any) -> bool:
     if not callable(obj) or isinstance(obj, type):
         return False
     name = getattr(obj, "__name__", "")
-    top = getattr(obj, "__module__", "").split(".")[0]
+    top = (getattr(obj, "__module__", None) or "").split(".")[0]
     if top == "torchvision":
         from torchvision import models
 
@@ -791,12 +791,12 @@ def _load_file(
         )
 
     kind = _file_format(path)
-    if kind == "safetensors":  # whatever the suffix: a renamed .safetensors file is still one
-        obj: Any = _read_safetensors(path)
+    if kind == "safetensors" or (kind == "unknown" and path.suffix.lower() == ".safetensors"):
+        obj: Any = _read_safetensors(path)  # whatever the suffix: a renamed .safetensors file is still one
     elif path.suffix.lower() == ".safetensors":  # torch.load reads any *.safetensors path as safetensors
         raise ModelSourceError(
-            f"{path} is named .safetensors but holds a {'torch.save checkpoint' if kind != 'unknown' else 'file'} "
-            f"(it starts with {_head(path, 8)!r}), not safetensors: rename it to {path.with_suffix('.pt').name}"
+            f"{path} is named .safetensors but holds a torch.save checkpoint (it starts with {_head(path, 8)!r}), "
+            f"not safetensors: rename it to {path.with_suffix('.pt').name}"
         )
     elif kind == "unknown" and path.suffix.lower() not in FILE_SUFFIXES:
         raise ModelSourceError(

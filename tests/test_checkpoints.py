@@ -319,3 +319,6 @@ def test_files_are_read_by_content_not_by_suffix(tmp_path):
     Path(tmp_path / "notes.tar").write_bytes(b"just some text, not weights")
     with pytest.raises(ModelSourceError, match="neither a torch.save checkpoint nor a safetensors file"):
         load_model(tmp_path / "notes.tar", arch=ARCH)
+    Path(tmp_path / "broken.safetensors").write_bytes(b"just some text, not weights")  # not told to rename it
+    with pytest.raises(ModelSourceError, match="not a readable safetensors file.*corrupt"):
+        load_model(tmp_path / "broken.safetensors", arch=ARCH)
