@@ -308,16 +308,27 @@ def _validate_arrays(x: np.ndarray, y: np.ndarray, where: str) -> tuple[torch.Te
     return torch.from_numpy(np.ascontiguousarray(xf)), torch.from_numpy(y.astype(np.int64))
 
 
+_DATA_HINT = (
+    "Hint: --data takes mnist5k, digits, a .npz/.safetensors file with 'x' (images) and 'y' (labels), or a "
+    "folder of images"
+)
+
+
 def _read_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     where = f"data file {str(path)!r}"
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
+                keys, meta = list(f.files), {}
+                _check_data_keys(keys, meta, where)
+                arrays = {k: f[k] for k in ("x", "y")}
         else:
-            from safetensors.numpy import load_file
+            from safetensors import safe_open
 
-            arrays = load_file(str(path))
+            with safe_open(str(path), framework="np") as f:
+                keys, meta = list(f.keys()), f.metadata() or {}
+                _check_data_keys(keys, meta, where)  # before reading any tensor: a model file may be large
+                arrays = {k: f.get_tensor(k) for k in ("x", "y")}
     except DataError:
         raise
     except Exception as e:  # numpy and safetensors raise many types for corrupt files
@@ -325,14 +336,30 @@ def _read_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             f"{where} could not be read ({type(e).__name__}: {e}). "
             "Hint: write it with numpy.savez or safetensors.numpy.save_file, without object arrays"
         ) from e
-    for key in ("x", "y"):
-        if key not in arrays:
-            found = ", ".join(repr(k) for k in sorted(arrays)) or "none"
-            raise DataError(
-                f"{where} has no key {key!r}{closest(key, arrays)} (keys found: {found}). "
-                "Hint: store the images as 'x' and the labels as 'y'"
-            )
     return _validate_arrays(arrays["x"], arrays["y"], where)
+
+
+def _check_data_keys(keys: list[str], meta: dict[str, str], where: str) -> None:
+    """Refuse a file without 'x' and 'y', saying what it is when it is a model (an artifact, weights)."""
+    if meta.get("format") == "graphsparse-artifact":
+        raise DataError(
+            f"{where} is a graphsparse artifact (a rewritten model and its statistics), not a data file. "
+            f"{_DATA_HINT}; the artifact is the command's first argument"
+        )
+    for key in ("x", "y"):
+        if key in keys:
+            continue
+        weights = [k for k in keys if k.rsplit(".", 1)[-1] in ("weight", "bias", "running_mean", "running_var")]
+        if len(weights) >= max(1, len(keys) // 2):
+            raise DataError(
+                f"{where} holds model weights ({len(keys)} tensors such as {weights[0]!r}), not data. {_DATA_HINT}"
+            )
+        shown = sorted(keys)
+        found = ", ".join(repr(k) for k in shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+        raise DataError(
+            f"{where} has no key {key!r}{closest(key, keys)} (keys found: {found or 'none'}). "
+            "Hint: store the images as 'x' and the labels as 'y'"
+        )
 
 
 def _resize(x: torch.Tensor, image_size: int | tuple[int, int] | None) -> torch.Tensor:

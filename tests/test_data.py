@@ -226,3 +226,23 @@ def test_make_loader_reads_each_rank_shard_in_order():
     assert torch.equal(torch.cat(shards), ds.tensors[0])
     with pytest.raises(DataError, match="batch_size"):
         make_loader(ds, 0)
+
+
+def test_a_model_file_given_as_data_is_named_as_such(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    import graphsparse as gs
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
+    artifact = gs.save(gs.rewrite(model, "full", torch.rand(1, 1, 8, 8)), tmp_path / "a.safetensors")
+    with pytest.raises(DataError, match=r"is a graphsparse artifact \(a rewritten model and its statistics\), not a"):
+        load_dataset(str(artifact))
+    weights = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("resnet10t").state_dict(), str(weights))
+    with pytest.raises(DataError, match=r"holds model weights \(\d+ tensors such as '[a-z0-9_.]+'\), not data"):
+        load_dataset(str(weights))
+    other = tmp_path / "other.safetensors"
+    save_file({f"t{i:02d}": torch.zeros(1) for i in range(20)}, str(other))
+    with pytest.raises(DataError, match=r"keys found: 't00', .*'t07' and 12 more\)"):
+        load_dataset(str(other))
