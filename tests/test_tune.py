@@ -242,3 +242,18 @@ def test_records_made_with_other_statistics_are_flagged_stale_on_every_read(mode
     gs.calibrate(model, gs.make_loader(load_dataset(parity_source, split="train"), 512))  # the first data again
     records = gs.rewrite_info(model).records
     assert records["calibration"]["stats_sha256"] == digest and not any("stale" in r for r in records.values())
+
+
+def test_load_checks_the_records_against_the_statistics_it_loads(model, trained, val, tmp_path):
+    """Statistics changed without a calibration (by hand): load flags the calibration record itself."""
+    from graphsparse.records import stats_digest
+
+    tune(model, val, alphas=[0.0, 0.5], **FAST)
+    path = gs.save(model, tmp_path / "a.safetensors")
+    assert not any("stale" in r for r in gs.rewrite_info(gs.load(path, base=trained)).records.values())
+    with torch.no_grad():
+        for op in operators(model).values():
+            op.var.mul_(2)
+    records = gs.rewrite_info(gs.load(gs.save(model, path), base=trained)).records
+    assert records["calibration"]["stale"] is True and records["tuning"]["stale"] is True
+    assert records["tuning"]["stats_sha256"] != stats_digest(model)
