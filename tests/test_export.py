@@ -149,20 +149,21 @@ def test_timm_convnext_artifact_exports_with_a_dynamic_batch(fmt, tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet18_float16_onnx_and_bfloat16_pt2(tmp_path):
-    for dtype, fmt in ((torch.float16, "onnx"), (torch.bfloat16, "pt2")):
-        model = timm.create_model("resnet18", num_classes=10).to(dtype)
-        rewritten = _random_stats(gs.rewrite(model, "full", torch.randn(2, 3, 32, 32).to(dtype)))
-        report = gs.export(rewritten, tmp_path / f"r18.{fmt}", fmt, data=torch.rand(4, 3, 32, 32))
-        assert report.dtype == str(dtype).removeprefix("torch.") and report.verification.passed
-        x = torch.rand(2, 3, 32, 32).to(dtype)
-        got = run_without_graphsparse(fmt, tmp_path / f"r18.{fmt}", [x], tmp_path)[0]
-        assert got.dtype == dtype
-        with torch.no_grad():
-            assert torch.equal(got.argmax(1), rewritten(x).argmax(1))
+@pytest.mark.parametrize("name, dtype, fmt", [("resnet18", torch.float16, "onnx"), ("demo", torch.bfloat16, "pt2")])
+def test_half_precision_exports(name, dtype, fmt, tmp_path):
+    if name == "demo":
+        model, x = load_demo_model().to(dtype), torch.rand(2, 1, 28, 28)
+    else:
+        model, x = timm.create_model(name, num_classes=10).to(dtype), torch.rand(2, 3, 32, 32)
+    rewritten = _random_stats(gs.rewrite(model, "full", x.to(dtype)))
+    report = gs.export(rewritten, tmp_path / f"m.{fmt}", fmt, data=x)
+    assert report.dtype == str(dtype).removeprefix("torch.") and report.verification.passed
+    got = run_without_graphsparse(fmt, tmp_path / f"m.{fmt}", [x.to(dtype)], tmp_path)[0]
+    assert got.dtype == dtype
+    with torch.no_grad():
+        assert torch.equal(got.argmax(1), rewritten(x.to(dtype)).argmax(1))
 
 
-@pytest.mark.slow
 def test_sparta_model_exports_to_pt2_with_a_dynamic_batch_and_refuses_it_elsewhere(tmp_path):
     model = DemoPreActResNet(act="relu", blocks=1).eval()
     rewritten = gs.rewrite(model, "sparta_stage_last", torch.zeros(2, 1, 28, 28))
