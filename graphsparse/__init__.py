@@ -11,6 +11,7 @@ and the CLI's ``--help`` do not load torch or timm; every name of ``__all__`` is
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .calibrate import CalibrationRecord, calibrate
     from .capture import Capture, capture
     from .data import load_dataset, make_loader, split_indices
+    from .deploy import export
     from .errors import (
         ArtifactError,
         CalibrationError,
@@ -87,7 +89,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         UnsafePickleError,
     )
     from .evaluate import EvalReport, EvaluationError, evaluate
-    from .deploy import export
     from .fuse import fuse_activations
     from .io import load, read_metadata, save
     from .ops import (
@@ -127,6 +128,9 @@ def plan(model: Any, rule: Any, example_input: Any, *, alpha: float | None = Non
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        # a submodule (gs.models, gs.io, ...), as when this file imported every stage up front
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups are plain attribute reads
@@ -138,7 +142,7 @@ def __dir__() -> list[str]:
 
 
 # public functions named like the submodule that defines them (graphsparse.calibrate is the function)
-_SHADOWED = frozenset({"calibrate", "capture", "evaluate", "plan", "rewrite", "train", "tune"})
+_SHADOWED = frozenset({"plan"} | {name for name, module in _LAZY.items() if name == module})
 
 
 class _Package(types.ModuleType):

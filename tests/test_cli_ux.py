@@ -70,6 +70,26 @@ def test_public_functions_named_like_their_module_stay_functions_after_the_modul
         "print('LOADED ok', file=__import__('sys').stderr)\n"
     )
     assert _loaded_after(code)[0] == "LOADED ok"
+    named_like = sorted(n for n, m in graphsparse._LAZY.items() if n == m)
+    code = (
+        "import importlib, graphsparse as gs\n"
+        f"for name in {named_like!r}:\n"
+        "    importlib.import_module('graphsparse.' + name)\n"
+        "    assert type(getattr(gs, name)).__name__ == 'function', name\n"
+        "print('LOADED ok', file=__import__('sys').stderr)\n"
+    )
+    assert "rewrite" in named_like and _loaded_after(code)[0] == "LOADED ok"
+
+
+def test_submodules_are_attributes_of_the_package_as_before():
+    """`import graphsparse as gs; gs.models.load_demo_model()` worked when the package imported every stage."""
+    code = (
+        "import graphsparse as gs\n"
+        "assert callable(gs.models.load_demo_model) and callable(gs.io.save) and gs.ops.MeanSparse is gs.MeanSparse\n"
+        "assert callable(gs.sources.default_input_shape) and 'after_addition' in gs.rules.builtin_rules()\n"
+        "try:\n    gs.no_such_module\nexcept AttributeError:\n    print('LOADED ok', file=__import__('sys').stderr)\n"
+    )
+    assert _loaded_after(code)[0] == "LOADED ok"
 
 
 def test_help_lists_each_command_with_its_own_first_line():
