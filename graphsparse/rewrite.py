@@ -95,7 +95,9 @@ def rewrite(
             activation after it and works in place where nothing else reads its input. The same outputs,
             gradients (both backward modes) and ``state_dict``, bit for bit, in fewer memory passes (the
             README gives the measured cost). ``False`` keeps one graph node per activation (e.g. to look at or
-            edit the graph).
+            edit the graph). In the fused form a convolution or normalisation output that only an operator or
+            a residual addition reads is overwritten in place when no gradient is recorded: a forward hook
+            added afterwards that keeps that tensor should keep a copy (or rewrite with ``fuse=False``).
 
     Returns:
         The rewritten model (an ``fx.GraphModule`` when the root traces) in eval mode. With α = 0 or
