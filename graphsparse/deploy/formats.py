@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -127,14 +128,20 @@ def _write_pt2(model, probe, tmp: str, dynamic_batch: bool, meta: dict[str, str]
     with _quiet(), torch.no_grad():
         program = torch.export.export(model, (probe,), dynamic_shapes=_dynamic(dynamic_batch))
     _check_program(program)
-    torch.export.save(program, tmp, extra_files={EXTRA_FILE: json.dumps(meta)})
+    with open(tmp, "wb") as f:  # a file object: torch warns about a path not ending in .pt2 (the temp file's)
+        torch.export.save(program, f, extra_files={EXTRA_FILE: json.dumps(meta)})
 
 
 def _write_torchscript(model, probe, tmp: str, meta: dict[str, str]) -> None:
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(model, probe, check_trace=False)
-    _check_torchscript(traced)
-    torch.jit.save(traced, tmp, _extra_files={EXTRA_FILE: json.dumps(meta)})
+        _check_torchscript(traced)
+        torch.jit.save(traced, tmp, _extra_files={EXTRA_FILE: json.dumps(meta)})
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch.onnx colours its messages
+    return (text.splitlines() or [type(e).__name__])[0][:300]
 
 
 def write(
@@ -159,7 +166,9 @@ def write(
     except GraphsparseError:
         raise
     except Exception as e:  # noqa: BLE001 - the exporters raise many types; say which step failed and why
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = _first_line(e)
+        if e.__cause__ is not None:  # torch.onnx wraps the error that says what failed
+            first += f" ({type(e.__cause__).__name__}: {_first_line(e.__cause__)})"
         raise ExportError(
             f"exporting to {fmt} failed: {type(e).__name__}: {first}. Hint: try another --format, or set "
             "GRAPHSPARSE_DEBUG=1 to see the traceback"
