@@ -21,12 +21,22 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .activations import activation_kind_of_module
+from .activations import activation_kind_of_module, is_gate_kind
 from .errors import CaptureError
 
-__all__ = ["Capture", "OpaqueModule", "capture", "leaf_reason", "iter_module_tree_activations",
-           "operator_types", "unwrap_compiled"]
+__all__ = [
+    "Capture",
+    "Census",
+    "OpaqueModule",
+    "PartialCaptureWarning",
+    "capture",
+    "leaf_reason",
+    "iter_module_tree_activations",
+    "operator_types",
+    "unwrap_compiled",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,49 @@ class Capture:
     module_tree_order: dict[str, int] = field(default_factory=dict)
     graph_order: dict[str, int] = field(default_factory=dict)
     handoffs: dict[str, str] = field(default_factory=dict)
+    census: Census | None = None
+    missed: list[str] = field(default_factory=list)
+
+
+class PartialCaptureWarning(UserWarning):
+    """Activations ran on the probe that no site reaches: an operator cannot go there (see ``Capture.missed``)."""
+
+
+# aten ops an activation dispatches -> the bucket they are counted in; a site's kind -> the bucket its call
+# dispatches. Gates (sigmoid, tanh, hardsigmoid) are not counted: they also compute gates and attention.
+_ATEN_BUCKETS = {
+    **{op: op for op in ("relu", "gelu", "silu", "hardswish", "hardtanh", "elu", "celu", "leaky_relu", "mish",
+                         "softplus")},
+    **{f"{op}_": op for op in ("relu", "gelu", "silu", "hardswish", "hardtanh", "elu", "celu", "leaky_relu",
+                               "mish")},
+    "rrelu_with_noise": "rrelu",
+    "_prelu_kernel": "prelu",
+}
+KIND_BUCKETS = {
+    **{k: k for k in ("relu", "gelu", "silu", "hardswish", "hardtanh", "elu", "celu", "leaky_relu", "mish",
+                      "softplus", "rrelu", "prelu")},
+    "relu6": "hardtanh",
+    "selu": "elu",
+}
+
+
+@dataclass
+class Census:
+    """What ran when the original model saw the probe, recorded independently of tracing.
+
+    Attributes:
+        activation_modules: path -> kind of every non-gate activation module that ran (not one nested in
+            another activation module).
+        calls: path -> how many times each module's forward ran.
+        classes: path -> class name of each module that ran.
+        dispatched: (path of the innermost running module, bucket) -> activation ops dispatched there
+            outside activation modules (functional calls such as ``F.relu``, ``x.relu_()``).
+    """
+
+    activation_modules: dict[str, str] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)
+    dispatched: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def _autograd_function_called(module: nn.Module) -> str | None:
@@ -324,7 +377,7 @@ def capture(
     saved = _ModuleState(model)  # fx leaves `_tensor_constantN` on a traced root; the probe sets eval mode
     model.eval()
     try:
-        reference = _run_original(model, example_input) if check else None
+        reference, census = _run_original(model, example_input) if check else (None, None)
         source = copy_module.deepcopy(model) if copy else model
         try:
             result = _capture_root(source, example_input, reference, atol)
@@ -333,6 +386,7 @@ def capture(
                 raise
             source = copy_module.deepcopy(model)
             result = _capture_children(source, example_input, reference, atol, exc)
+        result.census = census
         return result
     finally:
         saved.restore()
@@ -384,9 +438,66 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
-def _run_original(model: nn.Module, example_input: torch.Tensor) -> Any:
+class _CountActivations(TorchDispatchMode):
+    """Counts activation ops dispatched outside activation modules, by the innermost running module."""
+
+    def __init__(self, census: Census, stack: list[str], inside: list[int]) -> None:
+        super().__init__()
+        self.census, self.stack, self.inside = census, stack, inside
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bucket = _ATEN_BUCKETS.get(func.overloadpacket.__name__)
+        if bucket is not None and not self.inside[0]:
+            key = (self.stack[-1] if self.stack else "", bucket)
+            self.census.dispatched[key] = self.census.dispatched.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _probe_with_census(model: nn.Module, example_input: torch.Tensor) -> tuple[Any, Census]:
+    """Run the probe through the original model, recording what ran (forward hooks, a dispatch mode)."""
+    census = Census()
+    stack: list[str] = []
+    inside = [0]  # depth of activation modules being run: their own aten ops are theirs, not functional calls
+    handles = []
+
+    def pre(path: str, kind: str | None):
+        def hook(module: nn.Module, args: Any) -> None:
+            census.calls[path] = census.calls.get(path, 0) + 1
+            census.classes[path] = type(module).__name__
+            if kind is not None and not is_gate_kind(kind) and not inside[0]:
+                census.activation_modules.setdefault(path, kind)
+            inside[0] += kind is not None
+            stack.append(path)
+
+        return hook
+
+    def post(kind: str | None):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            stack.pop()
+            inside[0] -= kind is not None
+
+        return hook
+
     try:
-        return _probe(model, example_input)
+        for path, module in model.named_modules():
+            kind = activation_kind_of_module(module)
+            handles.append(module.register_forward_pre_hook(pre(path, kind)))
+            handles.append(module.register_forward_hook(post(kind)))
+        with _CountActivations(census, stack, inside):
+            output = _probe(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return output, census
+
+
+def _run_original(model: nn.Module, example_input: torch.Tensor) -> tuple[Any, Census | None]:
+    try:
+        return _probe_with_census(model, example_input)
+    except Exception:  # the census is a check: a model it disturbs is still captured, without it
+        pass
+    try:
+        return _probe(model, example_input), None
     except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__} does not run on a probe input of shape {tuple(example_input.shape)} "

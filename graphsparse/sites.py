@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import html
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,10 +17,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .activations import activation_kind_of_module, is_gate_kind
-from .capture import Capture, capture
+from .capture import KIND_BUCKETS, Capture, PartialCaptureWarning, capture
 from .roles import GraphFacts, shape_of
 
-__all__ = ["Site", "ROLES", "LAYOUTS", "find_sites", "sites_of_capture"]
+__all__ = ["Site", "SiteList", "ROLES", "LAYOUTS", "find_sites", "sites_of_capture"]
 
 ROLES = ("stem", "main_path", "after_addition", "in_se", "mlp", "head")
 LAYOUTS = ("nchw", "nhwc", "tokens", "ncl", "nc")
@@ -80,6 +83,37 @@ class Site:
         return data
 
 
+_TABLE_COLUMNS = ("id", "op", "role", "layout", "channels", "stage", "depth", "reached", "module_class")
+
+
+class SiteList(list):
+    """The sites of a model, a ``list[Site]`` in forward order that also says what capture missed and shows
+    itself as a table (HTML in notebooks, ``to_rows()`` for a DataFrame).
+
+    Attributes:
+        missed: activation places that ran on the probe but are not sites (empty when capture saw them all).
+    """
+
+    missed: list[str]
+
+    def __init__(self, sites: Any = (), missed: list[str] | None = None) -> None:
+        super().__init__(sites)
+        self.missed = list(missed or [])
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One dict per site with the public fields (``pandas.DataFrame(sites.to_rows())``)."""
+        return [s.to_dict() for s in self]
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{c}</th>" for c in _TABLE_COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(getattr(s, c)))}</td>" for c in _TABLE_COLUMNS) + "</tr>"
+            for s in self
+        )
+        note = "".join(f"<p>missed: {html.escape(m)}</p>" for m in self.missed)
+        return f"<p>{len(self)} sites</p><table><tr>{head}</tr>{body}</table>{note}"
+
+
 @dataclass
 class _Candidate:
     key: tuple[int, int, int]
@@ -95,7 +129,9 @@ class _Candidate:
     graph_module: str = ""
 
 
-def find_sites(model: nn.Module, example_input: torch.Tensor, *, capture_result: Capture | None = None) -> list[Site]:
+def find_sites(
+    model: nn.Module, example_input: torch.Tensor, *, capture_result: Capture | None = None
+) -> SiteList:
     """Every place an operator can go in ``model``, in forward order.
 
     Args:
@@ -104,13 +140,17 @@ def find_sites(model: nn.Module, example_input: torch.Tensor, *, capture_result:
         capture_result: a :class:`~graphsparse.capture.Capture` of ``model`` to reuse (skips capturing).
 
     Returns:
-        The sites, ``depth`` 0 first. Ids are stable across runs.
+        The sites, ``depth`` 0 first (a :class:`SiteList`: a list that shows as a table). Ids are stable
+        across runs.
+
+    Warns:
+        PartialCaptureWarning: activations ran on the probe that are not sites (listed in ``.missed``).
     """
     cap = capture_result if capture_result is not None else capture(model, example_input)
     return sites_of_capture(cap)
 
 
-def sites_of_capture(cap: Capture) -> list[Site]:
+def sites_of_capture(cap: Capture) -> SiteList:
     """Sites of an existing capture (see :func:`find_sites`)."""
     candidates: list[_Candidate] = []
     facts_by_path = {gpath: GraphFacts(gm) for gpath, gm in cap.graphs.items()}
@@ -129,7 +169,46 @@ def sites_of_capture(cap: Capture) -> list[Site]:
     handed_on = {n[0] for _, _, n in forks if isinstance(n, tuple) and n[1] is None}
     candidates.extend(_eager_candidates(cap, fork_keys, add_keys, handed_on))
     candidates.sort(key=lambda c: c.key)
-    return _finish(candidates)
+    sites = SiteList(_finish(candidates))
+    cap.missed = sites.missed = _missed(cap, sites)
+    if sites.missed:
+        shown = "; ".join(sites.missed[:5]) + (f"; and {len(sites.missed) - 5} more" if len(sites.missed) > 5 else "")
+        warnings.warn(
+            PartialCaptureWarning(
+                f"{type(cap.model).__name__}: {len(sites.missed)} activation place(s) that ran on the probe are not "
+                f"sites, so no operator can go there: {shown}. They run inside modules graphsparse does not "
+                "trace (torch.nn layers, opaque modules listed by `graphsparse inspect`) or in Python that stayed "
+                "eager. Hint: make those modules traceable, or call activation modules there (nn.ReLU, ...) "
+                "instead of functions."
+            ),
+            stacklevel=3,
+        )
+    return sites
+
+
+def _missed(cap: Capture, sites: list[Site]) -> list[str]:
+    """What ran on the probe (the capture's census of the original model) that no site accounts for."""
+    census = cap.census
+    if census is None:
+        return []
+    found = {s.module for s in sites if s.op != "add"}
+    missed = [
+        f"{path} ({census.classes.get(path, '?')}, {kind})"
+        for path, kind in census.activation_modules.items()
+        if path not in found
+    ]
+    # functional sites: each accounts for one call per run of the module it sits in
+    expected: Counter[tuple[str, str]] = Counter()
+    for s in sites:
+        bucket = KIND_BUCKETS.get(s.op)
+        if bucket is not None and s.module not in census.activation_modules:
+            expected[(s.module, bucket)] += census.calls.get(s.module, 1)
+    for (path, bucket), n in census.dispatched.items():
+        extra = n - expected[(path, bucket)]
+        if extra > 0:
+            where = f"{path} ({census.classes.get(path, '?')})" if path else f"the root ({type(cap.model).__name__})"
+            missed.append(f"{extra} {bucket} call{'s' if extra > 1 else ''} in {where}")
+    return missed
 
 
 _Located = list[tuple[int, GraphFacts, Any]]

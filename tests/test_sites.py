@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphsparse.activations import activation_kind_of_module, is_gate_kind
-from graphsparse.capture import capture
+from graphsparse.capture import PartialCaptureWarning, capture
 from graphsparse.sites import find_sites, sites_of_capture
 
 
@@ -34,7 +35,10 @@ def _sites(model, shape):
     x = torch.randn(*shape)
     cap = capture(model.eval(), x)
     assert cap.max_abs_diff == 0.0
-    sites = sites_of_capture(cap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartialCaptureWarning)  # nothing that ran was missed
+        sites = sites_of_capture(cap)
+    assert sites.missed == [] and cap.missed == []
     assert [s.depth for s in sites] == list(range(len(sites)))
     assert len({s.id for s in sites}) == len(sites)
     module_sites = {s.module for s in sites if s.op != "add"}
@@ -374,3 +378,82 @@ def test_transformers_activation_classes_are_matched_by_name_without_importing_t
     assert activation_kind_of_module(fake()) == "gelu"
     fake.__qualname__ = "QuickGELUActivation"
     assert activation_kind_of_module(fake()) == "quick_gelu"
+
+
+class _GeluAfterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _OpaqueGelu(nn.Module):
+    """An opaque leaf (it calls an autograd.Function) hiding a functional gelu."""
+
+    def forward(self, x):
+        return F.gelu(_GeluAfterFunction.apply(x))
+
+
+class HidesActivations(nn.Module):
+    """One activation capture reaches (a ReLU module) and two it cannot: a functional gelu inside an opaque
+    leaf, and torch's TransformerEncoderLayer, a torch.nn layer with a functional relu inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.act = nn.ReLU()
+        self.hidden = _OpaqueGelu()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        tokens = self.hidden(self.act(self.conv(x))).flatten(2).permute(2, 0, 1)
+        return self.fc(self.encoder(tokens).mean(0))
+
+
+def test_activations_that_ran_but_are_not_sites_are_a_warning_naming_them():
+    model = HidesActivations().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cap = capture(model, x)
+    with pytest.warns(PartialCaptureWarning, match=r"2 activation place\(s\).*hidden \(_OpaqueGelu\)") as rec:
+        sites = sites_of_capture(cap)
+    assert "1 relu call in encoder (TransformerEncoderLayer)" in str(rec[0].message)
+    assert [s.id for s in sites] == ["act"]
+    assert sites.missed == cap.missed == [
+        "1 gelu call in hidden (_OpaqueGelu)",
+        "1 relu call in encoder (TransformerEncoderLayer)",
+    ]
+    with pytest.warns(PartialCaptureWarning):
+        assert find_sites(model, x).missed == sites.missed
+
+
+def test_inspect_shows_what_capture_missed():
+    from click.testing import CliRunner
+
+    from graphsparse.cli import main
+
+    spec = f"{HidesActivations.__module__}:HidesActivations"
+    top = HidesActivations.__module__.split(".")[0]
+    res = CliRunner().invoke(main, ["inspect", spec, "--input-shape", "1,3,8,8", "--allow-module", top])
+    assert res.exit_code == 0, res.output
+    assert "missed: 1 gelu call in hidden (_OpaqueGelu)" in res.output
+    assert "missed: 1 relu call in encoder (TransformerEncoderLayer)" in res.output
+
+
+def test_a_rule_matching_nothing_because_capture_found_nothing_says_so():
+    from graphsparse.errors import RuleError
+    from graphsparse.plan import make_plan
+
+    no_activation = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(RuleError) as err:
+        make_plan(find_sites(no_activation, torch.randn(1, 3, 8, 8)), "after_addition")
+    assert "Capture found no site at all" in str(err.value) and "optional: true" not in str(err.value)
+
+    model = HidesActivations().eval()
+    with pytest.warns(PartialCaptureWarning):
+        sites = find_sites(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(RuleError, match=r"Capture missed 2 activation place\(s\).*gelu call in hidden"):
+        make_plan(sites, "after_addition")

@@ -18,12 +18,24 @@ from ._term import console, print_json, table
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of site objects.")
 def inspect_command(model, arch, allow_modules, input_shape, model_dir, rule, alpha, as_json):
     """Capture MODEL (timm:NAME, a file, pkg.module:Class) and list the places an operator can go."""
-    from ..capture import capture
+    import warnings
+
+    from ..capture import PartialCaptureWarning, capture
     from ..sites import sites_of_capture
 
     module, _recipe, example = load_cli_model(model, arch, allow_modules, input_shape, model_dir)
     cap = capture(module, example)
-    sites = sites_of_capture(cap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartialCaptureWarning)  # shown below, with the sites
+        sites = sites_of_capture(cap)
+    if sites.missed:
+        err = console(stderr=True)
+        err.print(
+            f"warning: {len(sites.missed)} activation place(s) ran on the probe but are not sites (no operator "
+            "can go there):"
+        )
+        for m in sites.missed:
+            err.print(f"  missed: {m}")
     entries = None
     if rule is not None:
         from ..plan import make_plan
