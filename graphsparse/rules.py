@@ -790,11 +790,7 @@ def resolve(rules: RuleSet, sites: Sequence[Site]) -> tuple[Decision, ...]:
     if unmatched:
         lines = [f"{_rule_where(rules, r)}: {r.ref} matches no site; it looked for {r.select.describe()}"
                  f"{_available(r.select, sites)}" for r in unmatched]
-        raise RuleError(
-            "; ".join(lines)
-            + ". Hint: mark the rule 'optional: true' if it is meant for other architectures, "
-            "or list the model's sites with `graphsparse inspect MODEL`."
-        )
+        raise RuleError("; ".join(lines) + _unmatched_hint(sites))
 
     for site, decision in zip(sites, decisions):
         rule = decision.rule
@@ -812,6 +808,30 @@ def resolve(rules: RuleSet, sites: Sequence[Site]) -> tuple[Decision, ...]:
                     f"({' or '.join(SPARTA_LAYOUTS)}). Hint: add 'layout: nchw' to the selector."
                 )
     return tuple(decisions)
+
+
+def _unmatched_hint(sites: Sequence[Site]) -> str:
+    """Why rules match nothing: the model (then 'optional: true' is the fix), or a capture that found
+    nothing or missed activations that ran (then it is not)."""
+    missed = list(getattr(sites, "missed", ()))  # a SiteList says what capture saw run but could not reach
+    if not sites:
+        return (
+            ". Capture found no site at all in this model (no activation or residual addition it can see), "
+            "so no rule can match. Hint: `graphsparse inspect MODEL` lists the modules that stayed opaque"
+            + (f" and the {len(missed)} activation place(s) capture missed" if missed else "")
+            + "."
+        )
+    if missed:
+        return (
+            f". Capture missed {len(missed)} activation place(s) that ran ({'; '.join(missed[:3])}"
+            f"{'; ...' if len(missed) > 3 else ''}): the sites the rule looks for may be among them. Hint: "
+            "`graphsparse inspect MODEL` lists them; mark the rule 'optional: true' only if it is meant for "
+            "other architectures."
+        )
+    return (
+        ". Hint: mark the rule 'optional: true' if it is meant for other architectures, "
+        "or list the model's sites with `graphsparse inspect MODEL`."
+    )
 
 
 def _rule_where(rules: RuleSet, rule: Rule) -> str:
