@@ -98,7 +98,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             ``torch.load`` then fails to read); the file is written all the same.
     """
     info = rewrite_info(model)
-    if not str(path).lower().endswith(".safetensors"):
+    if not str(path).lower().endswith(".safetensors") and not Path(path).is_dir():  # a directory: atomic_write says
         warnings.warn(
             f"{path}: graphsparse artifacts are safetensors files (no pickle); this name promises another format "
             f"and torch.load cannot read it. Hint: name it {Path(path).with_suffix('.safetensors').name}; load it "
