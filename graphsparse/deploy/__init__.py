@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import closest
+from ..ops.sparta import Sparta
 from .formats import FORMATS, ExportError
 from .metadata import provenance, read_export_metadata
 from .verify import Verification
@@ -73,8 +74,9 @@ def _check_format(fmt: str, opset: int | None, dtype: torch.dtype) -> None:
         raise ExportError(f"ONNX export needs {', '.join(missing)}. Hint: pip install 'graphsparse[export]'")
     if fmt == "onnx" and dtype == torch.bfloat16:
         raise ExportError(
-            "ONNX export of a bfloat16 model is refused: onnxruntime has no CPU kernels for bfloat16 convolutions, "
-            "so the file could not be verified (nor run on CPU). Hint: export the float32 or float16 model, or use "
+            "ONNX export of a bfloat16 model is refused: onnxruntime does not load bfloat16 convolutions ('Type "
+            "tensor(bfloat16) of operator (Conv) is invalid'), so the file could be neither verified nor run. "
+            "Hint: export the float32 or float16 model, or use "
             "--format pt2 or torchscript"
         )
 
@@ -207,6 +209,12 @@ def export(
     model, artifact, artifact_meta = _load(model_or_artifact_path, allow_modules)
     dtype = _dtype_of(model)
     _check_format(format, opset, dtype)
+    if dynamic_batch and format != "pt2" and any(isinstance(m, Sparta) for m in model.modules()):
+        raise ExportError(
+            f"a dynamic batch is refused for {format} with SPARTA: its per-sample kernels run as one convolution "
+            "with a group per sample, and the group count is fixed in ONNX and in traced TorchScript. Hint: drop "
+            "--dynamic-batch (export the batch size you serve), or use --format pt2"
+        )
     from ..rewrite import rewrite_info
 
     try:
