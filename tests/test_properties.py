@@ -78,6 +78,7 @@ def _check_sites(arch: Architecture) -> list:
     truth = arch.truth
     found, expected = [s.id for s in sites], [t.id for t in truth.sites]
     note("found sites:\n" + "\n".join(map(str, (_site_row(s) for s in sites))))
+    assert sites.missed == [], f"capture's census saw activations run that are not sites: {sites.missed}"
     missing = [i for i in expected if i not in found]
     spurious = [i for i in found if i not in expected]
     assert not missing, f"recall < 100 %: sites not found {missing}"
@@ -91,6 +92,20 @@ def _check_sites(arch: Architecture) -> list:
     for s, t in zip(sites, truth.sites):
         assert _site_row(s) == _truth_row(t), f"site {s.id}: found {_site_row(s)}, expected {_truth_row(t)}"
     return sites
+
+
+def _module_state(model: torch.nn.Module) -> list:
+    """Each module's attribute names and the identity of every attribute, parameter, buffer, child and
+    hook, and its train/eval flag: what find_sites and rewrite must leave as it was."""
+    state = []
+    for path, m in model.named_modules():
+        dicts = {
+            k: {n: id(x) for n, x in v.items()}
+            for k, v in m.__dict__.items()
+            if isinstance(v, dict) and (k in ("_parameters", "_buffers", "_modules") or "hook" in k)
+        }
+        state.append((path, {k: id(v) for k, v in m.__dict__.items()}, dicts, m.training))
+    return state
 
 
 # ------------------------------------------------------------------------------------------ the generator
@@ -116,6 +131,18 @@ def test_site_discovery_matches_the_ground_truth(arch):
     """Recall and precision 100 %; ids, roles (SE internals in_se), layouts, channel axes, channels exact."""
     _note(arch)
     _check_sites(arch)
+
+
+@settings(max_examples=_budget(1))
+@given(random_architectures(), st.booleans())
+def test_find_sites_and_rewrite_leave_the_model_as_it_was(arch, training):
+    _note(arch)
+    model = arch.build().train(training)
+    before = _module_state(model)
+    find_sites(model, arch.example_input())
+    assert _module_state(model) == before
+    rewrite(model, "full", arch.example_input())
+    assert _module_state(model) == before
 
 
 # Regression (found by this property): a functional activation in the forward of a module traced as its
