@@ -277,3 +277,15 @@ def test_cli_export_prints_the_verification(demo_artifact, tmp_path):
     assert report["path"] == str(out) and report["input_shape"] == [8, 1, 28, 28] and out.is_file()
     assert report["verification"]["passed"] and report["verification"]["samples"] == 8
     assert report["verification"]["max_abs_diff"] == 0.0  # TorchScript: the eager kernels, bit for bit
+
+
+def test_an_old_opset_goes_through_the_legacy_exporter(tmp_path):
+    import onnx
+
+    rewritten = _random_stats(gs.rewrite(load_demo_model(), "full", torch.zeros(1, 1, 28, 28)))
+    report = gs.export(rewritten, tmp_path / "d.onnx", "onnx", opset=13, dynamic_batch=True,
+                       data=torch.rand(3, 1, 28, 28))
+    assert report.verification.passed and report.opset == 13
+    proto = onnx.load(str(tmp_path / "d.onnx"))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["graphsparse.input_shape"]) == [None, 1, 28, 28]
