@@ -457,3 +457,16 @@ def test_a_rule_matching_nothing_because_capture_found_nothing_says_so():
         sites = find_sites(model, torch.randn(1, 3, 8, 8))
     with pytest.raises(RuleError, match=r"Capture missed 2 activation place\(s\).*gelu call in hidden"):
         make_plan(sites, "after_addition")
+
+
+def test_find_sites_is_a_list_that_shows_as_a_table():
+    from graphsparse.sites import Site
+
+    sites = find_sites(_FunctionalNet(), torch.randn(2, 3, 16, 16))
+    assert isinstance(sites, list) and all(isinstance(s, Site) for s in sites)
+    assert sites[1:3] == list(sites)[1:3] and len(sites) == 6
+    rows = sites.to_rows()
+    assert [r["id"] for r in rows] == [s.id for s in sites] and rows[0]["shape"] == list(sites[0].shape)
+    page = sites._repr_html_()
+    assert page.count("<tr>") == len(sites) + 1  # a header row, then one row per site
+    assert "<td>after_addition</td>" in page and "<td>tanh</td>" in page
