@@ -1,5 +1,5 @@
-"""Model sources: turn a spec (``timm:NAME``, ``torchvision:NAME``, ``robustbench:ID``, ``pkg.module:Class`` or
-``pkg.module:function``, a file) into a module.
+"""Model sources: turn a spec (``timm:NAME``, ``torchvision:NAME``, ``transformers:MODEL_TYPE``, ``hf:ORG/NAME``,
+``robustbench:ID``, ``pkg.module:Class`` or ``pkg.module:function``, a file) into a module.
 
 Every model comes back with a :class:`Recipe`: how to rebuild its architecture without pickle, so a
 graphsparse artifact (safetensors) can store the recipe as text and rebuild the base model on load.
@@ -42,7 +42,7 @@ __all__ = [
     "default_input_shape",
 ]
 
-RECIPE_KINDS = ("timm", "torchvision", "robustbench", "class", "file")
+RECIPE_KINDS = ("timm", "torchvision", "transformers", "robustbench", "class", "file")
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 # Checkpoint dict keys that hold the model or its state dict, in order of preference: the trained model's own
@@ -71,6 +71,8 @@ _CLASS_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ACCEPTED_FORMS = (
     "accepted forms: 'timm:NAME' (e.g. timm:resnet18), 'torchvision:NAME' (e.g. torchvision:resnet18), "
+    "'transformers:MODEL_TYPE' (e.g. transformers:vit, config options as --model-kwargs JSON), "
+    "'hf:ORG/NAME' (Hugging Face hub, downloads), "
     "'robustbench:MODEL_ID[@dataset/threat]' (e.g. robustbench:Carmon2019Unlabeled@cifar10/Linf), "
     "'pkg.module:Class' or 'pkg.module:function' (constructor kwargs as options: --num-classes, "
     f"--model-kwargs JSON), or a weights file ending in {', '.join(FILE_SUFFIXES)} (state dicts also need --arch)"
@@ -78,6 +80,16 @@ _ACCEPTED_FORMS = (
 # Functions of trusted packages that an artifact's recipe may call (besides registered torchvision and timm
 # builders): they build a model and do nothing else.
 _TRUSTED_BUILDERS = ("graphsparse.models:load_demo_model",)
+
+_TRANSFORMERS_SPECS = ("transformers:", "hf:")
+_TRANSFORMERS_CLASS = re.compile(r"^[A-Za-z_]\w*$")
+# Config entries that are provenance, not architecture: left out of a transformers recipe.
+_TRANSFORMERS_META_KEYS = ("transformers_version", "_name_or_path", "architectures", "_commit_hash")
+# Config entries a transformers recipe never carries: remote code, quantisation back ends, pretrained backbones.
+_TRANSFORMERS_REFUSED_KEYS = ("auto_map", "trust_remote_code", "quantization_config")
+_TRANSFORMERS_FETCHING_FLAGS = ("use_pretrained_backbone", "use_timm_backbone")
+# Image classifiers of the auto mapping that wrap another library's model (and its own download logic).
+_TRANSFORMERS_EXCLUDED = ("timm_wrapper",)
 
 
 # ---------------------------------------------------------------------------------------------- Recipe
@@ -88,11 +100,13 @@ class Recipe:
     """How to rebuild a base model's architecture without pickle.
 
     Args:
-        kind: ``timm``, ``torchvision``, ``robustbench``, ``class`` or ``file``.
-        name: timm or torchvision architecture name, RobustBench model id, ``pkg.module:Class`` (or
+        kind: ``timm``, ``torchvision``, ``transformers``, ``robustbench``, ``class`` or ``file``.
+        name: timm or torchvision architecture name, a ``transformers`` image classification class name
+            (``ViTForImageClassification``), RobustBench model id, ``pkg.module:Class`` (or
             ``pkg.module:function``, a builder returning the module), or the file's path.
         kwargs: JSON-able constructor options (timm ``num_classes``/``in_chans``; RobustBench
-            ``dataset``/``threat_model``; the class's or builder's keyword arguments). Normalised through JSON.
+            ``dataset``/``threat_model``; the class's or builder's keyword arguments; for ``transformers``
+            the model's ``config.to_dict()``, ``model_type`` included). Normalised through JSON.
         sha256: for kind ``file``: the hex SHA-256 of the file, checked when it is re-loaded.
     """
 
@@ -138,16 +152,20 @@ class Recipe:
             )
         if self.kind == "robustbench":
             _check_robustbench_kwargs(self.name, self.kwargs)
+        if self.kind == "transformers":
+            _check_transformers_recipe(self.name, self.kwargs)
 
     def spec(self) -> str:
         """The spec string :func:`load_model` accepts for this recipe (kwargs are separate)."""
-        if self.kind in ("timm", "torchvision"):
+        if self.kind in ("timm", "torchvision", "transformers"):
             return f"{self.kind}:{self.name}"
         if self.kind == "robustbench":
             return f"robustbench:{self.name}@{self.kwargs['dataset']}/{self.kwargs['threat_model']}"
         return self.name
 
     def __str__(self) -> str:
+        if self.kind == "transformers":  # the whole config would fill a screen
+            return f"{self.spec()} (model_type={self.kwargs['model_type']!r}, {len(self.kwargs) - 1} config entries)"
         options = ", ".join(f"{k}={v!r}" for k, v in sorted(self.kwargs.items()))
         return f"{self.spec()} ({options})" if options else self.spec()
 
@@ -223,7 +241,12 @@ def load_model(
     ``_orig_mod.``, or several) is removed when that makes the keys those of the architecture.
 
     Args:
-        spec: ``timm:NAME`` or ``torchvision:NAME`` (random init), ``robustbench:MODEL_ID[@dataset/threat]``
+        spec: ``timm:NAME`` or ``torchvision:NAME`` (random init), ``transformers:MODEL_TYPE`` or
+            ``transformers:XxxForImageClassification`` (a Hugging Face image classifier, random init; the
+            options are its config's: ``num_hidden_layers``..., ``num_classes`` meaning ``num_labels``),
+            ``hf:ORG/NAME`` or ``transformers:ORG/NAME`` (``from_pretrained``: downloads, or reads the
+            Hugging Face cache; the recipe records the config, so loading an artifact never downloads),
+            ``robustbench:MODEL_ID[@dataset/threat]``
             (weights must be on disk under ``model_dir``, default ``./models``), ``pkg.module:Class`` or
             ``pkg.module:function`` (a builder such as ``torchvision.models:resnet18`` or
             ``graphsparse.models:load_demo_model``), or a weights file (``.pt .pth .bin .ckpt`` pickles,
@@ -263,9 +286,12 @@ def load_model(
             strip_prefix=prefixes,
             checkpoint_key=checkpoint_key,
         )
+    if spec_str.startswith(_TRANSFORMERS_SPECS) and "/" in spec_str:
+        return _load_pretrained(spec_str, kwargs)
     model_dir = kwargs.pop("model_dir", None)
     fetch: dict[str, Any] = {}  # options that fetch weights: used once here, never recorded in the recipe
-    if not spec_str.startswith(("timm:", "robustbench:")):  # timm refuses them; robustbench takes no options
+    # timm refuses them; robustbench takes no options; a transformers config's entries are its own
+    if not spec_str.startswith(("timm:", "robustbench:", *_TRANSFORMERS_SPECS)):
         fetch = {k: kwargs.pop(k) for k in list(kwargs) if _fetching_kwarg({k: None})}
     recipe = _recipe_for_spec(spec_str, kwargs)
     if model_dir is not None and recipe.kind != "robustbench":
@@ -350,6 +376,9 @@ def default_input_shape(model: nn.Module, *, recipe: Recipe | None = None) -> tu
     if isinstance(size, (tuple, list)) and len(size) == 3:
         c, h, w = size
         return (1, in_chans or int(c), int(h), int(w))
+    hf_shape = _transformers_input_shape(model)
+    if hf_shape is not None:
+        return hf_shape
     if recipe is not None and recipe.kind == "robustbench":
         size = 224 if recipe.kwargs.get("dataset") == "imagenet" else 32
         return (1, in_chans or 3, size, size)
@@ -365,7 +394,7 @@ def default_input_shape(model: nn.Module, *, recipe: Recipe | None = None) -> tu
 
 
 def _looks_like_file(spec: str) -> bool:
-    if spec.startswith(("timm:", "torchvision:", "robustbench:")):
+    if spec.startswith(("timm:", "torchvision:", "robustbench:", *_TRANSFORMERS_SPECS)):
         return False
     return spec.lower().endswith(FILE_SUFFIXES) or os.path.isfile(spec)
 
@@ -384,6 +413,8 @@ def _recipe_for_spec(spec: str, kwargs: Mapping[str, Any], *, role: str = "model
                 f"{role} spec {spec!r} has no architecture name; write e.g. torchvision:resnet18"
             )
         return Recipe("torchvision", name, _json_kwargs(kwargs, f"{role} {spec!r}"))
+    if spec.startswith(_TRANSFORMERS_SPECS):
+        return _transformers_spec_recipe(spec, kwargs, role)
     if spec.startswith("robustbench:"):
         model_id, dataset, threat = _parse_robustbench(spec)
         extra = dict(kwargs)
@@ -517,6 +548,8 @@ def _build(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str]) -> nn
         return _build_timm(recipe.name, recipe.kwargs)
     if recipe.kind == "torchvision":
         return _build_torchvision(recipe.name, recipe.kwargs)
+    if recipe.kind == "transformers":
+        return _build_transformers(recipe)
     if recipe.kind == "robustbench":
         entry = _robustbench_entry(recipe)
         missing = [p for p in _torchvision_weights(recipe.name) if not p.is_file()]
@@ -1139,6 +1172,7 @@ def _computes_the_same(model: nn.Module, rebuilt: nn.Module) -> bool:
     finally:
         for module, training in modes:
             module.training = training
+    a, b = getattr(a, "logits", a), getattr(b, "logits", b)  # transformers' ImageClassifierOutput
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
         return False
     return bool(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6))
@@ -1148,12 +1182,13 @@ def infer_recipe(model: nn.Module) -> Recipe | None:
     """A recipe that rebuilds ``model``'s architecture, when one can be found without guessing.
 
     timm models give a ``timm`` recipe, torchvision classifiers a ``torchvision`` one (the builder whose model
-    has the same layout); other classes of an importable module give a ``class`` recipe
-    when their no-argument constructor rebuilds the same parameter names and shapes. Either is kept only
-    if the rebuilt model, given ``model``'s weights, gives ``model``'s output on a probe. None otherwise
+    has the same layout), Hugging Face image classifiers a ``transformers`` one (class and config); other
+    classes of an importable module give a ``class`` recipe when their no-argument constructor rebuilds the
+    same parameter names and shapes. Each is kept only if the rebuilt model, given ``model``'s weights, gives
+    ``model``'s output on a probe. None otherwise
     (then :func:`graphsparse.load` needs ``base=``).
     """
-    recipe = _timm_recipe(model) or _torchvision_recipe(model)
+    recipe = _timm_recipe(model) or _torchvision_recipe(model) or _transformers_recipe(model)
     if recipe is not None:
         return recipe
     cls = type(model)
@@ -1165,3 +1200,213 @@ def infer_recipe(model: nn.Module) -> Recipe | None:
     except Exception:  # needs arguments, or not a valid spec: no recipe rather than a wrong one
         return None
     return candidate if _computes_the_same(model, rebuilt) else None
+
+
+# ------------------------------------------------------------------------------------------ transformers
+
+
+def _import_transformers(where: str) -> types.ModuleType:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelSourceError(
+            f"{where} needs Hugging Face transformers; pip install 'graphsparse[transformers]'"
+        ) from e
+    return transformers
+
+
+def _transformers_classes() -> dict[str, str]:
+    """``{class name: model_type}`` of the Hugging Face image classifiers a recipe may build (the classes of
+    transformers' image classification auto mapping, less the wrappers of other libraries)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    out: dict[str, str] = {}
+    for model_type, names in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.items():
+        if model_type in _TRANSFORMERS_EXCLUDED:
+            continue
+        for name in (names,) if isinstance(names, str) else names:
+            out[name] = model_type
+    return out
+
+
+def _check_transformers_recipe(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Shape checks a transformers recipe passes before anything is imported (it may come from an artifact)."""
+    if not _TRANSFORMERS_CLASS.match(name):
+        raise ModelSourceError(
+            f"transformers recipe name {name!r} must be the bare name of a transformers image classification "
+            "class such as 'ViTForImageClassification' (no module path: only the transformers package is used)"
+        )
+    if not isinstance(kwargs.get("model_type"), str):
+        raise ModelSourceError(
+            f"transformers recipe {name!r} needs the config's 'model_type' (a string) among its options"
+        )
+    refused = [k for k in _TRANSFORMERS_REFUSED_KEYS if k in kwargs]
+    refused += [k for k in _TRANSFORMERS_FETCHING_FLAGS if kwargs.get(k)]
+    if refused:
+        raise ModelSourceError(
+            f"transformers recipe {name!r} has the config entry {refused[0]!r}, which would run remote code, a "
+            "quantisation back end or download a backbone; a recipe rebuilds the architecture only (the artifact "
+            "holds the weights)"
+        )
+
+
+def _transformers_class(name: str, where: str) -> Any:
+    """The transformers image classification class ``name``; nothing else of the package is looked up."""
+    transformers = _import_transformers(where)
+    classes = _transformers_classes()
+    if name not in classes:
+        raise ModelSourceError(
+            f"{where}: {name!r} is not a Hugging Face image classification model class{closest(name, classes)}; "
+            "only transformers' *ForImageClassification classes (AutoModelForImageClassification's mapping, "
+            "e.g. ViTForImageClassification) are built, and never with from_pretrained"
+        )
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelSourceError(f"{where}: transformers.{name} is not a PreTrainedModel class in this transformers")
+    return cls
+
+
+def _transformers_config_kwargs(config: Any) -> dict[str, Any]:
+    """A config's entries as recipe options: ``config.to_dict()`` less provenance (version, hub name)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _TRANSFORMERS_META_KEYS}
+    return _json_kwargs(data, f"transformers config {type(config).__name__}")
+
+
+def _transformers_spec_recipe(spec: str, kwargs: Mapping[str, Any], role: str) -> Recipe:
+    """The recipe of ``transformers:MODEL_TYPE`` or ``transformers:XxxForImageClassification`` with config
+    options (``num_classes`` is ``num_labels``); builds the config only."""
+    body = spec.partition(":")[2].strip()
+    if not body:
+        raise ModelSourceError(f"{role} spec {spec!r} has no model type; write e.g. transformers:vit")
+    if "/" in body:
+        raise ModelSourceError(
+            f"{role} {spec!r} names a Hugging Face hub model, which only MODEL may be (it downloads); as an "
+            "architecture write the model type, e.g. transformers:vit with --model-kwargs JSON of its config"
+        )
+    _import_transformers(f"{role} {spec!r}")
+    classes = _transformers_classes()
+    options = dict(kwargs)
+    if "num_classes" in options:
+        if "num_labels" in options and options["num_labels"] != options["num_classes"]:
+            raise ModelSourceError(f"{role} {spec!r}: num_classes and num_labels disagree; give one of them")
+        options["num_labels"] = options.pop("num_classes")
+    for key in ("model_type", *_TRANSFORMERS_REFUSED_KEYS):
+        if key in options:
+            raise ModelSourceError(f"{role} {spec!r}: the option {key!r} is not accepted (the spec names the model)")
+    if body in classes:
+        name = body
+    else:
+        by_type = {t: n for n, t in reversed(list(classes.items()))}  # a model type's first class
+        if body not in by_type:
+            raise ModelSourceError(
+                f"{role} {spec!r}: {body!r} is neither a Hugging Face image classification model type nor one of "
+                f"its classes{closest(body, [*by_type, *classes])}; e.g. transformers:vit, transformers:convnext"
+            )
+        name = by_type[body]
+    config_class = _transformers_class(name, f"{role} {spec!r}").config_class
+    import inspect
+
+    known = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
+    known |= {"num_labels", "attn_implementation"}  # PretrainedConfig's own, read from **kwargs
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ModelSourceError(
+            f"{role} {spec!r}: {config_class.__name__} has no option {unknown[0]!r}{closest(unknown[0], known)}"
+        )
+    try:
+        config = config_class(**options)
+    except Exception as e:
+        raise ModelSourceError(f"{role} {spec!r}: {config_class.__name__}({options}) failed: {e}") from e
+    return Recipe("transformers", name, _transformers_config_kwargs(config))
+
+
+def _build_transformers(recipe: Recipe) -> nn.Module:
+    """Random-init ``transformers.<name>(config)``: the class is checked first, nothing is downloaded."""
+    cls = _transformers_class(recipe.name, f"transformers recipe {recipe.name!r}")
+    options = dict(recipe.kwargs)
+    model_type = options.pop("model_type")
+    if model_type != cls.config_class.model_type:
+        raise ModelSourceError(
+            f"transformers recipe {recipe.name!r}: config model_type {model_type!r} is not the class's "
+            f"{cls.config_class.model_type!r}"
+        )
+    try:
+        config = cls.config_class(**options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(config).eval()
+    except Exception as e:
+        raise ModelSourceError(
+            f"building transformers.{recipe.name} from its config failed: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _transformers_model_recipe(model: nn.Module) -> Recipe | None:
+    """Class and config of a transformers image classifier (attention implementation included), or None."""
+    if not type(model).__module__.startswith("transformers.") or getattr(model, "config", None) is None:
+        return None
+    name = type(model).__name__
+    if name not in _transformers_classes():
+        return None
+    try:
+        options = _transformers_config_kwargs(model.config)
+        attention = getattr(model.config, "_attn_implementation", None)
+        if isinstance(attention, str):
+            options["attn_implementation"] = attention
+        return Recipe("transformers", name, options)
+    except ModelSourceError:
+        return None
+
+
+def _transformers_recipe(model: nn.Module) -> Recipe | None:
+    """A transformers recipe for a Hugging Face image classifier, if its class rebuilt from its config computes
+    the same function."""
+    recipe = _transformers_model_recipe(model)
+    if recipe is None:
+        return None
+    try:
+        rebuilt = _build_transformers(recipe)
+    except ModelSourceError:
+        return None
+    return recipe if _computes_the_same(model, rebuilt) else None
+
+
+def _load_pretrained(spec: str, kwargs: Mapping[str, Any]) -> tuple[nn.Module, Recipe]:
+    """``hf:ORG/NAME``: ``AutoModelForImageClassification.from_pretrained`` (the one path that downloads);
+    the recipe records the class and config, so an artifact rebuilds without the hub."""
+    name = spec.partition(":")[2].strip()
+    transformers = _import_transformers(f"model {spec!r}")
+    options = dict(kwargs)
+    if "num_classes" in options:
+        options["num_labels"] = options.pop("num_classes")
+    if "trust_remote_code" in options or "model_dir" in options:
+        bad = "trust_remote_code" if "trust_remote_code" in options else "model_dir"
+        raise ModelSourceError(f"model {spec!r}: the option {bad!r} is not accepted")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(name, **options)
+    except Exception as e:
+        raise ModelSourceError(
+            f"model {spec!r}: from_pretrained({name!r}) failed ({type(e).__name__}: {e}); without internet, "
+            "load its weights file with --arch transformers:MODEL_TYPE and its config as --model-kwargs"
+        ) from e
+    recipe = _transformers_model_recipe(model)
+    if recipe is None:
+        raise ModelSourceError(
+            f"model {spec!r} is a {type(model).__name__}, not a Hugging Face image classification class "
+            "graphsparse can rebuild"
+        )
+    return model.eval(), recipe
+
+
+def _transformers_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """``(1, num_channels, H, W)`` from a transformers model's config (``image_size``), or None."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", None)
+    if isinstance(size, int):
+        size = (size, size)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        return None
+    return (1, channels if isinstance(channels, int) and channels > 0 else 3, int(size[0]), int(size[1]))
