@@ -189,3 +189,9 @@ def test_cli_inspect_a_transformers_spec():
     res = CliRunner().invoke(main, ["inspect", "transformers:vit", "--model-kwargs", kwargs, "--json"])
     assert res.exit_code == 0, res.output
     assert [s["shape"] for s in json.loads(res.output)] == [[1, 17, 64]] * 2
+
+
+def test_a_hub_name_as_arch_is_refused_with_the_form_to_use(tmp_path):
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelSourceError, match="as an architecture write the model type, e.g. transformers:vit"):
+        load_model(tmp_path / "model.safetensors", arch="hf:some-org/tiny-vit")
