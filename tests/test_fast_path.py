@@ -655,7 +655,7 @@ class _Mixed(nn.Module):
 
 def test_fuse_activations_keeps_state_and_outputs():
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
-    model = gs.rewrite(_Mixed(), "full", x)
+    model = gs.rewrite(_Mixed(), "full", x, fuse=False)  # the unfused form, fused below
     _randomise(model)
     fused = copy.deepcopy(model)
     n = fuse_activations(fused)
@@ -699,7 +699,7 @@ def test_fuse_leaves_shared_outputs_and_fuses_operator_slots():
 
 def test_rewritten_resnet18_exports_and_fuses():
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    model = gs.rewrite(timm.create_model("resnet18"), "after_addition", x)
+    model = gs.rewrite(timm.create_model("resnet18"), "after_addition", x, fuse=False)
     _randomise(model)
     fused = copy.deepcopy(model)
     assert fuse_activations(fused) == len(gs.operators(model)) == 8
@@ -753,7 +753,7 @@ def test_operators_overwrite_only_inputs_that_nothing_else_reads(kernel_calls):
             return self.fc3(F.gelu(b) + b)  # b is read twice: a new tensor
 
     x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(9))
-    model = gs.rewrite(Mlps().eval(), "before_activations", x)
+    model = gs.rewrite(Mlps().eval(), "before_activations", x, fuse=False)
     _randomise(model, alpha=0.6)
     fused = copy.deepcopy(model)
     assert fuse_activations(fused) == 2
@@ -784,7 +784,7 @@ def test_fusion_makes_residual_adds_in_place_only_where_nothing_else_reads_the_o
             return self.act3(torch.relu(b) + self.conv3(b))  # conv3's output broadcasts: a new tensor
 
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
-    model = gs.rewrite(Blocks().eval(), "after_addition", x)
+    model = gs.rewrite(Blocks().eval(), "after_addition", x, fuse=False)
     _randomise(model, alpha=0.3)
     fused = copy.deepcopy(model)
     fuse_activations(fused)
