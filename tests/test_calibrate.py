@@ -543,8 +543,13 @@ def _warm_compile_caches(world_size: int) -> None:
     one process alone, and a distributed test took 113 s under load."""
     model = worker.build_model()
     dataset = load_dataset("digits", split="train", seed=0)
-    for rank in range(world_size):
-        calibrate(model, make_loader(dataset, worker.BATCH_SIZE, rank=rank, world_size=world_size))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: the thread count is part of a CPU kernel's cache key
+    try:
+        for rank in range(world_size):
+            calibrate(model, make_loader(dataset, worker.BATCH_SIZE, rank=rank, world_size=world_size))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_workers(out: Path, world_size: int = 2, **env: str) -> tuple[list[int], str]:
