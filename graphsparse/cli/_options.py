@@ -84,7 +84,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--input-shape",
         default=None,
         metavar="B,C,H,W",
-        help="Probe input shape (default: from the model's timm config, else 1,3,224,224).",
+        help="Probe input shape (default: from the model's timm or Hugging Face config, else 1,3,224,224).",
     )(fn)
     fn = click.option(
         "--allow-module",

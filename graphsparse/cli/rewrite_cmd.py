@@ -54,7 +54,11 @@ def command(
     batch_size,
     max_samples,
 ):
-    """Rewrite MODEL (timm:NAME, model.pt, pkg.module:Class) with RULE and save the artifact."""
+    """Rewrite MODEL with RULE and save the artifact.
+
+    MODEL: timm:NAME, torchvision:NAME, transformers:TYPE, hf:ORG/NAME, robustbench:ID, pkg.module:Class or
+    pkg.module:function, or a model file (a pickled module, a state dict or a checkpoint dict with --arch).
+    """
     from ..io import save
     from ..rewrite import rewrite, rewrite_info
     from ..sources import package_to_trust
