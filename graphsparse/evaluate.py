@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from graphsparse.data import batch_parts
 from graphsparse.errors import GraphsparseError, PlanError, closest
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
+from graphsparse.per_sample import PerSample, lead_sentence
 from graphsparse.records import stats_digest, store_record, utc_now  # store_record's old home: importable here
 
 __all__ = [
@@ -642,11 +644,11 @@ def run_attack(
     device: torch.device,
     n_classes: int,
     steps: int | None = None,
-) -> tuple[int, list[str]]:
+) -> tuple[torch.Tensor, list[str]]:
     """Run one attack entry through AutoAttack on ``model`` as it is now.
 
     Returns:
-        ``(robust_count, messages)``: the samples still classified correctly after the attack, and the
+        ``(robust, messages)``: per sample (bool, CPU), still classified correctly after the attack; the
         warnings AutoAttack (or anything it called) raised, plus graphsparse's checks of its output.
     """
     AutoAttack = _import_autoattack()
@@ -686,7 +688,7 @@ def run_attack(
             f"graphsparse: re-evaluating AutoAttack's adversarial examples gives {recheck} robust samples, "
             f"AutoAttack counted {count}"
         )
-    return count, messages
+    return robust, messages
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -731,6 +733,12 @@ class EvalReport:
         date: ISO 8601 UTC time at which the evaluation finished.
         stats_sha256: digest of the operators' statistics it was made with
             (:func:`graphsparse.records.stats_digest`).
+        worst_case: attack -> robust accuracy (%) per sample over exact and BPDA: a sample counts only if
+            neither attack broke it (at most the smaller of the two aggregate figures; the honest number).
+        masked_samples: attack -> source indices (positions when unknown) of the samples the exact-gradient
+            attack failed on but BPDA broke: gradient masking, sample by sample.
+        per_sample: clean and robust flags of every sample, per variant and attack
+            (:class:`graphsparse.per_sample.PerSample`; packed bits in :meth:`to_dict`).
     """
 
     base: VariantResult | None
@@ -753,6 +761,9 @@ class EvalReport:
     verdict: str
     date: str = ""
     stats_sha256: str = ""
+    worst_case: dict[str, float] = field(default_factory=dict)
+    masked_samples: dict[str, list[int]] = field(default_factory=dict)
+    per_sample: PerSample = field(default_factory=PerSample)
 
     def variant(self, name: str) -> VariantResult | None:
         """The result of variant ``base``, ``exact`` or ``bpda``."""
@@ -761,9 +772,9 @@ class EvalReport:
         return getattr(self, name)
 
     def honest(self, attack: str) -> float:
-        """Robust accuracy of the rewritten model under ``attack``: the worse of exact and BPDA."""
+        """Robust accuracy of the rewritten model under ``attack``: per sample, the worse of exact and BPDA."""
         key = attack_key(attack)
-        return min(self.exact.robust[key], self.bpda.robust[key])
+        return self.worst_case.get(key, min(self.exact.robust[key], self.bpda.robust[key]))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types: ``base``/``exact``/``bpda`` (clean, robust per attack), settings, verdict."""
@@ -788,6 +799,9 @@ class EvalReport:
             "verdict": self.verdict,
             "date": self.date,
             "stats_sha256": self.stats_sha256,
+            "worst_case": dict(self.worst_case),
+            "masked_samples": {k: list(v) for k, v in self.masked_samples.items()},
+            "per_sample": self.per_sample.to_dict(),
         }
 
 
@@ -865,6 +879,8 @@ def evaluate(
     progress: Callable[[int, int, str], None] | None = None,
     input_key: str | None = None,
     label_key: str | None = None,
+    cache: Any = None,
+    state: str | os.PathLike[str] | None = None,
 ) -> EvalReport:
     """Clean and robust accuracy of ``model`` as base (α = 0), exact-gradient and BPDA variants.
 
@@ -895,6 +911,13 @@ def evaluate(
         input_key, label_key: the keys of inputs and labels when samples or batches are dicts (default the
             first present of ``image``/``pixel_values``/... and ``label``/``labels``/...;
             :func:`graphsparse.data.batch_parts`).
+        cache: a file (or :class:`graphsparse.attack_cache.AttackCache`) keeping the original model's
+            per-sample results across runs; None keeps them for this call only.
+        state: a file where every finished attack chunk is saved; a rerun with the same arguments resumes
+            from it (:mod:`graphsparse.eval_state`); removed when the evaluation finishes.
+
+    Attacks run in chunks of ``batch_size`` samples (:mod:`graphsparse.attack_cache`), so a sample's outcome
+    does not depend on the other chunks.
 
     Returns:
         An :class:`EvalReport`.
@@ -944,61 +967,63 @@ def evaluate(
             f"graphsparse: {tuned} of the {n_eval} evaluated samples of {s.source} were used to tune alpha; these "
             "numbers are optimistic. Hint: evaluate on the 'test' split, with the split seed used for tuning"
         )
+    from .attack_cache import AttackCache, measure_variant, model_digest, samples_digest
+    from .eval_state import EvalState
+
     variants = [v for v in VARIANTS if v != "base" or base_alpha_zero]
     total = len(variants) * len(keys)
     done = 0
     home = model_device(model)
     target = torch.device(device) if device is not None else home
+    sdigest = samples_digest(s)
+    store = cache if isinstance(cache, AttackCache) else AttackCache(cache)
+    settings = {"eps": eps, "norm": norm, "seed": seed, "steps": steps, "batch_size": batch_size}
+    saved = None
+    if state is not None:
+        args = {"model": model_digest(model, without_meansparse=False), "samples": sdigest, "attacks": keys}
+        saved = EvalState(state, dict(args, variants=variants, device=target.type, **settings))
+
+    def step(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, label)
+
     results: dict[str, VariantResult] = {}
+    flags = PerSample()
     try:
         if target != home:
             model.to(target)
         with eval_mode(model):
-            n_classes: int | None = None
+            n_classes = _n_classes(model, s, target)
+            _check_classes(entries, n_classes)
             for v in variants:
                 with variant(model, v):
-                    if not ops and results:  # nothing differs between the variants
-                        results[v] = VariantResult(**results[next(iter(results))].to_dict())
-                        done += len(keys)
-                        if progress is not None:
-                            progress(done, total, f"{v}: same as {next(iter(results))}")
-                        continue
-                    if n_classes is None:
-                        n_classes = _n_classes(model, s, target)
-                        _check_classes(entries, n_classes)
-                    clean = correct_clean(model, s, batch_size, target)
-                    zero = zero_gradient_count(model, s, batch_size, target)
-                    if zero:
-                        messages.append(
-                            f"{v}: graphsparse: {zero} of {n_eval} samples have an all-zero input gradient of "
-                            "the cross-entropy loss; gradient attacks cannot start from them"
-                            + (" (gradient masking; compare with bpda)" if v == "exact" and ops else "")
-                        )
-                    r = VariantResult(clean=_pct(clean, n_eval), zero_gradient=_pct(zero, n_eval))
-                    for key, entry in zip(keys, entries):
-                        count, msgs = run_attack(
-                            model,
-                            s,
-                            entry,
-                            eps=eps,
-                            norm=norm,
-                            batch_size=batch_size,
-                            seed=seed,
-                            device=target,
-                            n_classes=n_classes,
-                            steps=steps,
-                        )
-                        r.robust[key] = _pct(count, n_eval)
-                        messages.extend(_summarise(msgs, f"{v}/{key}"))
-                        done += 1
-                        if progress is not None:
-                            progress(done, total, f"{v}: {key}")
-                    results[v] = r
+                    clean, zero, robust, msgs = measure_variant(
+                        model, s, v, entries, samples=sdigest, cache=store, state=saved, device=target,
+                        n_classes=n_classes, progress=step, **settings,
+                    )
+                if zero:
+                    messages.append(
+                        f"{v}: graphsparse: {zero} of {n_eval} samples have an all-zero input gradient of "
+                        "the cross-entropy loss; gradient attacks cannot start from them"
+                        + (" (gradient masking; compare with bpda)" if v == "exact" and ops else "")
+                    )
+                r = VariantResult(clean=_pct(int(clean.sum()), n_eval), zero_gradient=_pct(zero, n_eval))
+                for key in keys:
+                    r.robust[key] = _pct(int(robust[key].sum()), n_eval)
+                    messages.extend(_summarise(msgs[key], f"{v}/{key}"))
+                results[v] = r
+                flags.clean[v], flags.robust[v] = clean, robust
     finally:
         if target != home:
             model.to(home)
+    where = s.indices if len(s.indices) == n_eval else s.positions
+    worst = {a: _pct(int(flags.worst_case(a).sum()), n_eval) for a in keys}
+    masked = {a: flags.masked(a, where) for a in keys}
     parts = {"base": results.get("base"), "exact": results["exact"], "bpda": results["bpda"], "attacks": keys}
     gains, masking, verdict = _verdict(parts, n_eval)
+    masking = masking or any(masked.values())
     report = EvalReport(
         base=results.get("base"),
         exact=results["exact"],
@@ -1017,11 +1042,16 @@ def evaluate(
         warnings=messages,
         gains=gains,
         gradient_masking=masking,
-        verdict=verdict,
+        verdict=f"{lead_sentence(worst, masked, n_eval)} {verdict}",
         date=utc_now(),
         stats_sha256=digest,
+        worst_case=worst,
+        masked_samples=masked,
+        per_sample=flags,
     )
     store_record(model, "evaluation", report.to_dict())
+    if saved is not None:
+        saved.finish()
     return report
 
 

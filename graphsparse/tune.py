@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from graphsparse._files import atomic_write
+from graphsparse.attack_cache import AttackCache, measure_variant, samples_digest
 from graphsparse.errors import CalibrationError, DataError, PlanError
 from graphsparse.evaluate import (
     UNKNOWN_INDICES,
@@ -54,12 +55,10 @@ from graphsparse.evaluate import (
     _summarise,
     attack_key,
     check_threat,
-    correct_clean,
     data_bookkeeping,
     eval_mode,
     model_device,
     pick_samples,
-    run_attack,
 )
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
 from graphsparse.records import stats_digest, store_record, utc_now
@@ -325,6 +324,7 @@ def tune(
     progress: Callable[[int, int, str], None] | None = None,
     input_key: str | None = None,
     label_key: str | None = None,
+    attack_cache: Any = None,
 ) -> TuneResult:
     """Sweep α on validation data, choose it under a clean-accuracy bound and set it on ``model``.
 
@@ -350,6 +350,9 @@ def tune(
             total grows when the per-stage search starts).
         input_key, label_key: the keys of inputs and labels when samples or batches are dicts
             (:func:`graphsparse.data.batch_parts`).
+        attack_cache: a file (or :class:`graphsparse.attack_cache.AttackCache`) keeping the original model's
+            per-sample results (the α = 0 point) across runs and shared with :func:`graphsparse.evaluate`;
+            None keeps them for this call only.
 
     Returns:
         A :class:`TuneResult`; the chosen α is set on ``model`` and, for a rewritten model, the result is
@@ -406,23 +409,24 @@ def tune(
     total = len(values)
     done = 0
     cache: dict[tuple[float, ...], tuple[float, float, float | None]] = {}
+    sdigest = samples_digest(s)
+    store = attack_cache if isinstance(attack_cache, AttackCache) else AttackCache(attack_cache)
 
     def measure(config: Mapping[str, float], label: str) -> tuple[float, float, float | None]:
         nonlocal done
         sig = tuple(config[site] for site in ops)
         if sig not in cache:
             set_alpha(model, dict(config))
-            clean = _pct(correct_clean(model, s, batch_size, target), n_eval)
             robust: dict[str, float] = {}
             for variant in ("exact", "bpda") if bpda else ("exact",):
                 with straight_through(model) if variant == "bpda" else contextlib.nullcontext():
-                    count, msgs = run_attack(
-                        model, s, key, eps=eps, norm=norm, batch_size=batch_size, seed=seed, device=target,
-                        n_classes=n_classes, steps=steps,
+                    flags, _, rows, msgs = measure_variant(
+                        model, s, variant, [key], samples=sdigest, cache=store, eps=eps, norm=norm,
+                        batch_size=batch_size, seed=seed, device=target, n_classes=n_classes, steps=steps,
                     )
-                notes.extend(_summarise(msgs, f"{label}/{variant}"))
-                robust[variant] = _pct(count, n_eval)
-            cache[sig] = (clean, robust["exact"], robust.get("bpda"))
+                notes.extend(_summarise(msgs[key], f"{label}/{variant}"))
+                robust[variant] = _pct(int(rows[key].sum()), n_eval)
+            cache[sig] = (_pct(int(flags.sum()), n_eval), robust["exact"], robust.get("bpda"))
         done += 1
         if progress is not None:
             progress(done, total, label)

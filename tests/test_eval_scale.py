@@ -1,0 +1,231 @@
+"""Evaluation at scale: per-sample records, the original model's results cached, resumable runs.
+
+The model is the parity CNN of ``conftest`` with a calibrated MeanSparse on its logits (as in
+test_evaluate). Where a test needs to know exactly which sample an attack breaks, the attack is a stub put in
+place of ``run_attack`` that breaks samples chosen by their position; elsewhere the real AutoAttack runs and
+the stub only counts (or interrupts) its calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graphsparse as gs
+from graphsparse import attack_cache
+from graphsparse.data import load_dataset
+from graphsparse.evaluate import EvaluationError, evaluate, pick_samples
+from graphsparse.ops import MeanSparse, operators
+from graphsparse.per_sample import PerSample, pack_bits, unpack_bits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {"eps": 0.2, "n": 16, "steps": 2, "batch_size": 8}
+
+
+@pytest.fixture()
+def masked(parity_net, parity_source) -> nn.Module:
+    model = nn.Sequential(*copy.deepcopy(parity_net), MeanSparse(2, site_id="logits")).eval()
+    gs.calibrate(model, [load_dataset(parity_source, split="train").tensors])
+    gs.set_alpha(model, 1.0)
+    return model
+
+
+@pytest.fixture()
+def test_split(parity_source):
+    return load_dataset(parity_source, split="test")
+
+
+def _variant_of(model: nn.Module) -> str:
+    op = operators(model)["logits"]
+    if float(op.alpha) == 0.0:
+        return "base"
+    return "bpda" if op.backward_mode != "exact" else "exact"
+
+
+class Calls:
+    """A stand-in for ``run_attack``: counts its calls, may break chosen positions or interrupt a call."""
+
+    def __init__(self, monkeypatch, breaks=None, interrupt_at=None) -> None:
+        self.real = attack_cache.run_attack
+        self.breaks = breaks  # variant -> set of positions (in the picked samples' source order) it breaks
+        self.interrupt_at = interrupt_at
+        self.count = 0
+        monkeypatch.setattr(attack_cache, "run_attack", self)
+
+    def __call__(self, model, s, attack, **kw):
+        self.count += 1
+        if self.count == self.interrupt_at:
+            raise KeyboardInterrupt
+        if self.breaks is None:
+            return self.real(model, s, attack, **kw)
+        broken = self.breaks[_variant_of(model)]
+        return torch.tensor([int(p) not in broken for p in s.positions]), []
+
+
+# ----------------------------------------------------------------------------------- per-sample records
+
+
+def test_bits_round_trip_compactly():
+    flags = np.array([True, False, True, True, False, False, False, True, True])
+    text = pack_bits(flags)
+    assert len(text) == 4  # 9 bits -> 2 bytes -> 4 base64 characters
+    assert unpack_bits(text, 9).tolist() == flags.tolist()
+    with pytest.raises(gs.GraphsparseError, match="holds 16 bits"):
+        unpack_bits(text, 17)
+
+
+def test_worst_case_is_per_sample_and_below_both_aggregates(masked, test_split, monkeypatch):
+    picked = pick_samples(test_split, 8, 0)
+    pos = [int(p) for p in picked.positions]
+    # exact breaks the last four samples, BPDA the first two and the last two: each leaves 4 of 8 (50%),
+    # but only samples 2 and 3 survive both: 25%. Samples 0 and 1 resist exact and fall to BPDA.
+    Calls(monkeypatch, breaks={"base": set(pos), "exact": set(pos[4:]), "bpda": set(pos[:2] + pos[6:])})
+    report = evaluate(masked, test_split, eps=0.2, n=8, batch_size=4)
+    assert report.exact.robust["apgd-ce"] == 50.0 and report.bpda.robust["apgd-ce"] == 50.0
+    assert report.worst_case == {"apgd-ce": 25.0}
+    assert report.honest("apgd-ce") == 25.0
+    assert report.masked_samples == {"apgd-ce": [int(i) for i in picked.indices[:2]]}
+    assert report.verdict.startswith("apgd-ce: worst case per sample over exact and BPDA 25.00% robust of 8")
+    assert report.gradient_masking
+
+    d = json.loads(json.dumps(report.to_dict()))
+    flags = PerSample.from_dict(d["per_sample"], 8)
+    assert flags.robust["exact"]["apgd-ce"].tolist() == [True] * 4 + [False] * 4
+    assert flags.robust["bpda"]["apgd-ce"].tolist() == [False, False, True, True, True, True, False, False]
+    assert flags.robust["base"]["apgd-ce"].tolist() == [False] * 8
+    assert all(len(row) == 4 for row in d["per_sample"]["clean"].values())  # 8 samples: one byte of base64
+    assert d["indices"] == [int(i) for i in picked.indices]
+
+
+@pytest.mark.slow
+def test_eval_cli_leads_with_the_worst_case_and_caches_beside_the_artifact(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from graphsparse.cli import main
+
+    def run(*args: str):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    art = tmp_path / "demo.safetensors"
+    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
+              "1,1,8,8", "--data", "digits", "-o", str(art))
+    assert res.exit_code == 0, res.output
+    model = gs.load(art)
+    gs.set_alpha(model, 0.5)
+    gs.save(model, art)
+    calls = Calls(monkeypatch)
+    cmd = ["eval", str(art), "--data", "digits", "--n", "8", "--steps", "1", "--eps", "0.1", "--batch-size", "4"]
+    res = run(*cmd)
+    assert res.exit_code == 0, res.output
+    assert calls.count == 6  # 2 chunks of 4, three variants
+    assert "worst of exact/BPDA per sample" in res.output.split("base (α = 0)")[0]  # the first row
+    assert (tmp_path / "demo.safetensors.attack-cache.json").exists()
+    assert not (tmp_path / "demo.safetensors.eval-state.json").exists()  # removed once finished
+    res = run(*cmd, "--json")
+    assert res.exit_code == 0, res.output
+    assert calls.count == 6 + 4  # the base model's 2 chunks come from the cache
+    res = run(*cmd, "--no-cache")
+    assert res.exit_code == 0, res.output
+    assert calls.count == 10 + 6
+    record = gs.rewrite_info(gs.load(art)).records["evaluation"]
+    flags = PerSample.from_dict(record["per_sample"], record["n"])
+    worst = flags.worst_case("apgd-ce")
+    assert record["worst_case"]["apgd-ce"] == pytest.approx(100 * worst.mean())
+    assert record["worst_case"]["apgd-ce"] <= min(record[v]["robust"]["apgd-ce"] for v in ("exact", "bpda"))
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def test_the_original_models_results_are_cached_and_invalidated(masked, test_split, tmp_path, monkeypatch):
+    path = tmp_path / "cache.json"
+    calls = Calls(monkeypatch)
+    first = evaluate(masked, test_split, cache=path, **SMALL)
+    assert calls.count == 6  # base, exact, BPDA: 2 chunks of 8 each
+    second = evaluate(masked, test_split, cache=path, **SMALL)
+    assert calls.count == 6 + 4  # the base model is read from the cache
+    assert second.per_sample.to_dict() == first.per_sample.to_dict()
+    assert second.to_dict()["base"] == first.to_dict()["base"]
+
+    for change in ({"eps": 0.1}, {"n": 24}, {"attacks": ["fab"]}, {"seed": 1}, {"steps": 3}):
+        before = calls.count
+        evaluate(masked, test_split, cache=path, **dict(SMALL, **change))
+        chunks = 3 if change.get("n") == 24 else 2
+        assert calls.count - before == 3 * chunks, change
+    other = copy.deepcopy(masked)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)  # another original model
+    before = calls.count
+    evaluate(other, test_split, cache=path, **SMALL)
+    assert calls.count - before == 6
+    # new statistics (calibrated again) leave the original model as it was: still cached
+    ops = operators(masked)
+    with torch.no_grad():
+        ops["logits"].mean.add_(0.5)
+    before = calls.count
+    evaluate(masked, test_split, cache=path, **SMALL)
+    assert calls.count - before == 4
+
+
+def test_alpha_zero_is_attacked_once_and_tuning_shares_the_cache(masked, parity_source, tmp_path, monkeypatch):
+    val = load_dataset(parity_source, split="val")
+    calls = Calls(monkeypatch)
+    path = tmp_path / "cache.json"
+    gs.tune(masked, val, alphas=[0.0, 0.5], bpda=True, attack_cache=path, **SMALL)
+    assert calls.count == 2 + 2 * 2  # α = 0 once (exact and BPDA are the same model there), α = 0.5 twice
+    gs.tune(masked, val, alphas=[0.0, 0.5], bpda=True, attack_cache=path, **SMALL)
+    assert calls.count == 6 + 4
+    gs.set_alpha(masked, 0.0)
+    before = calls.count
+    evaluate(masked, val, cache=path, **SMALL)  # the original model on the same samples: nothing to attack
+    assert calls.count == before
+
+
+def test_a_damaged_cache_is_refused_with_a_hint(masked, test_split, tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text("{not json")
+    with pytest.raises(EvaluationError, match="cannot be read.*delete it"):
+        evaluate(masked, test_split, cache=path, **SMALL)
+    path.write_text(json.dumps({"something": "else"}))
+    with pytest.raises(EvaluationError, match="not a graphsparse attack cache"):
+        evaluate(masked, test_split, cache=path, **SMALL)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_report(masked, test_split, tmp_path, monkeypatch):
+    settings = dict(SMALL, n=32)  # 4 chunks of 8 per variant: 12 attack calls
+    whole = evaluate(masked, test_split, **settings)
+    state = tmp_path / "state.json"
+    calls = Calls(monkeypatch, interrupt_at=6)  # base: 4 chunks, exact: chunk 0 done, chunk 1 interrupted
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(masked, test_split, state=state, **settings)
+    assert state.exists()
+    with pytest.raises(EvaluationError, match=r"other arguments \(eps differ\).*delete it"):
+        evaluate(masked, test_split, state=state, **dict(settings, eps=0.1))
+    calls.count, calls.interrupt_at = 0, None
+    resumed = evaluate(masked, test_split, state=state, **settings)
+    assert calls.count == 12 - 5
+    assert not state.exists()
+    a, b = whole.to_dict(), resumed.to_dict()
+    a.pop("date"), b.pop("date")
+    assert a == b
+    exact = whole.per_sample.robust["exact"]["apgd-ce"]
+    assert exact.tolist() == resumed.per_sample.robust["exact"]["apgd-ce"].tolist()
+
+
+def test_a_chunks_outcome_does_not_depend_on_the_other_chunks(masked, test_split):
+    """What makes resuming (and sharding) exact: the samples of one chunk, attacked alone, fare the same."""
+    whole = evaluate(masked, test_split, **dict(SMALL, n=32))
+    picked = pick_samples(test_split, 32, 0)
+    x, y = picked.x[8:16], picked.y[8:16]
+    alone = evaluate(masked, (x, y), eps=0.2, steps=2, batch_size=8)
+    for v in ("base", "exact", "bpda"):
+        assert alone.per_sample.robust[v]["apgd-ce"].tolist() == whole.per_sample.robust[v]["apgd-ce"][8:16].tolist()
