@@ -142,7 +142,7 @@ class AttackCache:
         self._write()
 
     def _write(self) -> None:
-        if self.path is not None:
+        if self.path is not None and rank_and_size()[0] == 0:  # every rank holds the entries; one writes
             atomic_write(self.path, json.dumps({"format": _FORMAT, "entries": self.entries}, sort_keys=True) + "\n")
 
 
@@ -176,11 +176,14 @@ def attack_chunks(
         ``(robust, messages)``: per sample, still classified correctly after the attack; the warnings.
     """
     attack_key(attack)  # refuse a bad name before anything runs
+    rank, world_size = rank_and_size()
     n = int(s.x.shape[0])
     robust = np.zeros(n, dtype=bool)
-    messages: list[str] = []
+    per_chunk: dict[int, list[str]] = {}
     for c, a in enumerate(range(0, n, batch_size)):
         b = min(a + batch_size, n)
+        if c % world_size != rank:
+            continue  # another rank's chunk
         if done is not None and c in done and len(done[c][0]) == b - a:
             flags, msgs = done[c]
         else:
@@ -192,8 +195,33 @@ def attack_chunks(
             if on_chunk is not None:
                 on_chunk(c, flags, msgs)
         robust[a:b] = flags
-        messages.extend(msgs)
-    return robust, messages
+        per_chunk[c] = list(msgs)
+    if world_size > 1:
+        robust, per_chunk = _gather(robust, per_chunk, world_size)
+    return robust, [m for c in sorted(per_chunk) for m in per_chunk[c]]
+
+
+def rank_and_size() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default ``torch.distributed`` process group, ``(0, 1)`` without one."""
+    from graphsparse.calibrate import _dist_context
+
+    return _dist_context(None)
+
+
+def _gather(
+    robust: np.ndarray, per_chunk: dict[int, list[str]], world_size: int
+) -> tuple[np.ndarray, dict[int, list[str]]]:
+    """Every rank's chunks, on every rank: each chunk was attacked by one rank, so a sum of the flags is exact."""
+    import torch.distributed as dist
+
+    from graphsparse.calibrate import _comm_device
+
+    flags = torch.from_numpy(robust.astype(np.int64)).to(_comm_device(torch.device("cpu")))
+    dist.all_reduce(flags)
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, per_chunk)
+    merged = {int(c): list(m) for part in parts for c, m in part.items()}
+    return flags.cpu().numpy().astype(bool), merged
 
 
 def measure_variant(

@@ -967,7 +967,7 @@ def evaluate(
             f"graphsparse: {tuned} of the {n_eval} evaluated samples of {s.source} were used to tune alpha; these "
             "numbers are optimistic. Hint: evaluate on the 'test' split, with the split seed used for tuning"
         )
-    from .attack_cache import AttackCache, measure_variant, model_digest, samples_digest
+    from .attack_cache import AttackCache, measure_variant, model_digest, rank_and_size, samples_digest
     from .eval_state import EvalState
 
     variants = [v for v in VARIANTS if v != "base" or base_alpha_zero]
@@ -980,8 +980,10 @@ def evaluate(
     settings = {"eps": eps, "norm": norm, "seed": seed, "steps": steps, "batch_size": batch_size}
     saved = None
     if state is not None:
+        rank, world_size = rank_and_size()  # each rank keeps its own chunks
+        path = state if world_size == 1 else f"{os.fspath(state)}.rank{rank}-of-{world_size}"
         args = {"model": model_digest(model, without_meansparse=False), "samples": sdigest, "attacks": keys}
-        saved = EvalState(state, dict(args, variants=variants, device=target.type, **settings))
+        saved = EvalState(path, dict(args, variants=variants, device=target.type, world_size=world_size, **settings))
 
     def step(label: str) -> None:
         nonlocal done

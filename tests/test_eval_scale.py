@@ -229,3 +229,80 @@ def test_a_chunks_outcome_does_not_depend_on_the_other_chunks(masked, test_split
     alone = evaluate(masked, (x, y), eps=0.2, steps=2, batch_size=8)
     for v in ("base", "exact", "bpda"):
         assert alone.per_sample.robust[v]["apgd-ce"].tolist() == whole.per_sample.robust[v]["apgd-ce"][8:16].tolist()
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+HANG_LIMIT_S = 600
+"""A rank that runs this long is hung (a collective left waiting); the limit is for that, not for speed."""
+
+
+def _run_workers(out, world_size: int = 2) -> tuple[list[int], str]:
+    """Start tests/_dist_eval_worker.py on ``world_size`` gloo ranks (as test_calibrate does)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(world_size),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(repo / "tests" / "_dist_eval_worker.py"), str(out)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=HANG_LIMIT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], "\n".join(outputs)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_report(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _dist_eval_worker as worker
+
+    codes, output = _run_workers(tmp_path)
+    assert codes == [0, 0], output
+    reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(2)]
+    tunes = [json.loads((tmp_path / f"tune{r}.json").read_text()) for r in range(2)]
+    assert reports[0] == reports[1] and tunes[0] == tunes[1]  # every rank holds the whole report
+    attacked = [json.loads((tmp_path / f"attacked{r}.json").read_text()) for r in range(2)]
+    assert [len(a) for a in attacked] == [3 * 3, 3 * 2]  # 5 chunks of 8: rank 0 has 0, 2, 4; rank 1 has 1, 3
+    for variant in range(3):  # base, exact, BPDA in turn: the ranks' chunks are disjoint and cover the samples
+        mine, theirs = attacked[0][3 * variant : 3 * variant + 3], attacked[1][2 * variant : 2 * variant + 2]
+        positions = [p for chunk in mine + theirs for p in chunk]
+        assert sorted(positions) == sorted(set(positions)) and len(positions) == 40
+
+    model = worker.build_model()
+    single = gs.evaluate(model, load_dataset("digits", split="test"), **worker.EVAL)
+    assert reports[0] == worker.without_date(single.to_dict())  # per-sample records included
+    robust = single.per_sample.robust["exact"]["apgd-ce"]
+    assert 0 < robust.sum() < len(robust)  # some samples fall, some hold: the comparison has content
+    tuned = gs.tune(model, load_dataset("digits", split="val"), **worker.TUNE)
+    assert tunes[0] == worker.without_date(tuned.to_dict())

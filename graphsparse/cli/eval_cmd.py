@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from ._data import POSITIVE, data_options, open_dataset, print_stale, progress_bar, sample_count
+from ._dist import join_torchrun
 from ._term import console, print_json, table
 
 _LABELS = {"base": "base (α = 0)", "exact": "rewritten, exact gradient", "bpda": "rewritten, BPDA gradient"}
@@ -86,13 +89,14 @@ def command(
     from ..rewrite import rewrite_info
 
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
+    rank = join_torchrun()  # under torchrun each rank attacks its share of the chunks; rank 0 writes
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
     data = open_dataset(
         data_source, split, seed, model, rewrite_info(model).input_shape, channels=channels, image_size=image_size
     )
     print_stale({k: v for k, v in rewrite_info(model).records.items() if k == "tuning"})  # α chosen for other stats
-    with progress_bar("evaluating") as update:
+    with progress_bar("evaluating") if rank == 0 else contextlib.nullcontext(lambda *_: None) as update:
         report = evaluate(
             model,
             data,
@@ -107,6 +111,8 @@ def command(
             cache=None if no_cache else (cache or f"{artifact}.attack-cache.json"),
             state=state or f"{artifact}.eval-state.json",
         )
+    if rank != 0:
+        return  # the same report as rank 0's, which writes and prints it
     path = save(model, artifact)  # evaluate recorded its report in the artifact's records
     written = f"wrote the evaluation record ({report.n} samples, {report.date}) into {path}"
     if as_json:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
 import click
 
 from ._data import POSITIVE, data_options, open_dataset, progress_bar, sample_count
+from ._dist import join_torchrun
 from ._term import console, print_next, table
 
 
@@ -61,12 +63,14 @@ def command(
 
     grid = _parse_alphas(alphas) if alphas else None
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
+    rank = join_torchrun()  # under torchrun each rank attacks its share of the chunks; rank 0 writes
     model = load(artifact, allow_modules=allow_modules)
     fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
     data = open_dataset(
         data_source, split, seed, model, rewrite_info(model).input_shape, channels=channels, image_size=image_size
     )
-    with progress_bar("tuning") as update, warnings.catch_warnings():
+    bar = progress_bar("tuning") if rank == 0 else contextlib.nullcontext(lambda *_: None)
+    with bar as update, warnings.catch_warnings():
         warnings.simplefilter("ignore", SplitWarning)  # printed below with the other warnings
         result = tune(
             model,
@@ -83,7 +87,10 @@ def command(
             seed=seed,
             steps=steps,
             progress=lambda d, t, *_: update(d, t),
+            attack_cache=f"{artifact}.attack-cache.json",
         )
+    if rank != 0:
+        return  # the same result as rank 0's, which writes and prints it
     path = save(model, artifact)
     stem = Path(artifact).name.removesuffix(".safetensors")
     folder = Path(out_dir) if out_dir else Path(artifact).parent
