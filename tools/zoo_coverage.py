@@ -86,8 +86,12 @@ def input_shape(model: torch.nn.Module) -> tuple[int, ...]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     fixed = cfg.get("fixed_input_size", False)
-    if not fixed:
+    if not fixed and max(h, w) > _MAX_SIDE:
         h, w = min(h, _MAX_SIDE), min(w, _MAX_SIDE)
+        patch = next((m.patch_size for m in model.modules() if getattr(m, "patch_size", None)), None)
+        if patch:  # the capped side must stay a multiple of the patch (deepseek_vit: 14)
+            p = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+            h, w = h // p * p, w // p * p
     return (1, c, h, w)
 
 
