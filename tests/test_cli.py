@@ -191,7 +191,7 @@ def test_rewrite_calibrate_tune_eval_plot_chain(tmp_path):
     assert (tmp_path / "demo.tuning.png").stat().st_size > 1000 and (tmp_path / "demo.tuning.csv").is_file()
     res = run("eval", str(art), "--data", "digits", "--n", "32", "--steps", "2", "--eps", "0.1", "--json")
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)  # stderr says where the record was written
     for variant in ("base", "exact", "bpda"):
         assert 0 <= report[variant]["robust"]["apgd-ce"] <= report[variant]["clean"] <= 100
     assert report["split"] == "test"
@@ -222,15 +222,15 @@ def test_eval_runs_the_fused_model_and_reports_what_the_unfused_one_gives(tmp_pa
     fused_counts = []
     fuse = graphsparse.fuse.fuse_activations
     monkeypatch.setattr(graphsparse.fuse, "fuse_activations", lambda m: fused_counts.append(fuse(m)))
-    args = ("eval", str(art), "--data", "digits", "--n", "32", "--steps", "3", "--eps", "0.2", "--json")
+    args = ("eval", str(art), "--data", "digits", "--n", "32", "--steps", "3", "--eps", "0.2", "--json", "--no-cache")
     res = run(*args)
     assert res.exit_code == 0, res.output
-    fused = json.loads(res.output)
+    fused = json.loads(res.stdout)
     saved_fused = _written(art)
     monkeypatch.setattr(graphsparse.fuse, "fuse_activations", lambda m: 0)
     res = run(*args)
     assert res.exit_code == 0, res.output
-    unfused = json.loads(res.output)
+    unfused = json.loads(res.stdout)
     assert fused_counts and fused_counts[0] > 0
     for variant in ("base", "exact", "bpda"):
         assert fused[variant] == unfused[variant], variant
