@@ -1,0 +1,151 @@
+"""Cost of ``graphsparse.evaluate`` against one plain AutoAttack run, and its 1 → 2 process speed-up (issue 19).
+
+On the shipped demo model (MNIST-5k test split, L∞ ε of the demo, APGD-CE, ``--n`` samples, ``--steps``
+iterations, one batch size), side by side in one process, one thread:
+
+- ``plain``: one ``pyautoattack`` run of the *original* model on the same samples (``version='custom'``,
+  APGD-CE, 1 restart, the same steps and seed): what evaluating the model without graphsparse costs;
+- ``evaluate (first)``: ``graphsparse.evaluate`` of the rewritten, calibrated model at ``--alpha`` (base,
+  exact and BPDA: three attacks, plus the clean and zero-gradient passes), with an empty attack cache;
+- ``evaluate (base cached)``: the same with the original model's results already in the cache.
+
+Each is timed ``--rounds`` times, interleaved, after a warm-up of each; the median is reported with its ratio
+to ``plain``. Then ``--processes 2`` runs the same evaluation (empty cache) in 1 and in 2 gloo processes started
+by this script (``--worker``), and reports the slowest rank's ``evaluate`` time of each and the speed-up (the
+reports are checked equal). Other load on the machine moves every figure; compare ratios measured together.
+
+    python tools/bench_eval.py --n 64 --steps 10 --batch-size 32 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(alpha: float):
+    """``(original, rewritten, eps)``: the demo model and its after_addition rewrite calibrated on MNIST-5k."""
+    import graphsparse as gs
+    from graphsparse.data import load_dataset, make_loader
+    from graphsparse.models import demo_model_info, load_demo_model
+
+    original = load_demo_model().eval()
+    eps = float(demo_model_info().get("settings", {}).get("eps", 0.2))
+    rewritten = gs.rewrite(load_demo_model().eval(), "after_addition", torch.zeros(1, 1, 28, 28))
+    gs.calibrate(rewritten, make_loader(load_dataset("mnist5k", split="train"), 250))
+    gs.set_alpha(rewritten, alpha)
+    return original, rewritten, eps
+
+
+def plain_run(model, x, y, eps: float, steps: int, batch_size: int) -> int:
+    from pyautoattack import AutoAttack
+
+    from graphsparse.evaluate import _set_steps
+
+    aa = AutoAttack(model, eps=eps, norm="Linf", version="custom", attacks=["apgd-ce"], seed=0, device="cpu")
+    aa.apgd.n_restarts = 1
+    _set_steps(aa.apgd, steps)
+    with torch.random.fork_rng():
+        _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    return int((y_adv == y).sum())
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import graphsparse as gs
+    from graphsparse.data import load_dataset
+
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.init_process_group("gloo")
+    torch.set_num_threads(1)
+    _, model, eps = build(args.alpha)
+    test = load_dataset("mnist5k", split="test")
+    t = time.perf_counter()
+    report = gs.evaluate(model, test, eps=eps, n=args.n, steps=args.steps, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t
+    d = {k: v for k, v in report.to_dict().items() if k != "date"}
+    Path(args.worker, f"rank{rank}.json").write_text(json.dumps({"seconds": seconds, "report": d}))
+
+
+def _processes(args: argparse.Namespace, world_size: int) -> tuple[float, dict]:
+    with tempfile.TemporaryDirectory() as out, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
+               "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, __file__, "--worker", out, "--n", str(args.n), "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--alpha", str(args.alpha)]
+        procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world_size)]
+        if any(p.wait() != 0 for p in procs):
+            raise SystemExit("a worker failed")
+        runs = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world_size)]
+    if any(r["report"] != runs[0]["report"] for r in runs):
+        raise SystemExit("the ranks' reports differ")
+    return max(r["seconds"] for r in runs), runs[0]["report"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=32, help="also the chunk size: ranks share chunks")
+    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--processes", type=int, default=2, help="0 skips the multi-process part")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return _worker(args)
+
+    import graphsparse as gs
+    from graphsparse.attack_cache import AttackCache
+    from graphsparse.data import load_dataset
+    from graphsparse.evaluate import pick_samples
+
+    torch.set_num_threads(1)
+    original, model, eps = build(args.alpha)
+    test = load_dataset("mnist5k", split="test")
+    s = pick_samples(test, args.n, 0)
+    kw = {"eps": eps, "n": args.n, "steps": args.steps, "batch_size": args.batch_size}
+    warm = AttackCache()
+    modes = {
+        "plain": lambda: plain_run(original, s.x, s.y, eps, args.steps, args.batch_size),
+        "evaluate (first)": lambda: gs.evaluate(model, test, cache=AttackCache(), **kw),
+        "evaluate (base cached)": lambda: gs.evaluate(model, test, cache=warm, **kw),
+    }
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    for fn in modes.values():  # warm-up; fills the cache of the cached mode
+        fn()
+    for _ in range(args.rounds):
+        for k, fn in modes.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    base = statistics.median(times["plain"])
+    print(f"demo model, {args.n} MNIST-5k test samples, APGD-CE {args.steps} steps, batch {args.batch_size}, "
+          f"alpha {args.alpha:g}, 1 thread, median of {args.rounds}")
+    for k, ts in times.items():
+        m = statistics.median(ts)
+        print(f"  {k:24s} {m:7.2f} s   {m / base:5.2f}x plain")
+    if args.processes > 1:
+        one, r1 = _processes(args, 1)
+        many, rn = _processes(args, args.processes)
+        same = "equal" if r1 == rn else "DIFFERENT"
+        print(f"  evaluate, 1 process      {one:7.2f} s")
+        print(f"  evaluate, {args.processes} processes    {many:7.2f} s   speed-up {one / many:4.2f}x "
+              f"(reports {same})")
+
+
+if __name__ == "__main__":
+    main()
