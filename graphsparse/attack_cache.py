@@ -165,12 +165,15 @@ def attack_chunks(
     steps: int | None,
     done: dict[int, tuple[np.ndarray, list[str]]] | None = None,
     on_chunk: Callable[[int, np.ndarray, list[str]], None] | None = None,
+    after: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Run ``attack`` on ``model`` as it is now, chunk by chunk (see the module docstring).
 
     Args:
         done: chunk index -> ``(robust flags, messages)`` already known (from a saved state): not run again.
         on_chunk: called as ``on_chunk(index, robust, messages)`` after each chunk that ran.
+        after: called as ``after(samples, robust)`` after each of this rank's chunks, with the counts of its
+            chunks so far (for progress).
 
     Returns:
         ``(robust, messages)``: per sample, still classified correctly after the attack; the warnings.
@@ -180,6 +183,7 @@ def attack_chunks(
     n = int(s.x.shape[0])
     robust = np.zeros(n, dtype=bool)
     per_chunk: dict[int, list[str]] = {}
+    seen = 0
     for c, a in enumerate(range(0, n, batch_size)):
         b = min(a + batch_size, n)
         if c % world_size != rank:
@@ -196,6 +200,9 @@ def attack_chunks(
                 on_chunk(c, flags, msgs)
         robust[a:b] = flags
         per_chunk[c] = list(msgs)
+        seen += b - a
+        if after is not None:
+            after(seen, int(robust.sum()))
     if world_size > 1:
         robust, per_chunk = _gather(robust, per_chunk, world_size)
     return robust, [m for c in sorted(per_chunk) for m in per_chunk[c]]
@@ -240,7 +247,7 @@ def measure_variant(
     device: torch.device,
     n_classes: int,
     steps: int | None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int, bool], None] | None = None,
 ) -> tuple[np.ndarray, int, dict[str, np.ndarray], dict[str, list[str]]]:
     """Clean flags, zero-gradient count and per-attack robust flags of ``model`` as it is now.
 
@@ -250,7 +257,9 @@ def measure_variant(
 
     Args:
         samples: :func:`samples_digest` of ``s`` (computed once by the caller).
-        progress: called with ``label/attack`` after each attack entry.
+        progress: called as ``progress("label: attack", samples, robust, finished)`` after each chunk of this
+            rank (counts of its chunks of the attack so far, ``finished`` False) and once when the attack is
+            done (all samples, ``finished`` True).
 
     Returns:
         ``(clean, zero, robust, messages)``: messages per attack key, as AutoAttack gave them.
@@ -280,12 +289,13 @@ def measure_variant(
         if found is None:
             done = state.done(job) if state is not None else None
             keep = None if state is None else (lambda c, f, m, job=job: state.put(job, c, f, m))
+            tick = None if progress is None else (lambda k, r, key=key: progress(f"{label}: {key}", k, r, False))
             found = attack_chunks(
-                model, s, entry, device=device, n_classes=n_classes, done=done, on_chunk=keep, **settings
+                model, s, entry, device=device, n_classes=n_classes, done=done, on_chunk=keep, after=tick, **settings
             )
             if identity:
                 cache.put_attack(job, *found)
         robust[key], messages[key] = found
         if progress is not None:
-            progress(f"{label}: {key}")
+            progress(f"{label}: {key}", n, int(found[0].sum()), True)
     return clean, zero, robust, messages

@@ -739,7 +739,8 @@ def evaluate(
             (e.g. for operators that have no identity setting).
         steps: iterations of APGD/APGD-T/FAB; ``None`` keeps AutoAttack's 100 (a smaller number makes a
             weaker, cheaper attack: use it for tests and quick looks only).
-        progress: called as ``progress(done, total, label)`` after each attack run.
+        progress: called as ``progress(done, total, label)`` after each attack chunk and attack run, counting
+            samples attacked over all variants and attacks (``label``: variant, attack, robust so far).
         input_key, label_key: the keys of inputs and labels when samples or batches are dicts (default the
             first present of ``image``/``pixel_values``/... and ``label``/``labels``/...;
             :func:`graphsparse.data.batch_parts`).
@@ -803,7 +804,7 @@ def evaluate(
     from .eval_state import EvalState
 
     variants = [v for v in VARIANTS if v != "base" or base_alpha_zero]
-    total = len(variants) * len(keys)
+    total = len(variants) * len(keys) * n_eval  # samples to attack, over every variant and attack
     done = 0
     home = model_device(model)
     target = torch.device(device) if device is not None else home
@@ -817,11 +818,13 @@ def evaluate(
         args = {"model": model_digest(model, without_meansparse=False), "samples": sdigest, "attacks": keys}
         saved = EvalState(path, dict(args, variants=variants, device=target.type, world_size=world_size, **settings))
 
-    def step(label: str) -> None:
+    def step(label: str, seen: int, robust: int, finished: bool) -> None:
         nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, label)
+        if finished:
+            done += n_eval
+        if progress is not None:  # the other ranks attack as many samples alongside
+            now = done if finished else done + min(n_eval, seen * rank_and_size()[1])
+            progress(now, total, f"{label}: {robust} of {seen} robust")
 
     results: dict[str, VariantResult] = {}
     flags = PerSample()

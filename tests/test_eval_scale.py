@@ -140,6 +140,23 @@ def test_eval_cli_leads_with_the_worst_case_and_caches_beside_the_artifact(tmp_p
     assert record["worst_case"]["apgd-ce"] <= min(record[v]["robust"]["apgd-ce"] for v in ("exact", "bpda"))
 
 
+def test_progress_counts_samples_chunk_by_chunk_with_the_robust_so_far(masked, test_split, monkeypatch):
+    picked = pick_samples(test_split, 16, 0)
+    pos = [int(p) for p in picked.positions]
+    Calls(monkeypatch, breaks={"base": set(pos[:3]), "exact": set(pos[8:]), "bpda": set(pos)})
+    seen = []
+    evaluate(masked, test_split, eps=0.2, n=16, batch_size=8, progress=lambda *a: seen.append(a))
+    assert [s[:2] for s in seen] == [
+        (8, 48), (16, 48), (16, 48),  # base: chunk 0, chunk 1, done
+        (24, 48), (32, 48), (32, 48),  # exact
+        (40, 48), (48, 48), (48, 48),  # BPDA
+    ]
+    assert [s[2] for s in seen[:4]] == [
+        "base: apgd-ce: 5 of 8 robust", "base: apgd-ce: 13 of 16 robust", "base: apgd-ce: 13 of 16 robust",
+        "exact: apgd-ce: 8 of 8 robust",
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 

@@ -157,7 +157,7 @@ def test_rewritten_model_gets_an_evaluation_record(trained, parity_source, test_
     progress = []
     report = evaluate(model, test_split, n=32, steps=3, progress=lambda *a: progress.append(a))
     assert gs.rewrite_info(model).records["evaluation"] == report.to_dict()
-    assert [p[:2] for p in progress] == [(1, 3), (2, 3), (3, 3)]
+    assert [p[:2] for p in progress] == [(32, 96), (32, 96), (64, 96), (64, 96), (96, 96), (96, 96)]  # one chunk each
     assert set(report.alphas) == set(operators(model)) and set(report.alphas.values()) == {0.25}
 
 
