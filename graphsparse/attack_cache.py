@@ -193,7 +193,7 @@ def attack_chunks(
         else:
             mask, msgs = run_attack(
                 model, _chunk(s, a, b), attack, eps=eps, norm=norm, batch_size=batch_size, seed=seed,
-                device=device, n_classes=n_classes, steps=steps,
+                device=device, n_classes=n_classes, steps=steps, check_randomized=c == 0,  # a model check
             )
             flags = mask.numpy().astype(bool)
             if on_chunk is not None:

@@ -238,6 +238,16 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_report(masked, t
     assert exact.tolist() == resumed.per_sample.robust["exact"]["apgd-ce"].tolist()
 
 
+def test_autoattacks_randomised_model_check_runs_once_per_attack_not_per_chunk(masked, test_split, monkeypatch):
+    from pyautoattack import checks
+
+    calls = []
+    check = checks.check_randomized
+    monkeypatch.setattr(checks, "check_randomized", lambda *a, **k: calls.append(1) or check(*a, **k))
+    evaluate(masked, test_split, **dict(SMALL, n=24))  # 3 chunks of 8, three variants
+    assert len(calls) == 3
+
+
 def test_a_chunks_outcome_does_not_depend_on_the_other_chunks(masked, test_split):
     """What makes resuming (and sharding) exact: the samples of one chunk, attacked alone, fare the same."""
     whole = evaluate(masked, test_split, **dict(SMALL, n=32))

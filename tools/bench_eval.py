@@ -5,6 +5,8 @@ iterations, one batch size), side by side in one process, one thread:
 
 - ``plain``: one ``pyautoattack`` run of the *original* model on the same samples (``version='custom'``,
   APGD-CE, 1 restart, the same steps and seed): what evaluating the model without graphsparse costs;
+- ``plain, rewritten model``: the same run on the rewritten model (exact gradient): what one of evaluate's
+  exact/BPDA attacks costs at least;
 - ``evaluate (first)``: ``graphsparse.evaluate`` of the rewritten, calibrated model at ``--alpha`` (base,
   exact and BPDA: three attacks, plus the clean and zero-gradient passes), with an empty attack cache;
 - ``evaluate (base cached)``: the same with the original model's results already in the cache.
@@ -121,6 +123,7 @@ def main() -> None:
     warm = AttackCache()
     modes = {
         "plain": lambda: plain_run(original, s.x, s.y, eps, args.steps, args.batch_size),
+        "plain, rewritten model": lambda: plain_run(model, s.x, s.y, eps, args.steps, args.batch_size),
         "evaluate (first)": lambda: gs.evaluate(model, test, cache=AttackCache(), **kw),
         "evaluate (base cached)": lambda: gs.evaluate(model, test, cache=warm, **kw),
     }
