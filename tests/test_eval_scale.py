@@ -333,3 +333,37 @@ def test_two_gloo_processes_give_the_one_process_report(tmp_path):
     assert 0 < robust.sum() < len(robust)  # some samples fall, some hold: the comparison has content
     tuned = gs.tune(model, load_dataset("digits", split="val"), **worker.TUNE)
     assert tunes[0] == worker.without_date(tuned.to_dict())
+
+
+@pytest.mark.slow
+def test_graphsparse_eval_under_torchrun_prints_and_writes_once_the_one_process_report(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from graphsparse.cli import main
+
+    art = tmp_path / "demo.safetensors"
+    res = CliRunner().invoke(main, ["rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition",
+                                    "--input-shape", "1,1,8,8", "--data", "digits", "-o", str(art)])
+    assert res.exit_code == 0, res.output
+    args = ["eval", str(art), "--data", "digits", "--n", "16", "--steps", "2", "--eps", "0.1", "--batch-size", "8",
+            "--json", "--no-cache"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "--",
+         "graphsparse", *args],
+        env=env, capture_output=True, text=True, timeout=HANG_LIMIT_S, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    two = json.loads(run.stdout)  # one report: rank 1 prints nothing
+    assert run.stderr.count("wrote the evaluation record") == 1
+    assert [p.name for p in tmp_path.iterdir() if "eval-state" in p.name] == []
+    record = gs.rewrite_info(gs.load(art)).records["evaluation"]
+    assert record["per_sample"] == two["per_sample"]
+    one = json.loads(CliRunner().invoke(main, args, catch_exceptions=False).stdout)
+    for report in (one, two):
+        report.pop("date")
+    assert one == two
