@@ -216,3 +216,17 @@ def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, tiny_a
 def test_resume_needs_a_checkpoint(never_loaded, tmp_path):
     res = CliRunner().invoke(main, ["calibrate", never_loaded, "--data", "digits", "--resume"])
     assert res.exit_code == 2 and "--resume continues the pass saved in --checkpoint PATH" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["rewrite", "--rule", "after_addition", "--data", "digits", "--batch-size", "0"], "--batch-size"),
+        (["rewrite", "--rule", "after_addition", "--data", "digits", "--max-samples", "0"], "--max-samples"),
+        (["plot", "--max-samples", "0"], "--max-samples"),
+    ],
+)
+def test_zero_counts_are_refused_by_rewrite_and_plot_too(never_loaded, args, option):
+    res = CliRunner().invoke(main, [args[0], never_loaded, *args[1:]])
+    assert res.exit_code == 2, res.output
+    assert option in res.output and "0 is not in the range x>=1" in res.output

@@ -25,7 +25,7 @@ from ._term import console, output_suffix
 @click.option("--data", "data_source", default=None, help="Data for --site (default: the calibration source).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--seed", type=int, default=None, help="Seed of the split (default: the calibration's, else 0).")
-@click.option("--max-samples", type=int, default=512, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="PKG")
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), default=None, callback=output_suffix(".png", "a PNG image")

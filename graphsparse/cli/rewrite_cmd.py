@@ -37,8 +37,8 @@ def default_output(model_spec: str, rule: str) -> Path:
 @click.option("--data", "data_source", default=None, metavar="SRC", help="Also calibrate on this data source.")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--max-samples", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None)
 def command(
     model,
     rule,
