@@ -17,7 +17,11 @@ from ._term import console, print_json, table
 @click.option("--alpha", type=float, default=None, help="Override α of every MeanSparse rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of site objects.")
 def inspect_command(model, arch, allow_modules, input_shape, model_dir, rule, alpha, as_json):
-    """Capture MODEL (timm:NAME, a file, pkg.module:Class) and list the places an operator can go."""
+    """Capture MODEL and list the places an operator can go.
+
+    MODEL: timm:NAME, torchvision:NAME, transformers:TYPE, hf:ORG/NAME, robustbench:ID, pkg.module:Class or
+    pkg.module:function, or a model file (a pickled module, a state dict or a checkpoint dict with --arch).
+    """
     import warnings
 
     from ..capture import PartialCaptureWarning, capture
