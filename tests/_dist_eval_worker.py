@@ -1,10 +1,10 @@
 """One rank of the distributed evaluation test (started twice by tests/test_eval_scale.py).
 
-Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment (as torchrun sets them), joins a
-gloo group, evaluates and tunes the model of :func:`build_model` on the digits data, each rank attacking its
-share of the chunks, and writes ``report{rank}.json`` and ``tune{rank}.json`` (without their dates) under the
-directory given as the only argument, and ``attacked{rank}.json``: the sample positions of every chunk the
-rank's evaluation attacked.
+Reads RANK and WORLD_SIZE from the environment (as torchrun sets them), joins a gloo group through a file
+rendezvous in the output directory (the only argument), evaluates and tunes the model of :func:`build_model`
+on the digits data, each rank attacking its share of the chunks, and writes there ``report{rank}.json`` and
+``tune{rank}.json`` (without their dates) and ``attacked{rank}.json``: the sample positions of every chunk
+the rank's evaluation attacked.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def without_date(d: dict) -> dict:
 
 def main(out: Path) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    # a file rendezvous: no port to pick, so no clash with another test's ranks starting at the same time
+    store = f"file://{(out / 'rendezvous').resolve()}"
+    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         attacked: list[list[int]] = []  # the positions of every chunk this rank attacked
@@ -77,6 +79,7 @@ def main(out: Path) -> None:
         (out / f"attacked{rank}.json").write_text(json.dumps(attacked))
         result = gs.tune(model, load_dataset("digits", split="val"), **TUNE)
         (out / f"tune{rank}.json").write_text(json.dumps(without_date(result.to_dict())))
+        torch.distributed.barrier()  # leave together: a rank tearing gloo down while the other still ran aborted
     finally:
         torch.distributed.destroy_process_group()
 

@@ -266,22 +266,17 @@ HANG_LIMIT_S = 600
 
 
 def _run_workers(out, world_size: int = 2) -> tuple[list[int], str]:
-    """Start tests/_dist_eval_worker.py on ``world_size`` gloo ranks (as test_calibrate does)."""
+    """Start tests/_dist_eval_worker.py on ``world_size`` gloo ranks (as test_calibrate does, with a file
+    rendezvous instead of a port)."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
         "WORLD_SIZE": str(world_size),
         "OMP_NUM_THREADS": "1",
     }
