@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from graphsparse.data import batch_parts
 from graphsparse.errors import GraphsparseError, PlanError, closest
 from graphsparse.eval_report import EvalReport, VariantResult, _pct, _verdict
+from graphsparse.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
 from graphsparse.per_sample import PerSample, lead_sentence
 from graphsparse.records import stats_digest, store_record, utc_now  # store_record's old home: importable here
@@ -837,7 +838,7 @@ def evaluate(
     try:
         if target != home:
             model.to(target)
-        with eval_mode(model):
+        with eval_mode(model), logits_output(model):
             n_classes = _n_classes(model, s, target)
             _check_classes(entries, n_classes)
             for v in variants:

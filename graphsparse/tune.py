@@ -60,6 +60,7 @@ from graphsparse.evaluate import (
     model_device,
     pick_samples,
 )
+from graphsparse.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
 from graphsparse.records import stats_digest, store_record, utc_now
 
@@ -438,7 +439,7 @@ def tune(
     try:
         if target != home:
             model.to(target)
-        with eval_mode(model):
+        with eval_mode(model), logits_output(model):
             n_classes = _n_classes(model, s, target)
             _check_classes([key], n_classes)
             for a in values:

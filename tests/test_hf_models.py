@@ -111,3 +111,27 @@ def test_capture_failure_hint_does_not_send_a_transformers_user_to_timm():
     with pytest.raises(CaptureError) as err:
         capture(Opaque(), torch.randn(1, 3, 8, 8))
     assert "timm" not in str(err.value)
+
+
+def test_tune_and_evaluate_read_the_logits_of_a_model_output():
+    """An HF classifier returns an ImageClassifierOutput; tune and evaluate attack and score its logits (they
+    refused it as a model without a classifier head), and leave no hook on the model."""
+    import graphsparse as gs
+
+    build, shape = FAMILIES["vit"]
+    model = build().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(24, *shape[1:], generator=g)
+    with torch.no_grad():
+        y = model(x).logits.argmax(1)
+    y[::3] = (y[::3] + 1) % model.config.num_labels  # a third wrong: clean accuracy is 16 of 24
+    expected_clean = 100.0 * float((model(x).logits.argmax(1) == y).float().mean())
+    rewritten = rewrite(model, "before_activations", x[:1])
+    gs.calibrate(rewritten, (x, y))
+    hooks = dict(rewritten._forward_hooks)
+    res = gs.tune(rewritten, (x, y), alphas=[0.0, 0.1], eps=1 / 255, steps=1, batch_size=8)
+    assert [p.alpha for p in res.curve] == [0.0, 0.1]
+    gs.set_alpha(rewritten, 0.0)
+    report = gs.evaluate(rewritten, (x, y), attacks=["apgd-ce"], eps=1 / 255, steps=1, batch_size=8)
+    assert report.exact.clean == pytest.approx(expected_clean)
+    assert dict(rewritten._forward_hooks) == hooks

@@ -200,6 +200,7 @@ def check_model_fits(model, dataset) -> None:
     import torch
 
     from ..evaluate import EvaluationError, check_logits, data_classes, eval_mode
+    from ..model_output import logits_of
     from ._term import console
 
     classes = data_classes(dataset)
@@ -212,7 +213,7 @@ def check_model_fits(model, dataset) -> None:
     with eval_mode(model), torch.no_grad():
         out = model(x)
     try:
-        check_logits(out, classes, where=f"the model (on data {getattr(dataset, 'source', '')!r})")
+        check_logits(logits_of(out), classes, where=f"the model (on data {getattr(dataset, 'source', '')!r})")
     except EvaluationError as e:
         console(stderr=True).print(
             f"warning: {e}. The statistics do not need labels, but tune and eval will refuse this data.",
