@@ -230,3 +230,23 @@ def test_zero_counts_are_refused_by_rewrite_and_plot_too(never_loaded, args, opt
     res = CliRunner().invoke(main, [args[0], never_loaded, *args[1:]])
     assert res.exit_code == 2, res.output
     assert option in res.output and "0 is not in the range x>=1" in res.output
+
+
+def test_the_progress_bar_shows_the_label_evaluate_passes(monkeypatch):
+    """evaluate calls progress(done, total, 'exact: apgd-ce: 3 of 8 robust'); the bar shows the robust count."""
+    from rich.progress import Progress
+
+    from graphsparse.cli._data import progress_bar
+
+    seen = []
+    original = Progress.update
+
+    def update(self, task_id, **kwargs):
+        seen.append(kwargs.get("description"))
+        return original(self, task_id, **kwargs)
+
+    monkeypatch.setattr(Progress, "update", update)
+    with progress_bar("evaluating") as step:
+        step(3, 24, "exact: apgd-ce: 3 of 8 robust")
+        step(4, 24)
+    assert seen == ["evaluating (exact: apgd-ce: 3 of 8 robust)", "evaluating"]

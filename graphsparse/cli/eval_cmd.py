@@ -107,7 +107,7 @@ def command(
             batch_size=batch_size,
             seed=seed,
             steps=steps,
-            progress=lambda d, t, *_: update(d, t),
+            progress=update,
             cache=None if no_cache else (cache or f"{artifact}.attack-cache.json"),
             state=state or f"{artifact}.eval-state.json",
         )

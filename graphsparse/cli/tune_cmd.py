@@ -86,7 +86,7 @@ def command(
             per_stage=per_stage,
             seed=seed,
             steps=steps,
-            progress=lambda d, t, *_: update(d, t),
+            progress=update,
             attack_cache=f"{artifact}.attack-cache.json",
         )
     if rank != 0:
