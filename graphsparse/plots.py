@@ -45,7 +45,8 @@ def plot_tuning(
 ) -> Path:
     """Clean and robust accuracy versus α, with the chosen α marked, as a PNG.
 
-    Points whose clean drop exceeds the bound are drawn hollow; a BPDA curve is drawn when measured. Each
+    Points whose clean drop exceeds the bound are drawn hollow; a BPDA curve is drawn when measured, and the
+    base model's robust level (α = 0) as a grey dotted line. Each
     curve has its own line style and marker, so equal curves stay visible (the clean line is the wide solid
     one under the dashed robust line); the legend, with the chosen α's numbers, sits below the axes.
 
@@ -92,6 +93,12 @@ def _tuning_figure(result: TuneResult | Mapping[str, Any], title: str | None) ->
         ax.scatter(
             alphas[~feasible], ys[~feasible], s=size, facecolors="white", edgecolors=colour, marker=marker,
             zorder=3 + 2 * z,
+        )
+    base = next((p for p in result.curve if p.alpha == 0), None)
+    if base is not None:  # the original model's level: a gain is a robust curve above it
+        ax.axhline(
+            base.robust, color="grey", linestyle=(0, (1, 3)), linewidth=1, zorder=1,
+            label=f"base (α = 0): robust {base.robust:.1f}%",
         )
     chosen = result.chosen
     ax.axvline(

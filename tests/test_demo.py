@@ -35,6 +35,8 @@ def test_demo_fast_end_to_end(tmp_path):
     assert {"calibration", "tuning", "evaluation"} <= set(records)
     # tuning saw validation samples only; evaluation test samples only
     assert records["tuning"]["split"] == "val" and records["evaluation"]["split"] == "test"
+    # tuned with BPDA too: every α of the curve has its adaptive-attack figure
+    assert all(point["robust_bpda"] is not None for point in records["tuning"]["curve"])
     assert not set(records["tuning"]["indices"]) & set(records["evaluation"]["indices"])
 
     # the base row is the shipped model, measured independently on the same test samples

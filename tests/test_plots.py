@@ -130,13 +130,22 @@ def test_tuning_plot_keeps_equal_curves_visible():
     thinner, each curve with its own marker, so that the clean line shows beneath."""
     fig = _tuning_figure(_edge_cases()[2], None)
     (ax,) = fig.axes
-    lines = sorted((ln for ln in ax.get_lines() if not ln.get_label().startswith("chosen")), key=lambda ln: ln.zorder)
+    curves = (ln for ln in ax.get_lines() if not ln.get_label().startswith(("chosen", "base")))
+    lines = sorted(curves, key=lambda ln: ln.zorder)
     assert [ln.get_label() for ln in lines][0] == "clean"
     for below, above in zip(lines, lines[1:]):
         assert above.zorder > below.zorder
         assert above.get_linestyle() != "-" and above.get_linewidth() < below.get_linewidth(), above.get_label()
     markers = [tuple(c.get_paths()[0].vertices.round(3).ravel()) for c in ax.collections if len(c.get_offsets())]
     assert len(set(markers)) >= 2  # clean and robust points have different markers
+
+
+def test_tuning_plot_draws_the_base_models_robust_level():
+    r = tuning_result()
+    base = next(p for p in r.curve if p.alpha == 0)
+    (ax,) = _tuning_figure(r, None).axes
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("base (α = 0)")]
+    assert set(line.get_ydata()) == {base.robust}
 
 
 def test_tuning_plot_title_names_the_split_only_when_known():
