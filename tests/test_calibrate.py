@@ -13,12 +13,11 @@ import itertools
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _ranks import launch_ranks  # tests/ is on sys.path (pytest prepends it)
 from torch import nn
 
 import graphsparse
@@ -566,25 +565,7 @@ def _run_workers(out: Path, world_size: int = 2, **env: str) -> tuple[list[int],
         "OMP_NUM_THREADS": "1",
         **env,
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out)],
-            env={**env_base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world_size)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=HANG_LIMIT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [p.returncode for p in procs], "\n".join(outputs)
+    return launch_ranks(WORKER, out, world_size, env_base, HANG_LIMIT_S)
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _ranks import launch_ranks  # tests/ is on sys.path (pytest prepends it)
 from torch import nn
 
 import graphsparse as gs
@@ -269,8 +270,6 @@ def _run_workers(out, world_size: int = 2) -> tuple[list[int], str]:
     """Start tests/_dist_eval_worker.py on ``world_size`` gloo ranks (as test_calibrate does, with a file
     rendezvous instead of a port)."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -280,25 +279,7 @@ def _run_workers(out, world_size: int = 2) -> tuple[list[int], str]:
         "WORLD_SIZE": str(world_size),
         "OMP_NUM_THREADS": "1",
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(repo / "tests" / "_dist_eval_worker.py"), str(out)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world_size)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=HANG_LIMIT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [p.returncode for p in procs], "\n".join(outputs)
+    return launch_ranks(repo / "tests" / "_dist_eval_worker.py", out, world_size, env, HANG_LIMIT_S)
 
 
 @pytest.mark.slow
