@@ -1,15 +1,17 @@
-"""Atomic file writes: nothing is ever half-written."""
+"""Atomic file writes (nothing is ever half-written), and reading back the JSON files graphsparse writes."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import GraphsparseError
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "read_json_file"]
 
 
 def _umask() -> int:
@@ -40,3 +42,21 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json_file(
+    path: Path, fmt: str, *, error: type[GraphsparseError], what: str, unreadable_hint: str, foreign: str
+) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``format`` entry is ``fmt``.
+
+    Raises:
+        error: "{what} cannot be read (cause). Hint: {unreadable_hint}" when the file cannot be read or parsed;
+            ``foreign`` when it holds something else than a ``fmt`` object.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{what} cannot be read ({e}). Hint: {unreadable_hint}") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(foreign)
+    return data

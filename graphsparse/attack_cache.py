@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphsparse._files import atomic_write
+from graphsparse._files import atomic_write, read_json_file
 from graphsparse.evaluate import EvaluationError, Samples, attack_key, run_attack
 from graphsparse.ops import MeanSparse, operators
 from graphsparse.per_sample import pack_bits, unpack_bits
@@ -107,16 +107,11 @@ class AttackCache:
         self.path = None if path is None else Path(path)
         self.entries: dict[str, dict[str, Any]] = {}
         if self.path is not None and self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-            except (OSError, ValueError) as e:
-                raise EvaluationError(
-                    f"attack cache {self.path} cannot be read ({e}). Hint: delete it; it only saves time"
-                ) from e
-            if not isinstance(data, dict) or data.get("format") != _FORMAT:
-                raise EvaluationError(
-                    f"{self.path} is not a graphsparse attack cache. Hint: give another --cache path, or delete it"
-                )
+            data = read_json_file(
+                self.path, _FORMAT, error=EvaluationError,
+                what=f"attack cache {self.path}", unreadable_hint="delete it; it only saves time",
+                foreign=f"{self.path} is not a graphsparse attack cache. Hint: give another --cache path, or delete it",
+            )
             self.entries = dict(data.get("entries", {}))
 
     def get_attack(self, key: str, n: int) -> tuple[np.ndarray, list[str]] | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from graphsparse._files import atomic_write
+from graphsparse._files import atomic_write, read_json_file
 from graphsparse.evaluate import EvaluationError
 from graphsparse.per_sample import pack_bits, unpack_bits
 
@@ -44,14 +44,11 @@ class EvalState:
         self.jobs: dict[str, dict[str, Any]] = {}
         if not self.path.exists():
             return
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
-            raise EvaluationError(
-                f"evaluation state {self.path} cannot be read ({e}). Hint: delete it to start over"
-            ) from e
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise EvaluationError(f"{self.path} is not a graphsparse evaluation state. Hint: give another --state path")
+        data = read_json_file(
+            self.path, _FORMAT, error=EvaluationError,
+            what=f"evaluation state {self.path}", unreadable_hint="delete it to start over",
+            foreign=f"{self.path} is not a graphsparse evaluation state. Hint: give another --state path",
+        )
         old = data.get("args", {})
         if old != self.args:
             diff = sorted(k for k in set(old) | set(self.args) if old.get(k) != self.args.get(k))
