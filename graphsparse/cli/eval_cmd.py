@@ -84,14 +84,12 @@ def command(
 ):
     """Evaluate ARTIFACT honestly: every robust number with the exact and the straight-through gradient."""
     from ..evaluate import check_threat, evaluate
-    from ..fuse import fuse_activations
     from ..io import load, save
     from ..rewrite import rewrite_info
 
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     rank = join_torchrun()  # under torchrun each rank attacks its share of the chunks; rank 0 writes
-    model = load(artifact, allow_modules=allow_modules)
-    fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
+    model = load(artifact, allow_modules=allow_modules)  # the fused form: same outputs, fewer memory passes
     data = open_dataset(
         data_source, split, seed, model, rewrite_info(model).input_shape, channels=channels, image_size=image_size
     )

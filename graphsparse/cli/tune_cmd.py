@@ -55,7 +55,6 @@ def command(
 ):
     """Sweep α on the validation split, set the chosen α in ARTIFACT and draw the α curve."""
     from ..evaluate import check_threat
-    from ..fuse import fuse_activations
     from ..io import load, save
     from ..plots import plot_tuning
     from ..rewrite import rewrite_info
@@ -64,8 +63,7 @@ def command(
     grid = _parse_alphas(alphas) if alphas else None
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     rank = join_torchrun()  # under torchrun each rank attacks its share of the chunks; rank 0 writes
-    model = load(artifact, allow_modules=allow_modules)
-    fuse_activations(model)  # the same outputs and gradients, bit for bit, in fewer memory passes
+    model = load(artifact, allow_modules=allow_modules)  # the fused form: same outputs, fewer memory passes
     data = open_dataset(
         data_source, split, seed, model, rewrite_info(model).input_shape, channels=channels, image_size=image_size
     )
