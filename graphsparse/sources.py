@@ -28,6 +28,7 @@ from torch import nn
 
 from ._compat import ensure_autoattack_alias
 from .errors import ModelSourceError, closest
+from .model_output import logits_of
 from .safe_pickle import TRUSTED_PACKAGES, class_problem, read_pickle, user_allowed
 
 __all__ = [
@@ -1172,7 +1173,7 @@ def _computes_the_same(model: nn.Module, rebuilt: nn.Module) -> bool:
     finally:
         for module, training in modes:
             module.training = training
-    a, b = getattr(a, "logits", a), getattr(b, "logits", b)  # transformers' ImageClassifierOutput
+    a, b = logits_of(a), logits_of(b)  # transformers' ImageClassifierOutput
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
         return False
     return bool(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6))
