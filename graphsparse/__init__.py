@@ -1,8 +1,9 @@
 """graphsparse: post-training activation surgery (MeanSparse, SPARTA) for robust image classifiers.
 
-The pipeline, one module per stage::
+The pipeline, one folder per stage (``docs/architecture.md``)::
 
-    capture -> sites -> rules/plan -> rewrite -> calibrate -> tune/evaluate -> io (save/load)
+    graph (capture, sites) -> planning (rules, plan, rewrite) -> stats (calibrate)
+        -> robust (tune, evaluate) -> artifact (save/load); ops holds the operators
 
 The public names below are imported on first use (PEP 562 module ``__getattr__``), so ``import graphsparse``
 and the CLI's ``--help`` do not load torch or timm; every name of ``__all__`` is there all the same.
@@ -16,14 +17,16 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from graphsparse import _moved
+
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it (imported on first access)
 _LAZY: dict[str, str] = {
-    "CalibrationRecord": "calibrate",
-    "calibrate": "calibrate",
-    "Capture": "capture",
-    "capture": "capture",
+    "CalibrationRecord": "stats.calibrate",
+    "calibrate": "stats.calibrate",
+    "Capture": "graph.capture",
+    "capture": "graph.capture",
     "load_dataset": "data",
     "make_loader": "data",
     "split_indices": "data",
@@ -36,14 +39,14 @@ _LAZY: dict[str, str] = {
     "PlanError": "errors",
     "RuleError": "errors",
     "UnsafePickleError": "errors",
-    "EvalReport": "evaluate",
-    "EvaluationError": "evaluate",
-    "evaluate": "evaluate",
-    "fuse_activations": "fuse",
+    "EvalReport": "robust.evaluate",
+    "EvaluationError": "robust.evaluate",
+    "evaluate": "robust.evaluate",
+    "fuse_activations": "planning.fuse",
     "export": "deploy",
-    "load": "io",
-    "read_metadata": "io",
-    "save": "io",
+    "load": "artifact.io",
+    "read_metadata": "artifact.io",
+    "save": "artifact.io",
     "MeanSparse": "ops",
     "Sparta": "ops",
     "backward_mode": "ops",
@@ -52,29 +55,28 @@ _LAZY: dict[str, str] = {
     "set_alpha": "ops",
     "sparta_parameters": "ops",
     "straight_through": "ops",
-    "Plan": "plan",
-    "PlanEntry": "plan",
-    "make_plan": "plan",
+    "Plan": "planning.plan",
+    "PlanEntry": "planning.plan",
+    "make_plan": "planning.plan",
     "plot_site_histogram": "plots",
     "plot_tuning": "plots",
-    "apply_plan": "rewrite",
-    "rewrite": "rewrite",
-    "rewrite_info": "rewrite",
-    "RuleSet": "rules",
-    "builtin_rules": "rules",
-    "load_rules": "rules",
-    "parse_rules": "rules",
-    "Site": "sites",
-    "find_sites": "sites",
-    "pgd_attack": "train",
-    "train": "train",
-    "TuneResult": "tune",
-    "tune": "tune",
+    "apply_plan": "planning.rewrite",
+    "rewrite": "planning.rewrite",
+    "rewrite_info": "planning.rewrite",
+    "RuleSet": "planning.rules",
+    "builtin_rules": "planning.rules",
+    "load_rules": "planning.rules",
+    "parse_rules": "planning.rules",
+    "Site": "graph.sites",
+    "find_sites": "graph.sites",
+    "pgd_attack": "robust.train",
+    "train": "robust.train",
+    "TuneResult": "robust.tune",
+    "tune": "robust.tune",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these on first use
-    from .calibrate import CalibrationRecord, calibrate
-    from .capture import Capture, capture
+    from .artifact.io import load, read_metadata, save
     from .data import load_dataset, make_loader, split_indices
     from .deploy import export
     from .errors import (
@@ -88,9 +90,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         RuleError,
         UnsafePickleError,
     )
-    from .evaluate import EvalReport, EvaluationError, evaluate
-    from .fuse import fuse_activations
-    from .io import load, read_metadata, save
+    from .graph.capture import Capture, capture
+    from .graph.sites import Site, find_sites
     from .ops import (
         MeanSparse,
         Sparta,
@@ -101,13 +102,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         sparta_parameters,
         straight_through,
     )
-    from .plan import Plan, PlanEntry, make_plan
+    from .planning.fuse import fuse_activations
+    from .planning.plan import Plan, PlanEntry, make_plan
+    from .planning.rewrite import apply_plan, rewrite, rewrite_info
+    from .planning.rules import RuleSet, builtin_rules, load_rules, parse_rules
     from .plots import plot_site_histogram, plot_tuning
-    from .rewrite import apply_plan, rewrite, rewrite_info
-    from .rules import RuleSet, builtin_rules, load_rules, parse_rules
-    from .sites import Site, find_sites
-    from .train import pgd_attack, train
-    from .tune import TuneResult, tune
+    from .robust.evaluate import EvalReport, EvaluationError, evaluate
+    from .robust.train import pgd_attack, train
+    from .robust.tune import TuneResult, tune
+    from .stats.calibrate import CalibrationRecord, calibrate
 
 
 def plan(model: Any, rule: Any, example_input: Any, *, alpha: float | None = None) -> Plan:
@@ -119,8 +122,8 @@ def plan(model: Any, rule: Any, example_input: Any, *, alpha: float | None = Non
         example_input: a probe batch with the model's input shape.
         alpha: overrides the α of every MeanSparse rule.
     """
-    from .plan import make_plan
-    from .sites import find_sites
+    from .graph.sites import find_sites
+    from .planning.plan import make_plan
 
     return make_plan(find_sites(model, example_input), rule, alpha=alpha)
 
@@ -141,8 +144,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-# public functions named like the submodule that defines them (graphsparse.calibrate is the function)
-_SHADOWED = frozenset({"plan"} | {name for name, module in _LAZY.items() if name == module})
+# public functions named like a module's old path (graphsparse.calibrate is the function; the module moved to
+# graphsparse.stats.calibrate and its old path still imports, with a DeprecationWarning, for one release)
+_SHADOWED = frozenset(name for name in [*_LAZY, "plan"] if f"{__name__}.{name}" in _moved.MOVED)
 
 
 class _Package(types.ModuleType):
@@ -157,6 +161,7 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+_moved.install()
 
 __all__ = [
     "ArtifactError",

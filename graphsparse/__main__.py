@@ -1,3 +1,3 @@
-from .cli import main
+from graphsparse.cli import main
 
 main()

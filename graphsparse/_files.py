@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import GraphsparseError
+from graphsparse.errors import GraphsparseError
 
 __all__ = ["atomic_write", "read_json_file"]
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from graphsparse._files import atomic_write
-from graphsparse.histograms import SiteHistogram
-from graphsparse.tune import TuneResult
+from graphsparse.robust.tune import TuneResult
+from graphsparse.stats.histograms import SiteHistogram
 
 __all__ = ["plot_tuning", "plot_site_histogram"]
 
@@ -51,7 +51,7 @@ def plot_tuning(
     one under the dashed robust line); the legend, with the chosen α's numbers, sits below the axes.
 
     Args:
-        result: a :class:`~graphsparse.tune.TuneResult` or its ``to_dict()`` (the ``tuning`` record).
+        result: a :class:`~graphsparse.robust.tune.TuneResult` or its ``to_dict()`` (the ``tuning`` record).
         path: the PNG to write.
         title: figure title; default names the split (when known), the attack and ε.
 
@@ -148,8 +148,8 @@ def plot_site_histogram(
     """A site's input histogram before and after MeanSparse, with μ and the blocked band ±α·σ shaded.
 
     Args:
-        hist: the :class:`~graphsparse.histograms.SiteHistogram` of the site, or the mapping site id ->
-            histogram that :func:`~graphsparse.histograms.record_histograms` returns.
+        hist: the :class:`~graphsparse.stats.histograms.SiteHistogram` of the site, or the mapping site id ->
+            histogram that :func:`~graphsparse.stats.histograms.record_histograms` returns.
         site_id: the site to draw.
         op: the site's MeanSparse (its α is used), or None with ``alpha`` given.
         path: the PNG to write.

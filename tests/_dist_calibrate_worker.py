@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphsparse.calibrate import calibrate
 from graphsparse.data import load_dataset, make_loader
 from graphsparse.errors import CalibrationError
 from graphsparse.ops import MeanSparse, operators
+from graphsparse.stats.calibrate import calibrate
 
 BATCH_SIZE = 64
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphsparse as gs
-from graphsparse import attack_cache
 from graphsparse.data import load_dataset
 from graphsparse.ops import MeanSparse
+from graphsparse.robust import attack_cache
 
 EVAL = {"eps": 0.1, "n": 40, "steps": 2, "batch_size": 8, "attacks": ["apgd-ce"]}
 TUNE = {"eps": 0.1, "n": 24, "steps": 2, "batch_size": 8, "alphas": [0.0, 0.5], "bpda": True}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import graphsparse as gs
-from graphsparse.fuse import fuse_activations
+from graphsparse.planning.fuse import fuse_activations
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
 

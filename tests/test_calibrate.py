@@ -21,7 +21,10 @@ from _ranks import launch_ranks  # tests/ is on sys.path (pytest prepends it)
 from torch import nn
 
 import graphsparse
-from graphsparse.calibrate import (
+from graphsparse.data import load_dataset, make_loader
+from graphsparse.errors import CalibrationError
+from graphsparse.ops import MeanSparse, operators
+from graphsparse.stats.calibrate import (
     CalibrationRecord,
     CalibrationState,
     RunningMoments,
@@ -29,9 +32,6 @@ from graphsparse.calibrate import (
     load_state,
     save_state,
 )
-from graphsparse.data import load_dataset, make_loader
-from graphsparse.errors import CalibrationError
-from graphsparse.ops import MeanSparse, operators
 
 WORKER = Path(__file__).with_name("_dist_calibrate_worker.py")
 REPO = Path(graphsparse.__file__).resolve().parents[1]

@@ -51,7 +51,7 @@ def test_data_of_another_layout_or_size_than_the_model_is_pointed_out(tmp_path):
     import numpy as np
 
     art = tmp_path / "demo.safetensors"
-    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "-o", str(art))
+    res = run("rewrite", "graphsparse.demo.models:DemoPreActResNet", "--rule", "after_addition", "-o", str(art))
     assert res.exit_code == 0, res.output
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "nhwc.npz", x=rng.random((20, 28, 28, 1), dtype=np.float32), y=rng.integers(0, 10, 20))
@@ -181,7 +181,7 @@ def test_rewrite_calibrate_tune_eval_plot_chain(tmp_path):
     import graphsparse as gs
 
     art = tmp_path / "demo.safetensors"
-    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
+    res = run("rewrite", "graphsparse.demo.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
               "1,1,8,8", "--data", "digits", "-o", str(art))
     assert res.exit_code == 0, res.output
     assert "calibrated on" in res.output
@@ -210,24 +210,24 @@ def test_eval_runs_the_fused_model_and_reports_what_the_unfused_one_gives(tmp_pa
     """eval (and tune) fuse the loaded model: bit-equal outputs and gradients, so the same attacks find the
     same numbers; the artifact it writes back is the unfused model's."""
     import graphsparse as gs
-    import graphsparse.fuse
+    import graphsparse.planning.fuse
 
     art = tmp_path / "demo.safetensors"
-    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "before_activations", "--input-shape",
+    res = run("rewrite", "graphsparse.demo.models:DemoPreActResNet", "--rule", "before_activations", "--input-shape",
               "1,1,8,8", "--data", "digits", "-o", str(art))
     assert res.exit_code == 0, res.output
     model = gs.load(art)
     gs.set_alpha(model, 0.5)
     gs.save(model, art)
     fused_counts = []
-    fuse = graphsparse.fuse.fuse_activations
-    monkeypatch.setattr(graphsparse.fuse, "fuse_activations", lambda m: fused_counts.append(fuse(m)))
+    fuse = graphsparse.planning.fuse.fuse_activations
+    monkeypatch.setattr(graphsparse.planning.fuse, "fuse_activations", lambda m: fused_counts.append(fuse(m)))
     args = ("eval", str(art), "--data", "digits", "--n", "32", "--steps", "3", "--eps", "0.2", "--json", "--no-cache")
     res = run(*args)
     assert res.exit_code == 0, res.output
     fused = json.loads(res.stdout)
     saved_fused = _written(art)
-    monkeypatch.setattr(graphsparse.fuse, "fuse_activations", lambda m: 0)
+    monkeypatch.setattr(graphsparse.planning.fuse, "fuse_activations", lambda m: 0)
     res = run(*args)
     assert res.exit_code == 0, res.output
     unfused = json.loads(res.stdout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-import graphsparse.io
+import graphsparse.artifact.io
 from graphsparse.cli import main
 
 
@@ -81,7 +81,7 @@ def test_a_model_without_a_classifier_head_is_refused(tmp_path):
 def demo_artifact(tmp_path):
     """The demo architecture at 8x8, calibrated on digits (random weights: only the plumbing is tested)."""
     art = tmp_path / "demo.safetensors"
-    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
+    res = run("rewrite", "graphsparse.demo.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
               "1,1,8,8", "--data", "digits", "--max-samples", "64", "-o", str(art))
     assert res.exit_code == 0, res.output
     return art

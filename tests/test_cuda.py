@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from graphsparse.calibrate import calibrate
-from graphsparse.moments import batch_moments
 from graphsparse.ops import MeanSparse, fast, straight_through, triton_kernel
+from graphsparse.stats.calibrate import calibrate
+from graphsparse.stats.moments import batch_moments
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

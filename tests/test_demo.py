@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import graphsparse as gs
 from graphsparse.cli import main
 from graphsparse.data import load_dataset
-from graphsparse.models import load_demo_model
+from graphsparse.demo.models import load_demo_model
 
 
 @pytest.mark.slow
@@ -51,7 +51,7 @@ def test_demo_fast_end_to_end(tmp_path):
 
 
 def test_demo_architecture_with_relu_takes_sparta_at_stage_ends():
-    from graphsparse.models import DemoPreActResNet
+    from graphsparse.demo.models import DemoPreActResNet
 
     model = DemoPreActResNet(act="relu", blocks=1)
     x = torch.zeros(1, 1, 28, 28)

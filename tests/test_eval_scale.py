@@ -18,11 +18,11 @@ from _ranks import launch_ranks  # tests/ is on sys.path (pytest prepends it)
 from torch import nn
 
 import graphsparse as gs
-from graphsparse import attack_cache
 from graphsparse.data import load_dataset
-from graphsparse.evaluate import EvaluationError, evaluate, pick_samples
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.per_sample import PerSample, pack_bits, unpack_bits
+from graphsparse.robust import attack_cache
+from graphsparse.robust.evaluate import EvaluationError, evaluate, pick_samples
+from graphsparse.robust.per_sample import PerSample, pack_bits, unpack_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,7 +114,7 @@ def test_eval_cli_leads_with_the_worst_case_and_caches_beside_the_artifact(tmp_p
         return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
     art = tmp_path / "demo.safetensors"
-    res = run("rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
+    res = run("rewrite", "graphsparse.demo.models:DemoPreActResNet", "--rule", "after_addition", "--input-shape",
               "1,1,8,8", "--data", "digits", "-o", str(art))
     assert res.exit_code == 0, res.output
     model = gs.load(art)
@@ -322,7 +322,7 @@ def test_graphsparse_eval_under_torchrun_prints_and_writes_once_the_one_process_
     from graphsparse.cli import main
 
     art = tmp_path / "demo.safetensors"
-    res = CliRunner().invoke(main, ["rewrite", "graphsparse.models:DemoPreActResNet", "--rule", "after_addition",
+    res = CliRunner().invoke(main, ["rewrite", "graphsparse.demo.models:DemoPreActResNet", "--rule", "after_addition",
                                     "--input-shape", "1,1,8,8", "--data", "digits", "-o", str(art)])
     assert res.exit_code == 0, res.output
     args = ["eval", str(art), "--data", "digits", "--n", "16", "--steps", "2", "--eps", "0.1", "--batch-size", "8",

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 import graphsparse as gs
+from graphsparse.artifact.records import stats_digest
 from graphsparse.data import load_dataset, split_indices
-from graphsparse.evaluate import EvaluationError, attack_key, evaluate, pick_samples
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.records import stats_digest
-from graphsparse.tune import SplitWarning
+from graphsparse.robust.evaluate import EvaluationError, attack_key, evaluate, pick_samples
+from graphsparse.robust.tune import SplitWarning
 
 EPS = 0.2
 FAST = {"eps": EPS, "n": 128, "steps": 10, "batch_size": 128}

@@ -15,12 +15,12 @@ import torch
 from click.testing import CliRunner
 
 import graphsparse as gs
+from graphsparse.artifact.sources import Recipe, load_model
 from graphsparse.cli import main
 from graphsparse.data import load_dataset, make_loader
+from graphsparse.demo.models import DemoPreActResNet, load_demo_model
 from graphsparse.deploy import ExportError
 from graphsparse.deploy.verify import band_edges
-from graphsparse.models import DemoPreActResNet, load_demo_model
-from graphsparse.sources import Recipe, load_model
 
 pytest.importorskip("onnxruntime")
 
@@ -75,7 +75,7 @@ def _random_stats(model, alpha=0.3):
 @pytest.fixture(scope="module")
 def demo_artifact(tmp_path_factory):
     """The shipped demo model, MeanSparse after every residual addition, calibrated on 500 MNIST-5k images."""
-    recipe = Recipe("class", "graphsparse.models:DemoPreActResNet").to_json()
+    recipe = Recipe("class", "graphsparse.demo.models:DemoPreActResNet").to_json()
     model = gs.rewrite(load_demo_model(), "full", torch.zeros(1, 1, 28, 28), recipe=recipe)
     train = load_dataset("mnist5k", split="train")
     gs.calibrate(model, make_loader(torch.utils.data.Subset(train, range(500)), 250))

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import graphsparse as gs
-from graphsparse.fuse import fuse_activations, residual_add
 from graphsparse.ops import MeanSparse, cpu_kernel, fast, triton_kernel
-from graphsparse.rewrite import OperatorSlot
+from graphsparse.planning.fuse import fuse_activations, residual_add
+from graphsparse.planning.rewrite import OperatorSlot
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

@@ -17,12 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 
-from graphsparse.capture import capture  # noqa: E402
+from graphsparse.artifact.io import load, save  # noqa: E402
 from graphsparse.errors import CaptureError  # noqa: E402
-from graphsparse.io import load, save  # noqa: E402
+from graphsparse.graph.capture import capture  # noqa: E402
+from graphsparse.graph.sites import sites_of_capture  # noqa: E402
 from graphsparse.ops import set_alpha  # noqa: E402
-from graphsparse.rewrite import rewrite  # noqa: E402
-from graphsparse.sites import sites_of_capture  # noqa: E402
+from graphsparse.planning.rewrite import rewrite  # noqa: E402
 from graphsparse.testing.architectures import huggingface_classifiers  # noqa: E402
 
 FAMILIES = huggingface_classifiers()

@@ -11,9 +11,9 @@ import timm
 import torch
 
 import graphsparse as gs
+from graphsparse.artifact.io import _canonical_safetensors, _metadata_digest, read_metadata
+from graphsparse.artifact.sources import load_model
 from graphsparse.errors import ArtifactError
-from graphsparse.io import _canonical_safetensors, _metadata_digest, read_metadata
-from graphsparse.sources import load_model
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_saving_onto_a_directory_names_it(rewritten, tmp_path):
 
 
 def test_interrupted_save_leaves_previous_file_intact(rewritten, tmp_path, monkeypatch):
-    import graphsparse.io as gio
+    import graphsparse.artifact.io as gio
 
     model, _ = rewritten
     path = gs.save(model, tmp_path / "a.safetensors")
@@ -211,7 +211,7 @@ def test_interrupted_save_leaves_previous_file_intact(rewritten, tmp_path, monke
 
 
 def test_recipe_is_inferred_for_timm_and_plain_classes(tmp_path):
-    from graphsparse.models import DemoPreActResNet
+    from graphsparse.demo.models import DemoPreActResNet
 
     for base, shape in ((timm.create_model("resnet10t", num_classes=7), (1, 3, 32, 32)),
                         (DemoPreActResNet(), (1, 1, 28, 28))):
@@ -221,7 +221,7 @@ def test_recipe_is_inferred_for_timm_and_plain_classes(tmp_path):
         with torch.no_grad():
             assert torch.equal(rewritten(x), loaded(x))
     recipe = json.loads(read_metadata(tmp_path / "r.safetensors")["recipe"])
-    assert recipe["kind"] == "class" and recipe["name"] == "graphsparse.models:DemoPreActResNet"
+    assert recipe["kind"] == "class" and recipe["name"] == "graphsparse.demo.models:DemoPreActResNet"
 
 
 @pytest.mark.parametrize(
@@ -229,15 +229,15 @@ def test_recipe_is_inferred_for_timm_and_plain_classes(tmp_path):
     [
         lambda: timm.create_model("resnet10t", global_pool="max"),  # same weights as the default, other pooling
         lambda: timm.create_model("resnet10t", output_stride=16),
-        lambda: __import__("graphsparse.models", fromlist=["x"]).DemoPreActResNet(act="relu"),  # default: gelu
+        lambda: __import__("graphsparse.demo.models", fromlist=["x"]).DemoPreActResNet(act="relu"),  # default: gelu
     ],
 )
 def test_no_recipe_is_inferred_when_the_rebuilt_model_computes_otherwise(tmp_path, make):
-    from graphsparse.sources import infer_recipe
+    from graphsparse.artifact.sources import default_input_shape, infer_recipe
 
     base = make()
     assert infer_recipe(base) is None
-    x = torch.rand(1, *gs.sources.default_input_shape(base)[1:])
+    x = torch.rand(1, *default_input_shape(base)[1:])
     path = gs.save(gs.rewrite(base, "after_addition", x), tmp_path / "r.safetensors")
     with pytest.raises(ArtifactError, match="no base-model recipe"):
         gs.load(path)

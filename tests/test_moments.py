@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphsparse import moments
-from graphsparse.moments import RunningMoments, batch_moments
 from graphsparse.ops import fast
+from graphsparse.stats import moments
+from graphsparse.stats.moments import RunningMoments, batch_moments
 
 RTOL = 1e-10
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from graphsparse.errors import PlanError, RuleError
-from graphsparse.plan import Plan, PlanEntry, make_plan
-from graphsparse.rules import load_rules, parse_rules
+from graphsparse.planning.plan import Plan, PlanEntry, make_plan
+from graphsparse.planning.rules import load_rules, parse_rules
 
 try:  # tests/ as a package, or on sys.path (pytest's default rootdir-less import mode)
     from .test_rules import N_BLOCKS, N_STAGES, build_sites, preact_sites, resnet18_sites, rules_text
@@ -29,11 +29,11 @@ def test_one_entry_per_site_in_site_order():
     for entry in plan:
         if entry.site.role == "after_addition":
             assert (entry.action, entry.rule_index, entry.rule_name) == ("meansparse", 0, "additions")
-            assert entry.rule_source == "graphsparse/rules/after_addition.yaml:6"
+            assert entry.rule_source == "graphsparse/planning/builtin_rules/after_addition.yaml:6"
         else:
             assert (entry.action, entry.rule_index) == ("skip", None)
             assert entry.rule_name == entry.rule_source == ""
-    assert plan.source == "graphsparse/rules/after_addition.yaml"
+    assert plan.source == "graphsparse/planning/builtin_rules/after_addition.yaml"
     assert plan.text == load_rules("after_addition").text
 
 

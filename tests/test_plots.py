@@ -12,10 +12,10 @@ from torch import nn
 
 import graphsparse as gs
 from graphsparse.data import load_dataset
-from graphsparse.histograms import SiteHistogram, record_histograms
 from graphsparse.ops import MeanSparse, operators
 from graphsparse.plots import _site_histogram_figure, _tuning_figure, plot_site_histogram, plot_tuning
-from graphsparse.tune import TunePoint, TuneResult
+from graphsparse.robust.tune import TunePoint, TuneResult
+from graphsparse.stats.histograms import SiteHistogram, record_histograms
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 import graphsparse
 from graphsparse import RuleError, calibrate, find_sites, fuse_activations, make_plan, operators, parse_rules, rewrite
 from graphsparse.ops import MeanSparse, backward_mode, fast
-from graphsparse.plan import Plan
-from graphsparse.rewrite import rewrite_info
+from graphsparse.planning.plan import Plan
+from graphsparse.planning.rewrite import rewrite_info
 from graphsparse.testing import Architecture, random_architectures
 from graphsparse.testing.architectures import (
     SE,
@@ -479,7 +479,7 @@ _SELECTOR = st.deferred(
     lambda: st.fixed_dictionaries(
         {},
         optional={
-            "role": _choices(list(graphsparse.sites.ROLES) + ["mainpath", "se"]),
+            "role": _choices(list(graphsparse.graph.sites.ROLES) + ["mainpath", "se"]),
             "op": _choices(["relu", "gelu", "silu", "add", "activation", "swish", "RELU"]),
             "id": _maybe(st.sampled_from(["blocks.*", "re:.*add", "re:(", "*act*", "stem.*"])),
             "module": _maybe(st.sampled_from(["blocks.1*", "re:blocks\\.[0-3]", "head"])),
@@ -615,7 +615,7 @@ def test_rule_files_with_yaml_hazards_give_a_rule_error(text):
     seed=st.integers(0, 2**16),
 )
 def test_save_load_round_trip_is_exact_and_byte_stable(tmp_path_factory, arch, rule, seed):
-    from graphsparse.io import load, save
+    from graphsparse.artifact.io import load, save
 
     _note(arch)
     tmp = tmp_path_factory.mktemp("artifacts")

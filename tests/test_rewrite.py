@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphsparse as gs
-from graphsparse.rewrite import OperatorSlot
+from graphsparse.planning.rewrite import OperatorSlot
 
 
 def _randomise_stats(model: nn.Module) -> None:
@@ -203,10 +203,10 @@ def test_deepcopy_keeps_the_rewrite_info():
 def test_operators_are_placed_where_their_module_keeps_its_weights():
     """A model rewritten on the GPU gets GPU operators (else its forward fails on mixed devices). Checked
     on the meta device: the capture is made on the CPU, then one stage moves before the plan applies."""
-    from graphsparse.capture import capture
-    from graphsparse.plan import make_plan
-    from graphsparse.rewrite import apply_plan
-    from graphsparse.sites import sites_of_capture
+    from graphsparse.graph.capture import capture
+    from graphsparse.graph.sites import sites_of_capture
+    from graphsparse.planning.plan import make_plan
+    from graphsparse.planning.rewrite import apply_plan
 
     model = timm.create_model("resnet18")
     cap = capture(model, torch.randn(1, 3, 64, 64), copy=True)

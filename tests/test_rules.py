@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from graphsparse.errors import RuleError
-from graphsparse.rules import (
+from graphsparse.graph.sites import Site
+from graphsparse.planning.rules import (
     AlphaSpec,
     Rule,
     RuleSet,
@@ -24,7 +25,6 @@ from graphsparse.rules import (
     parse_rules,
     resolve,
 )
-from graphsparse.sites import Site
 
 # --------------------------------------------------------------------------------------------------
 # Site factories
@@ -163,7 +163,7 @@ def test_builtins_are_listed_and_described():
     for name in BUILTINS:
         rules = load_rules(name)
         assert rules.description, name
-        assert rules.source == f"graphsparse/rules/{name}.yaml"
+        assert rules.source == f"graphsparse/planning/builtin_rules/{name}.yaml"
         assert rules.text.startswith("version: 1")
 
 
@@ -229,7 +229,7 @@ def test_builtins_on_convnext():
     with pytest.raises(RuleError) as info:
         resolve(load_rules("main_path"), sites)
     message = str(info.value)
-    assert "graphsparse/rules/main_path.yaml" in message
+    assert "graphsparse/planning/builtin_rules/main_path.yaml" in message
     assert "rules[0] ('main-path') matches no site" in message
     assert "role main_path" in message and "mlp" in message  # what it wanted, what there is
 
@@ -662,7 +662,7 @@ def test_local_rules_directory_shadows_builtins(tmp_path: Path, monkeypatch: pyt
     assert load_rules("after_addition").text == text
     assert load_rules("after_addition").source == str(Path("rules") / "after_addition.yaml")
     assert load_rules("mine").text == text
-    assert load_rules("full").source == "graphsparse/rules/full.yaml"  # falls back to the package
+    assert load_rules("full").source == "graphsparse/planning/builtin_rules/full.yaml"  # falls back to the package
     with pytest.raises(RuleError, match=r"did you mean 'mine'\?.*in \./rules: after_addition, mine"):
         load_rules("mien")
 
@@ -670,7 +670,7 @@ def test_local_rules_directory_shadows_builtins(tmp_path: Path, monkeypatch: pyt
 def test_load_from_package_reads_the_packaged_file():
     import graphsparse
 
-    packaged = Path(graphsparse.__file__).parent / "rules" / "full.yaml"
+    packaged = Path(graphsparse.__file__).parent / "planning" / "builtin_rules" / "full.yaml"
     assert load_rules("full").text == packaged.read_text()
 
 

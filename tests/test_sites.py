@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphsparse.activations import activation_kind_of_module, is_gate_kind
-from graphsparse.capture import PartialCaptureWarning, capture
-from graphsparse.sites import find_sites, sites_of_capture
+from graphsparse.graph.activations import activation_kind_of_module, is_gate_kind
+from graphsparse.graph.capture import PartialCaptureWarning, capture
+from graphsparse.graph.sites import find_sites, sites_of_capture
 
 
 def _running_activation_modules(model: nn.Module, x: torch.Tensor) -> set[str]:
@@ -269,8 +269,8 @@ def _small_eva02():
 
 
 def test_find_sites_plan_and_rewrite_leave_the_model_exactly_as_it_was():
-    from graphsparse.plan import make_plan
-    from graphsparse.rewrite import rewrite
+    from graphsparse.planning.plan import make_plan
+    from graphsparse.planning.rewrite import rewrite
 
     model = _small_eva02()
     model.blocks[0].norm1.eval()  # a frozen submodule's own flag must survive too
@@ -286,8 +286,8 @@ def test_find_sites_plan_and_rewrite_leave_the_model_exactly_as_it_was():
 
 @pytest.mark.slow
 def test_an_artifact_rewritten_after_find_sites_loads(tmp_path):
-    from graphsparse.io import load, save
-    from graphsparse.rewrite import rewrite
+    from graphsparse.artifact.io import load, save
+    from graphsparse.planning.rewrite import rewrite
 
     model = _small_eva02().eval()
     x = torch.randn(1, 3, 56, 56)
@@ -445,7 +445,7 @@ def test_inspect_shows_what_capture_missed():
 
 def test_a_rule_matching_nothing_because_capture_found_nothing_says_so():
     from graphsparse.errors import RuleError
-    from graphsparse.plan import make_plan
+    from graphsparse.planning.plan import make_plan
 
     no_activation = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with pytest.raises(RuleError) as err:
@@ -460,7 +460,7 @@ def test_a_rule_matching_nothing_because_capture_found_nothing_says_so():
 
 
 def test_find_sites_is_a_list_that_shows_as_a_table():
-    from graphsparse.sites import Site
+    from graphsparse.graph.sites import Site
 
     sites = find_sites(_FunctionalNet(), torch.randn(2, 3, 16, 16))
     assert isinstance(sites, list) and all(isinstance(s, Site) for s in sites)

@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from graphsparse.errors import ModelSourceError, UnsafePickleError
-from graphsparse.sources import (
+from graphsparse.artifact.sources import (
     Recipe,
     build_from_recipe,
     default_input_shape,
@@ -31,6 +30,7 @@ from graphsparse.sources import (
     load_model,
     parse_input_shape,
 )
+from graphsparse.errors import ModelSourceError, UnsafePickleError
 
 try:  # tests/ may or may not be a package, depending on how pytest was started
     from tests import _user_models
@@ -160,9 +160,9 @@ def test_torchvision_weights_stay_possible_but_are_not_recorded(monkeypatch):
 @pytest.mark.slow
 def test_a_torchvision_model_gets_a_torchvision_recipe(tmp_path):
     torchvision = pytest.importorskip("torchvision")
-    from graphsparse.io import load, save
-    from graphsparse.rewrite import rewrite
-    from graphsparse.sources import infer_recipe
+    from graphsparse.artifact.io import load, save
+    from graphsparse.artifact.sources import infer_recipe
+    from graphsparse.planning.rewrite import rewrite
 
     torch.manual_seed(0)
     model = torchvision.models.squeezenet1_1(num_classes=5).eval()
@@ -191,20 +191,20 @@ def test_builder_functions_are_model_sources():
     with pytest.raises(ModelSourceError, match="not in a trusted package.*--allow-module"):
         build_from_recipe(recipe)  # a user's function needs trust, like a user's class
     assert layout(build_from_recipe(recipe, allow_modules=[USER_MODULE])) == layout(model)
-    from graphsparse.models import load_demo_model
+    from graphsparse.demo.models import load_demo_model
 
-    model, recipe = load_model("graphsparse.models:load_demo_model")
+    model, recipe = load_model("graphsparse.demo.models:load_demo_model")
     assert same_output(model, load_demo_model(), shape=(2, 1, 28, 28))  # the shipped trained weights
     assert same_output(build_from_recipe(recipe), model, shape=(2, 1, 28, 28))
 
 
 def test_the_demo_class_warns_that_it_has_random_weights():
-    with pytest.warns(UserWarning, match="random weights.*graphsparse.models:load_demo_model"):
-        load_model("graphsparse.models:DemoPreActResNet")
+    with pytest.warns(UserWarning, match="random weights.*graphsparse.demo.models:load_demo_model"):
+        load_model("graphsparse.demo.models:DemoPreActResNet")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_model("graphsparse.models:load_demo_model")
-        build_from_recipe(Recipe("class", "graphsparse.models:DemoPreActResNet"))  # an artifact has weights
+        load_model("graphsparse.demo.models:load_demo_model")
+        build_from_recipe(Recipe("class", "graphsparse.demo.models:DemoPreActResNet"))  # an artifact has weights
 
 
 @pytest.mark.slow
@@ -212,9 +212,9 @@ def test_artifacts_of_torchvision_and_builder_sources_reload(tmp_path):
     pytest.importorskip("torchvision")
     from click.testing import CliRunner
 
+    from graphsparse.artifact.io import load, save
     from graphsparse.cli import main
-    from graphsparse.io import load, save
-    from graphsparse.rewrite import rewrite, rewrite_info
+    from graphsparse.planning.rewrite import rewrite, rewrite_info
 
     out = tmp_path / "r18.safetensors"
     result = CliRunner().invoke(
@@ -228,7 +228,7 @@ def test_artifacts_of_torchvision_and_builder_sources_reload(tmp_path):
     rewritten = rewrite(base, "after_addition", torch.zeros(1, 3, 32, 32), recipe=recipe.to_json())
     save(rewritten, tmp_path / "api.safetensors")
     assert same_output(load(tmp_path / "api.safetensors"), base, shape=(2, 3, 32, 32))  # α = 0: identical
-    demo, recipe = load_model("graphsparse.models:load_demo_model")
+    demo, recipe = load_model("graphsparse.demo.models:load_demo_model")
     rewritten = rewrite(demo, "full", torch.zeros(1, 1, 28, 28), recipe=recipe.to_json())
     save(rewritten, tmp_path / "demo.safetensors")
     assert same_output(load(tmp_path / "demo.safetensors"), demo, shape=(2, 1, 28, 28))
@@ -237,9 +237,9 @@ def test_artifacts_of_torchvision_and_builder_sources_reload(tmp_path):
 def test_cli_constructor_options_reach_the_model_and_its_recipe(tmp_path):
     from click.testing import CliRunner
 
+    from graphsparse.artifact.io import load
     from graphsparse.cli import main
-    from graphsparse.io import load
-    from graphsparse.rewrite import rewrite_info
+    from graphsparse.planning.rewrite import rewrite_info
 
     out = tmp_path / "r.safetensors"
     args = ["rewrite", "timm:test_resnet", "--rule", "after_addition", "--input-shape", "1,3,32,32", "-o", str(out)]
@@ -263,9 +263,9 @@ def test_cli_reaches_the_shipped_demo_model_and_warns_about_the_bare_class():
 
     from graphsparse.cli import main
 
-    bare = CliRunner().invoke(main, ["inspect", "graphsparse.models:DemoPreActResNet", "--json"])
-    assert bare.exit_code == 0 and "warning: graphsparse.models:DemoPreActResNet builds" in bare.output
-    trained = CliRunner().invoke(main, ["inspect", "graphsparse.models:load_demo_model", "--json"])
+    bare = CliRunner().invoke(main, ["inspect", "graphsparse.demo.models:DemoPreActResNet", "--json"])
+    assert bare.exit_code == 0 and "warning: graphsparse.demo.models:DemoPreActResNet builds" in bare.output
+    trained = CliRunner().invoke(main, ["inspect", "graphsparse.demo.models:load_demo_model", "--json"])
     assert trained.exit_code == 0 and "warning" not in trained.output
 
 
@@ -273,10 +273,10 @@ def test_the_readme_demo_command_names_the_trained_model():
     import pathlib
     import re
 
-    from graphsparse.models import load_demo_model
+    from graphsparse.demo.models import load_demo_model
 
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    specs = re.findall(r"graphsparse rewrite (graphsparse\.models:\w+)", readme)
+    specs = re.findall(r"graphsparse rewrite (graphsparse\.demo\.models:\w+)", readme)
     assert specs, "the README shows no rewrite of the demo model"
     for spec in specs:
         with warnings.catch_warnings():
@@ -610,7 +610,7 @@ def test_default_input_shape():
     assert default_input_shape(timm_model()) == (1, 3, 160, 160)
     assert default_input_shape(timm_model(in_chans=1)) == (1, 1, 160, 160)
     assert default_input_shape(TinyNet()) == (1, 1, 224, 224)
-    from graphsparse.models import DemoPreActResNet  # declares default_input_size = (1, 28, 28)
+    from graphsparse.demo.models import DemoPreActResNet  # declares default_input_size = (1, 28, 28)
 
     assert default_input_shape(DemoPreActResNet()) == (1, 1, 28, 28)
     assert default_input_shape(DemoPreActResNet(in_chans=3)) == (1, 3, 28, 28)
@@ -645,7 +645,7 @@ def test_robustbench_classes_load_in_a_fresh_process(tmp_path, robustbench):
     # a fresh interpreter has no 'autoattack' alias yet: importing a robustbench module by name needs it
     script = f"""
 import torch
-from graphsparse.sources import build_from_recipe, load_model
+from graphsparse.artifact.sources import build_from_recipe, load_model
 spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
 model, recipe = load_model(spec, depth=10, width=1)
 torch.save(model.state_dict(), {str(tmp_path / "dm.pt")!r})
@@ -655,7 +655,7 @@ print(type(model).__name__, recipe)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "DMWideResNet robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet" in first.stdout
     script = f"""
-from graphsparse.sources import Recipe, build_from_recipe, load_model
+from graphsparse.artifact.sources import Recipe, build_from_recipe, load_model
 spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
 model, recipe = load_model({str(tmp_path / "dm.pt")!r}, arch=spec, depth=10, width=1)
 print(type(model).__name__, type(build_from_recipe(Recipe("class", spec, {{"depth": 10, "width": 1}}))).__name__)

@@ -18,9 +18,9 @@ from torch import nn
 import graphsparse as gs
 from graphsparse.data import load_dataset, split_indices
 from graphsparse.errors import CalibrationError, DataError, PlanError
-from graphsparse.evaluate import EvaluationError
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.tune import DEFAULT_ALPHAS, SplitWarning, TunePoint, TuneResult, select_alpha, site_stages, tune
+from graphsparse.robust.evaluate import EvaluationError
+from graphsparse.robust.tune import DEFAULT_ALPHAS, SplitWarning, TunePoint, TuneResult, select_alpha, site_stages, tune
 
 N_DIGITS = 1797
 FAST = {"eps": 0.1, "n": 64, "steps": 5, "batch_size": 64}
@@ -220,7 +220,7 @@ def test_alpha_is_restored_when_tuning_fails(model, val):
 
 def test_records_made_with_other_statistics_are_flagged_stale_on_every_read(model, trained, val, parity_source,
                                                                             tmp_path):
-    from graphsparse.records import stats_digest
+    from graphsparse.artifact.records import stats_digest
 
     tune(model, val, alphas=[0.0, 0.5], **FAST)
     gs.evaluate(model, load_dataset(parity_source, split="test"), n=16, steps=1, eps=0.1)
@@ -246,7 +246,7 @@ def test_records_made_with_other_statistics_are_flagged_stale_on_every_read(mode
 
 def test_load_checks_the_records_against_the_statistics_it_loads(model, trained, val, tmp_path):
     """Statistics changed without a calibration (by hand): load flags the calibration record itself."""
-    from graphsparse.records import stats_digest
+    from graphsparse.artifact.records import stats_digest
 
     tune(model, val, alphas=[0.0, 0.5], **FAST)
     path = gs.save(model, tmp_path / "a.safetensors")

@@ -277,8 +277,8 @@ def _print(cfg: dict, timing: dict, memory: dict | None) -> None:
 def moments_kernels(repeats: int = 30) -> dict[str, float]:
     """Median ms of one map's batch moments: the compiled two-pass kernel against ``torch.var_mean`` of a
     float64 copy (what calibration did before), on an 8×64×112×112 float32 map (resnet's stem output)."""
-    from graphsparse import moments
     from graphsparse.ops import fast
+    from graphsparse.stats import moments
 
     x = torch.randn(8, 64, 112, 112, generator=torch.Generator().manual_seed(0)) * 3 + 5
     dims = [0, 2, 3]

@@ -39,7 +39,7 @@ def build(alpha: float):
     """``(original, rewritten, eps)``: the demo model and its after_addition rewrite calibrated on MNIST-5k."""
     import graphsparse as gs
     from graphsparse.data import load_dataset, make_loader
-    from graphsparse.models import demo_model_info, load_demo_model
+    from graphsparse.demo.models import demo_model_info, load_demo_model
 
     original = load_demo_model().eval()
     eps = float(demo_model_info().get("settings", {}).get("eps", 0.2))
@@ -52,7 +52,7 @@ def build(alpha: float):
 def plain_run(model, x, y, eps: float, steps: int, batch_size: int) -> int:
     from pyautoattack import AutoAttack
 
-    from graphsparse.evaluate import _set_steps
+    from graphsparse.robust.evaluate import _set_steps
 
     aa = AutoAttack(model, eps=eps, norm="Linf", version="custom", attacks=["apgd-ce"], seed=0, device="cpu")
     aa.apgd.n_restarts = 1
@@ -111,9 +111,9 @@ def main() -> None:
         return _worker(args)
 
     import graphsparse as gs
-    from graphsparse.attack_cache import AttackCache
     from graphsparse.data import load_dataset
-    from graphsparse.evaluate import pick_samples
+    from graphsparse.robust.attack_cache import AttackCache
+    from graphsparse.robust.evaluate import pick_samples
 
     torch.set_num_threads(1)
     original, model, eps = build(args.alpha)

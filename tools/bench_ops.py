@@ -80,10 +80,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphsparse as gs  # noqa: E402
 from graphsparse._files import atomic_write  # noqa: E402
-from graphsparse.fuse import fuse_activations  # noqa: E402
 from graphsparse.ops import MeanSparse, cpu_kernel, fast, triton_kernel  # noqa: E402
 from graphsparse.ops.fused import apply_activation  # noqa: E402
 from graphsparse.ops.meansparse import _mean_and_threshold, _mean_sparse  # noqa: E402
+from graphsparse.planning.fuse import fuse_activations  # noqa: E402
 
 ALPHA = 0.25
 GRAPH_ONLY = "fused graph, α = 0"
@@ -373,7 +373,7 @@ class ModelCase:
 
 
 def _wrn28_10() -> nn.Module:
-    from graphsparse.sources import import_robustbench
+    from graphsparse.artifact.sources import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nbformat as nbf
 
-from graphsparse.io import atomic_write
+from graphsparse.artifact.io import atomic_write
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
@@ -19,7 +19,7 @@ CELLS = [
            "ResNet adversarially trained on MNIST-5k): find sites, plan with a rule, rewrite, calibrate, tune α, "
            "evaluate honestly (exact and BPDA gradients), plot, save and load."),
     ("code", "import torch\n\nimport graphsparse as gs\nfrom graphsparse.data import load_dataset, make_loader\n"
-             "from graphsparse.models import load_demo_model\n\nmodel = load_demo_model()\n"
+             "from graphsparse.demo.models import load_demo_model\n\nmodel = load_demo_model()\n"
              "x = torch.zeros(1, 1, 28, 28)\nsites = gs.find_sites(model, x)\n"
              "[(s.id, s.op, s.role) for s in sites][:5]"),
     ("md", "A rule file decides where operators go; the plan shows, for every site, the action, α and the rule "

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphsparse as gs  # noqa: E402
 from graphsparse.data import load_dataset, make_loader  # noqa: E402
-from graphsparse.models import demo_model_info, load_demo_model  # noqa: E402
+from graphsparse.demo.models import demo_model_info, load_demo_model  # noqa: E402
 
 
 def main() -> None:

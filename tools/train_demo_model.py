@@ -3,7 +3,7 @@
     python tools/train_demo_model.py                 # writes graphsparse/assets/demo_preact_mnist.safetensors
 
 Deterministic from ``--seed`` on CPU. The training record (command, settings, per-epoch figures, test clean
-and PGD accuracy) is stored in the weights file's metadata; ``graphsparse.models.demo_model_info()`` reads it.
+and PGD accuracy) is stored in the weights file's metadata; ``graphsparse.demo.models.demo_model_info()`` reads it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from graphsparse.artifact.io import atomic_write  # noqa: E402
 from graphsparse.data import load_dataset  # noqa: E402
-from graphsparse.io import atomic_write  # noqa: E402
-from graphsparse.models import DEMO_WEIGHTS, DemoPreActResNet  # noqa: E402
-from graphsparse.train import pgd_attack, train  # noqa: E402
+from graphsparse.demo.models import DEMO_WEIGHTS, DemoPreActResNet  # noqa: E402
+from graphsparse.robust.train import pgd_attack, train  # noqa: E402
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.0, steps: int = 0,

@@ -38,9 +38,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graphsparse.activations import activation_kind_of_module, is_gate_kind  # noqa: E402
-from graphsparse.capture import PartialCaptureWarning, capture  # noqa: E402
-from graphsparse.sites import sites_of_capture  # noqa: E402
+from graphsparse.graph.activations import activation_kind_of_module, is_gate_kind  # noqa: E402
+from graphsparse.graph.capture import PartialCaptureWarning, capture  # noqa: E402
+from graphsparse.graph.sites import sites_of_capture  # noqa: E402
 
 _PREFER = (
     "test_",
@@ -194,7 +194,7 @@ def timing(names: list[str], repeats: int = 3) -> list[dict]:
 
 def robustbench_models() -> list[tuple[str, torch.nn.Module, tuple[int, ...]]]:
     try:
-        from graphsparse.sources import import_robustbench
+        from graphsparse.artifact.sources import import_robustbench
 
         import_robustbench()
         from robustbench.model_zoo.architectures import dm_wide_resnet as dm

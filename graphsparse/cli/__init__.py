@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.utils import make_default_short_help
 
-from ..errors import GraphsparseError
+from graphsparse.errors import GraphsparseError
 
 __all__ = ["main"]
 

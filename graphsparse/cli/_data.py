@@ -100,8 +100,8 @@ def open_dataset(
     follow the model: grayscale for a 1-channel model (or ``channels``), resized to ``image_size``, else to
     the size the model declares, else to the size it was captured at. Arrays are resized to ``image_size``.
     """
-    from ..data import data_config_transform, load_dataset, model_input_size
-    from ..errors import DataError
+    from graphsparse.data import data_config_transform, load_dataset, model_input_size
+    from graphsparse.errors import DataError
 
     channels = int(channels) if channels else None  # click's choice gives '1' or '3'
     transform = None
@@ -127,7 +127,7 @@ def open_dataset(
                 "the model (image folders: --channels)."
             )
         if sample[1:] != tuple(input_shape[2:]):
-            from ._term import console
+            from graphsparse.cli._term import console
 
             console(stderr=True).print(
                 f"warning: data source {source!r} gives {sample[1]}x{sample[2]} images, but the model was "
@@ -156,7 +156,7 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
     a label (evaluate's "exact: apgd-ce: 40 of 64 robust") is shown after the description."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ._term import console
+    from graphsparse.cli._term import console
 
     with Progress(
         TextColumn("{task.description}"),
@@ -178,8 +178,8 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 
 def print_stale(records: dict) -> None:
     """Say which records describe other statistics than the artifact's (see graphsparse.records)."""
-    from ..records import stale_records
-    from ._term import console
+    from graphsparse.artifact.records import stale_records
+    from graphsparse.cli._term import console
 
     out = console(stderr=True)
     for key in stale_records(records):
@@ -201,9 +201,9 @@ def check_model_fits(model, dataset) -> None:
     """
     import torch
 
-    from ..evaluate import EvaluationError, check_logits, data_classes, eval_mode
-    from ..model_output import logits_of
-    from ._term import console
+    from graphsparse.cli._term import console
+    from graphsparse.graph.model_output import logits_of
+    from graphsparse.robust.evaluate import EvaluationError, check_logits, data_classes, eval_mode
 
     classes = data_classes(dataset)
     if classes is None or not len(dataset):
@@ -239,9 +239,9 @@ def calibrate_with_progress(
     With ``checkpoint`` the state is saved there every ``checkpoint_every`` batches and when the pass is
     interrupted (Ctrl-C); ``resume`` continues from it.
     """
-    from ..calibrate import calibrate, load_state
-    from ..data import make_loader
-    from ..errors import CalibrationError
+    from graphsparse.data import make_loader
+    from graphsparse.errors import CalibrationError
+    from graphsparse.stats.calibrate import calibrate, load_state
 
     state = None
     if resume:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ._data import POSITIVE, calibrate_with_progress, data_options, open_dataset, print_stale
-from ._term import console, print_next, table
+from graphsparse.cli._data import POSITIVE, calibrate_with_progress, data_options, open_dataset, print_stale
+from graphsparse.cli._term import console, print_next, table
 
 
 @click.command("calibrate")
@@ -40,9 +40,9 @@ def command(
     resume,
 ):
     """Calibrate the MeanSparse statistics of ARTIFACT on one pass over the data (updated atomically)."""
-    from ..io import load, save
-    from ..ops import operators
-    from ..rewrite import rewrite_info
+    from graphsparse.artifact.io import load, save
+    from graphsparse.ops import operators
+    from graphsparse.planning.rewrite import rewrite_info
 
     if resume and checkpoint is None:
         raise click.UsageError("--resume continues the pass saved in --checkpoint PATH: give that too")
@@ -63,7 +63,7 @@ def command(
     except KeyboardInterrupt:
         if checkpoint is None or not Path(checkpoint).is_file():
             raise
-        from ..calibrate import load_state
+        from graphsparse.stats.calibrate import load_state
 
         state = load_state(checkpoint)
         console(stderr=True).print(

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from ._term import console, table
+from graphsparse.cli._term import console, table
 
 
 @click.command("demo")
@@ -14,8 +14,8 @@ from ._term import console, table
 @click.option("--output-dir", type=click.Path(file_okay=False), default="graphsparse-demo", show_default=True)
 def command(fast, output_dir):
     """Inspect, rewrite (after_addition), calibrate, tune α, evaluate honestly and save, on MNIST-5k."""
-    from ..demo import run_demo
-    from .eval_cmd import report_table
+    from graphsparse.cli.eval_cmd import report_table
+    from graphsparse.demo.pipeline import run_demo
 
     out = console()
     t0 = time.perf_counter()

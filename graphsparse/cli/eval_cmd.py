@@ -6,9 +6,9 @@ import contextlib
 
 import click
 
-from ._data import POSITIVE, data_options, open_dataset, print_stale, progress_bar, sample_count
-from ._dist import join_torchrun
-from ._term import console, print_json, table
+from graphsparse.cli._data import POSITIVE, data_options, open_dataset, print_stale, progress_bar, sample_count
+from graphsparse.cli._dist import join_torchrun
+from graphsparse.cli._term import console, print_json, table
 
 _LABELS = {"base": "base (α = 0)", "exact": "rewritten, exact gradient", "bpda": "rewritten, BPDA gradient"}
 
@@ -83,9 +83,9 @@ def command(
     as_json,
 ):
     """Evaluate ARTIFACT honestly: every robust number with the exact and the straight-through gradient."""
-    from ..evaluate import check_threat, evaluate
-    from ..io import load, save
-    from ..rewrite import rewrite_info
+    from graphsparse.artifact.io import load, save
+    from graphsparse.planning.rewrite import rewrite_info
+    from graphsparse.robust.evaluate import check_threat, evaluate
 
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     rank = join_torchrun()  # under torchrun each rank attacks its share of the chunks; rank 0 writes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._term import console, print_json, table
+from graphsparse.cli._term import console, print_json, table
 
 _FORMATS = ("onnx", "pt2", "torchscript")
 
@@ -43,7 +43,7 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 def command(artifact, fmt, output, opset, dynamic_batch, input_shape, verify, data_source, split, seed, n,
             allow_modules, as_json):
     """Export ARTIFACT to ONNX, a torch.export program or TorchScript that runs without graphsparse."""
-    from ..deploy import default_path, export
+    from graphsparse.deploy import default_path, export
 
     path = output or default_path(artifact, fmt)
     report = export(

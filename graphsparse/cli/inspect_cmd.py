@@ -6,8 +6,8 @@ from collections import Counter
 
 import click
 
-from ._options import load_cli_model, model_options
-from ._term import console, print_json, table
+from graphsparse.cli._options import load_cli_model, model_options
+from graphsparse.cli._term import console, print_json, table
 
 
 @click.command("inspect")
@@ -24,8 +24,8 @@ def inspect_command(model, arch, allow_modules, input_shape, model_dir, rule, al
     """
     import warnings
 
-    from ..capture import PartialCaptureWarning, capture
-    from ..sites import sites_of_capture
+    from graphsparse.graph.capture import PartialCaptureWarning, capture
+    from graphsparse.graph.sites import sites_of_capture
 
     module, _recipe, example = load_cli_model(model, arch, allow_modules, input_shape, model_dir)
     cap = capture(module, example)
@@ -42,8 +42,8 @@ def inspect_command(model, arch, allow_modules, input_shape, model_dir, rule, al
             err.print(f"  missed: {m}")
     entries = None
     if rule is not None:
-        from ..plan import make_plan
-        from ..rules import load_rules
+        from graphsparse.planning.plan import make_plan
+        from graphsparse.planning.rules import load_rules
 
         entries = {e.site.id: e for e in make_plan(sites, load_rules(rule), alpha=alpha).entries}
 

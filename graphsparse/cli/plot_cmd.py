@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ._data import open_dataset
-from ._term import console, output_suffix
+from graphsparse.cli._data import open_dataset
+from graphsparse.cli._term import console, output_suffix
 
 
 @click.command("plot")
@@ -32,10 +32,10 @@ from ._term import console, output_suffix
 )
 def command(artifact, tuning, site, channel, alpha, data_source, split, seed, max_samples, allow_modules, output):
     """Draw a PNG from ARTIFACT (the paper's Figure 1 or Figure 3)."""
-    from ..errors import GraphsparseError
-    from ..io import load
-    from ..plots import plot_site_histogram, plot_tuning
-    from ..rewrite import rewrite_info
+    from graphsparse.artifact.io import load
+    from graphsparse.errors import GraphsparseError
+    from graphsparse.planning.rewrite import rewrite_info
+    from graphsparse.plots import plot_site_histogram, plot_tuning
 
     if tuning == (site is not None):
         raise click.UsageError("give exactly one of --tuning or --site ID")
@@ -49,13 +49,13 @@ def command(artifact, tuning, site, channel, alpha, data_source, split, seed, ma
             raise GraphsparseError(f"{artifact}: no tuning record. Hint: run `graphsparse tune {artifact} ...` first.")
         path = plot_tuning(record, output or Path(artifact).with_name(f"{stem}.tuning.png"))
     else:
-        from ..data import make_loader
-        from ..histograms import record_histograms
-        from ..ops import operators
+        from graphsparse.data import make_loader
+        from graphsparse.ops import operators
+        from graphsparse.stats.histograms import record_histograms
 
         ops = operators(model)
         if site not in ops:
-            from ..errors import PlanError, closest
+            from graphsparse.errors import PlanError, closest
 
             raise PlanError(f"{artifact}: no operator at site {site!r}{closest(site, ops)}")
         calibration = rewrite_info(model).records.get("calibration") or {}

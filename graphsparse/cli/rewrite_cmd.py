@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ._options import load_cli_model, model_options
-from ._term import console, output_suffix, print_next
+from graphsparse.cli._options import load_cli_model, model_options
+from graphsparse.cli._term import console, output_suffix, print_next
 
 
 def default_output(model_spec: str, rule: str) -> Path:
@@ -59,9 +59,9 @@ def command(
     MODEL: timm:NAME, torchvision:NAME, transformers:TYPE, hf:ORG/NAME, robustbench:ID, pkg.module:Class or
     pkg.module:function, or a model file (a pickled module, a state dict or a checkpoint dict with --arch).
     """
-    from ..io import save
-    from ..rewrite import rewrite, rewrite_info
-    from ..sources import package_to_trust
+    from graphsparse.artifact.io import save
+    from graphsparse.artifact.sources import package_to_trust
+    from graphsparse.planning.rewrite import rewrite, rewrite_info
 
     module, recipe, example = load_cli_model(model, arch, allow_modules, input_shape, model_dir)
     needed = package_to_trust(recipe, allow_modules)  # naming a class trusts it for this run only
@@ -80,7 +80,7 @@ def command(
         + ")"
     )
     if data_source is not None:
-        from ._data import calibrate_with_progress, open_dataset
+        from graphsparse.cli._data import calibrate_with_progress, open_dataset
 
         record = calibrate_with_progress(
             rewritten,

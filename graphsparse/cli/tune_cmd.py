@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from ._data import POSITIVE, data_options, open_dataset, progress_bar, sample_count
-from ._dist import join_torchrun
-from ._term import console, print_next, table
+from graphsparse.cli._data import POSITIVE, data_options, open_dataset, progress_bar, sample_count
+from graphsparse.cli._dist import join_torchrun
+from graphsparse.cli._term import console, print_next, table
 
 
 @click.command("tune")
@@ -54,11 +54,11 @@ def command(
     out_dir,
 ):
     """Sweep α on the validation split, set the chosen α in ARTIFACT and draw the α curve."""
-    from ..evaluate import check_threat
-    from ..io import load, save
-    from ..plots import plot_tuning
-    from ..rewrite import rewrite_info
-    from ..tune import SplitWarning, tune
+    from graphsparse.artifact.io import load, save
+    from graphsparse.planning.rewrite import rewrite_info
+    from graphsparse.plots import plot_tuning
+    from graphsparse.robust.evaluate import check_threat
+    from graphsparse.robust.tune import SplitWarning, tune
 
     grid = _parse_alphas(alphas) if alphas else None
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded

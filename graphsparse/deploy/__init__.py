@@ -23,11 +23,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import closest
-from ..ops.sparta import Sparta
-from .formats import FORMATS, ExportError
-from .metadata import provenance, read_export_metadata
-from .verify import Verification
+from graphsparse.deploy.formats import FORMATS, ExportError
+from graphsparse.deploy.metadata import provenance, read_export_metadata
+from graphsparse.deploy.verify import Verification
+from graphsparse.errors import closest
+from graphsparse.ops.sparta import Sparta
 
 __all__ = ["FORMATS", "ExportError", "ExportReport", "Verification", "default_path", "export", "read_export_metadata"]
 
@@ -103,7 +103,7 @@ def _input_shape(shape: Sequence[int] | None, stored: tuple[int, ...]) -> tuple[
 def _load(source: nn.Module | str | os.PathLike[str], allow_modules: Sequence[str]):
     if isinstance(source, nn.Module):
         return source, None, None
-    from ..io import load, read_metadata
+    from graphsparse.artifact.io import load, read_metadata
 
     path = Path(source)
     meta = read_metadata(path)  # ArtifactError naming the file when it is not an artifact
@@ -125,7 +125,7 @@ def _samples(data: Any, n: int, split: str, seed: int, model: nn.Module, shape: 
         xs = data[:n]
     else:
         if isinstance(data, (str, os.PathLike)):
-            from ..data import data_config_transform, load_dataset
+            from graphsparse.data import data_config_transform, load_dataset
 
             folder = Path(data).is_dir()
             data = load_dataset(str(data), split=split, seed=seed, transform=data_config_transform(model) if folder
@@ -195,9 +195,9 @@ def export(
             that fails, or a file whose outputs differ from the model's beyond what band edges explain.
         ArtifactError: the path is not a valid artifact.
     """
-    from .._files import atomic_write
-    from . import formats
-    from . import verify as verifying
+    from graphsparse._files import atomic_write
+    from graphsparse.deploy import formats
+    from graphsparse.deploy import verify as verifying
 
     dest = Path(path)
     if isinstance(format, str):
@@ -215,7 +215,7 @@ def export(
             "with a group per sample, and the group count is fixed in ONNX and in traced TorchScript. Hint: drop "
             "--dynamic-batch (export the batch size you serve), or use --format pt2"
         )
-    from ..rewrite import rewrite_info
+    from graphsparse.planning.rewrite import rewrite_info
 
     try:
         stored = tuple(rewrite_info(model).input_shape)

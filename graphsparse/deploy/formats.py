@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import GraphsparseError
-from .metadata import EXTRA_FILE
+from graphsparse.deploy.metadata import EXTRA_FILE
+from graphsparse.errors import GraphsparseError
 
 __all__ = ["FORMATS", "ExportError", "write"]
 

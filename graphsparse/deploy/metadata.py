@@ -48,9 +48,9 @@ def provenance(
     dtype: torch.dtype,
 ) -> dict[str, str]:
     """The metadata fields of an export of ``model`` (see the module docstring)."""
-    from .. import __version__
-    from ..ops.meansparse import MeanSparse, operators
-    from ..rewrite import rewrite_info
+    from graphsparse import __version__
+    from graphsparse.ops.meansparse import MeanSparse, operators
+    from graphsparse.planning.rewrite import rewrite_info
 
     try:
         plan = rewrite_info(model).plan.to_json()

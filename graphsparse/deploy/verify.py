@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .formats import ExportError
+from graphsparse.deploy.formats import ExportError
 
 __all__ = ["EDGE_REL", "RTOL", "Verification", "band_edges", "run_exported", "verify"]
 
@@ -85,7 +85,7 @@ def edge_rel(dtype: torch.dtype) -> float:
 def band_edges(model: nn.Module, x: torch.Tensor, rel: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run ``model`` on ``x`` (eager, no grad) and count, per sample, the MeanSparse inputs within ``rel·α·σ`` of a
     band edge. Returns ``(output, counts of shape [B], number of MeanSparse inputs)``."""
-    from ..ops.meansparse import MeanSparse, operators
+    from graphsparse.ops.meansparse import MeanSparse, operators
 
     counts = torch.zeros(x.shape[0], dtype=torch.long)
     seen = [0]

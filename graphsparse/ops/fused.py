@@ -6,7 +6,7 @@ that they survive ``torch.fx`` code generation, ``copy.deepcopy`` and pickling.
 
 Every activation here is parameter-free and deterministic, and computes exactly what its ``torch.nn``
 module computes (``nn.GELU(approximate="tanh")`` is ``("gelu", (("approximate", "tanh"),))``).
-:func:`graphsparse.fuse.fuse_activations` makes the specs from graph nodes.
+:func:`graphsparse.planning.fuse.fuse_activations` makes the specs from graph nodes.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ The forward pass has no Python branching on tensor values, so the module traces 
 
 In eager mode large inputs go through a compiled one-pass kernel (:mod:`graphsparse.ops.fast`, bit-equal
 output and gradients); an operator may also apply the activation that follows it (``activation``, set by
-:func:`graphsparse.fuse.fuse_activations`), which the kernel computes in the same pass.
+:func:`graphsparse.planning.fuse.fuse_activations`), which the kernel computes in the same pass.
 """
 
 
@@ -319,7 +319,7 @@ class MeanSparse(nn.Module):
             ``"straight_through"`` (identity gradient everywhere, BPDA). The forward output is bit-equal
             in both modes.
         activation: None, or the :data:`~graphsparse.ops.fused.ActivationSpec` of an activation the
-            operator applies to its own output (the fused form, see :func:`graphsparse.fuse.fuse_activations`).
+            operator applies to its own output (the fused form, see :func:`graphsparse.planning.fuse.fuse_activations`).
             Its gradient is the activation's at the operator's output times MeanSparse's (identity under
             ``straight_through``), i.e. the gradient of the unfused pair.
         inplace: the operator may overwrite its input (as ``nn.ReLU(inplace=True)`` does), when no gradient

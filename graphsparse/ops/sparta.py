@@ -187,8 +187,8 @@ def make_sparta(site: Any, entry: Any) -> Sparta:
     """The :class:`Sparta` that replaces the activation at ``site`` (factory for ``apply_plan``).
 
     Args:
-        site: a :class:`graphsparse.sites.Site` with ``layout == "nchw"``.
-        entry: its :class:`graphsparse.plan.PlanEntry`; ``entry.params`` holds the rule's ``sparta:``
+        site: a :class:`graphsparse.graph.sites.Site` with ``layout == "nchw"``.
+        entry: its :class:`graphsparse.planning.plan.PlanEntry`; ``entry.params`` holds the rule's ``sparta:``
             mapping (``reduction``, ``init_logit``).
 
     Raises:
@@ -227,7 +227,7 @@ def freeze_except_sparta(model: nn.Module) -> int:
     """Make the SPARTA parameters the only trainable parameters of ``model`` (in place).
 
     Every other parameter gets ``requires_grad=False``; SPARTA parameters get ``requires_grad=True``.
-    BatchNorm running statistics are buffers and are not affected; :func:`graphsparse.train.train` with
+    BatchNorm running statistics are buffers and are not affected; :func:`graphsparse.robust.train.train` with
     ``params=sparta_parameters(model)`` keeps the BatchNorm layers of frozen modules in eval mode.
 
     Returns:

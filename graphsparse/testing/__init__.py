@@ -1,6 +1,6 @@
 """Testing helpers for graphsparse users: random architectures with known sites (needs hypothesis)."""
 
-from .architectures import (
+from graphsparse.testing.architectures import (
     Act,
     Architecture,
     ExpectedGate,

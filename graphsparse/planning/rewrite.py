@@ -18,12 +18,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import Capture, capture, operator_types, unwrap_compiled
-from .errors import PlanError, closest
-from .ops import MeanSparse
-from .plan import Plan, PlanEntry, make_plan
-from .rules import RuleSet
-from .sites import Site, sites_of_capture
+from graphsparse.errors import PlanError, closest
+from graphsparse.graph.capture import Capture, capture, operator_types, unwrap_compiled
+from graphsparse.graph.sites import Site, sites_of_capture
+from graphsparse.ops import MeanSparse
+from graphsparse.planning.plan import Plan, PlanEntry, make_plan
+from graphsparse.planning.rules import RuleSet
 
 __all__ = ["RewriteInfo", "rewrite", "apply_plan", "check_plan", "rewrite_info", "OperatorSlot"]
 
@@ -38,7 +38,7 @@ class RewriteInfo:
     Attributes:
         plan: the plan that was applied.
         input_shape: shape of the probe input used for capture.
-        recipe: JSON of the base model's :class:`~graphsparse.sources.Recipe` ('' when unknown).
+        recipe: JSON of the base model's :class:`~graphsparse.artifact.sources.Recipe` ('' when unknown).
         records: JSON-able records added by later stages (``calibration``, ``tuning``, ``evaluation``).
     """
 
@@ -91,7 +91,7 @@ def rewrite(
         alpha: overrides the α of every MeanSparse rule.
         recipe: JSON of the base model's recipe, stored for :func:`graphsparse.save`; by default inferred
             (timm models, and classes whose no-argument constructor rebuilds the same architecture).
-        fuse: return the fused form (:func:`graphsparse.fuse.fuse_activations`): each MeanSparse applies the
+        fuse: return the fused form (:func:`graphsparse.planning.fuse.fuse_activations`): each MeanSparse applies the
             activation after it and works in place where nothing else reads its input. The same outputs,
             gradients (both backward modes) and ``state_dict``, bit for bit, in fewer memory passes (the
             README gives the measured cost). ``False`` keeps one graph node per activation (e.g. to look at or
@@ -105,7 +105,7 @@ def rewrite(
     """
     _refuse_rewritten(model)
     if not recipe:
-        from .sources import infer_recipe
+        from graphsparse.artifact.sources import infer_recipe
 
         inferred = infer_recipe(model)
         recipe = inferred.to_json() if inferred is not None else ""
@@ -114,7 +114,7 @@ def rewrite(
     plan = make_plan(sites, rule, alpha=alpha)
     model = apply_plan(cap, plan, sites=sites, input_shape=tuple(example_input.shape), recipe=recipe)
     if fuse:
-        from .fuse import fuse_activations  # fuse imports this module
+        from graphsparse.planning.fuse import fuse_activations  # fuse imports this module
 
         fuse_activations(model)
     return model
@@ -220,7 +220,7 @@ def _site_device(model: nn.Module, site: Site) -> torch.device:
 
 def _extra_factories() -> dict[str, Any]:
     try:
-        from .ops import sparta
+        from graphsparse.ops import sparta
     except ImportError:
         return {}
     return {"sparta": sparta.make_sparta} if hasattr(sparta, "make_sparta") else {}

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import ensure_autoattack_alias
-from .errors import ModelSourceError, closest
-from .model_output import logits_of
-from .safe_pickle import TRUSTED_PACKAGES, class_problem, read_pickle, user_allowed
+from graphsparse._compat import ensure_autoattack_alias
+from graphsparse._moved import new_name
+from graphsparse.artifact.safe_pickle import TRUSTED_PACKAGES, class_problem, read_pickle, user_allowed
+from graphsparse.errors import ModelSourceError, closest
+from graphsparse.graph.model_output import logits_of
 
 __all__ = [
     "Recipe",
@@ -80,7 +81,7 @@ _ACCEPTED_FORMS = (
 )
 # Functions of trusted packages that an artifact's recipe may call (besides registered torchvision and timm
 # builders): they build a model and do nothing else.
-_TRUSTED_BUILDERS = ("graphsparse.models:load_demo_model",)
+_TRUSTED_BUILDERS = ("graphsparse.demo.models:load_demo_model",)
 
 _TRANSFORMERS_SPECS = ("transformers:", "hf:")
 _TRANSFORMERS_CLASS = re.compile(r"^[A-Za-z_]\w*$")
@@ -250,7 +251,7 @@ def load_model(
             ``robustbench:MODEL_ID[@dataset/threat]``
             (weights must be on disk under ``model_dir``, default ``./models``), ``pkg.module:Class`` or
             ``pkg.module:function`` (a builder such as ``torchvision.models:resnet18`` or
-            ``graphsparse.models:load_demo_model``), or a weights file (``.pt .pth .bin .ckpt`` pickles,
+            ``graphsparse.demo.models:load_demo_model``), or a weights file (``.pt .pth .bin .ckpt`` pickles,
             ``.safetensors``; the format is read from the content, not the suffix).
         arch: for files holding a state dict: the architecture, as a ``timm:NAME``,
             ``robustbench:ID`` or ``pkg.module:Class`` spec.
@@ -697,7 +698,7 @@ def _build_class(recipe: Recipe, *, trusted: bool, allow_modules: Sequence[str])
     if not trusted and not user_allowed(f"{module_name}.{qualname}", allow_modules):
         if is_class:
             problem = class_problem(obj)
-        elif recipe.name in _TRUSTED_BUILDERS or _is_registered_builder(obj):
+        elif new_name(recipe.name) in _TRUSTED_BUILDERS or _is_registered_builder(obj):
             fetching = _fetching_kwarg(recipe.kwargs)
             problem = (
                 f"its option {fetching!r} would make the builder download or read weights, which a recipe never "

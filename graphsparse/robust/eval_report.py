@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphsparse.errors import closest
-from graphsparse.per_sample import PerSample
+from graphsparse.robust.per_sample import PerSample
 
 __all__ = ["EvalReport", "VariantResult"]
 
@@ -52,13 +52,13 @@ class EvalReport:
         verdict: one plain sentence per attack.
         date: ISO 8601 UTC time at which the evaluation finished.
         stats_sha256: digest of the operators' statistics it was made with
-            (:func:`graphsparse.records.stats_digest`).
+            (:func:`graphsparse.artifact.records.stats_digest`).
         worst_case: attack -> robust accuracy (%) per sample over exact and BPDA: a sample counts only if
             neither attack broke it (at most the smaller of the two aggregate figures; the honest number).
         masked_samples: attack -> source indices (positions when unknown) of the samples the exact-gradient
             attack failed on but BPDA broke: gradient masking, sample by sample.
         per_sample: clean and robust flags of every sample, per variant and attack
-            (:class:`graphsparse.per_sample.PerSample`; packed bits in :meth:`to_dict`).
+            (:class:`graphsparse.robust.per_sample.PerSample`; packed bits in :meth:`to_dict`).
     """
 
     base: VariantResult | None
@@ -87,7 +87,7 @@ class EvalReport:
 
     def variant(self, name: str) -> VariantResult | None:
         """The result of variant ``base``, ``exact`` or ``bpda``."""
-        from graphsparse.evaluate import VARIANTS
+        from graphsparse.robust.evaluate import VARIANTS
 
         if name not in VARIANTS:
             raise KeyError(f"unknown variant {name!r}{closest(name, VARIANTS)}")
@@ -95,7 +95,7 @@ class EvalReport:
 
     def honest(self, attack: str) -> float:
         """Robust accuracy of the rewritten model under ``attack``: per sample, the worse of exact and BPDA."""
-        from graphsparse.evaluate import attack_key
+        from graphsparse.robust.evaluate import attack_key
 
         key = attack_key(attack)
         return self.worst_case.get(key, min(self.exact.robust[key], self.bpda.robust[key]))

@@ -101,7 +101,7 @@ def store_record(model: nn.Module, key: str, record: dict[str, Any]) -> bool:
     The record gets ``date`` and ``stats_sha256`` (the model's statistics now) unless it has them. Storing a
     ``calibration`` record flags the tuning and evaluation records made with other statistics as stale.
     """
-    from graphsparse.rewrite import rewrite_info
+    from graphsparse.planning.rewrite import rewrite_info
 
     try:
         info = rewrite_info(model)

@@ -55,7 +55,7 @@ class DemoPreActResNet(nn.Module):
     default_input_size = (1, 28, 28)  # (C, H, W) of MNIST, what the demo model was trained on
     # the spec of the shipped trained model: naming this class as a model source builds random weights, and
     # graphsparse.sources warns with this name
-    trained_builder = "graphsparse.models:load_demo_model"
+    trained_builder = "graphsparse.demo.models:load_demo_model"
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64),
                  blocks: int = 2, act: str = "gelu") -> None:
@@ -81,7 +81,7 @@ def demo_model_info() -> dict[str, Any]:
     """The training record stored with the shipped demo weights (command, settings, figures)."""
     from safetensors import safe_open
 
-    path = resources.files("graphsparse.assets").joinpath(DEMO_WEIGHTS)
+    path = resources.files("graphsparse.demo.assets").joinpath(DEMO_WEIGHTS)
     with resources.as_file(path) as p, safe_open(str(p), framework="pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta.get("training", "{}"))
@@ -91,9 +91,9 @@ def load_demo_model() -> DemoPreActResNet:
     """The shipped adversarially trained demo model, in eval mode."""
     from safetensors.torch import load_file
 
-    from .errors import ModelSourceError
+    from graphsparse.errors import ModelSourceError
 
-    path = resources.files("graphsparse.assets").joinpath(DEMO_WEIGHTS)
+    path = resources.files("graphsparse.demo.assets").joinpath(DEMO_WEIGHTS)
     if not path.is_file():
         raise ModelSourceError(
             f"the demo weights ({DEMO_WEIGHTS}) are not in this installation. Hint: run "

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from graphsparse._files import atomic_write, read_json_file
-from graphsparse.evaluate import EvaluationError, Samples, attack_key, run_attack
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.per_sample import pack_bits, unpack_bits
+from graphsparse.robust.evaluate import EvaluationError, Samples, attack_key, run_attack
+from graphsparse.robust.per_sample import pack_bits, unpack_bits
 
 __all__ = ["SCHEME", "AttackCache", "attack_chunks", "job_key", "model_digest", "samples_digest"]
 
@@ -205,7 +205,7 @@ def attack_chunks(
 
 def rank_and_size() -> tuple[int, int]:
     """``(rank, world_size)`` of the default ``torch.distributed`` process group, ``(0, 1)`` without one."""
-    from graphsparse.calibrate import _dist_context
+    from graphsparse.stats.calibrate import _dist_context
 
     return _dist_context(None)
 
@@ -216,7 +216,7 @@ def _gather(
     """Every rank's chunks, on every rank: each chunk was attacked by one rank, so a sum of the flags is exact."""
     import torch.distributed as dist
 
-    from graphsparse.calibrate import _comm_device
+    from graphsparse.stats.calibrate import _comm_device
 
     flags = torch.from_numpy(robust.astype(np.int64)).to(_comm_device(torch.device("cpu")))
     dist.all_reduce(flags)
@@ -248,7 +248,7 @@ def measure_variant(
 
     ``label`` names the variant (``base``, ``exact``, ``bpda``); a model whose α are all 0 is the original
     model whatever the label, and its results are read from and written to ``cache``. Other runs save
-    each finished chunk to ``state`` (an :class:`graphsparse.eval_state.EvalState`) and resume from it.
+    each finished chunk to ``state`` (an :class:`graphsparse.robust.eval_state.EvalState`) and resume from it.
 
     Args:
         samples: :func:`samples_digest` of ``s`` (computed once by the caller).
@@ -259,7 +259,7 @@ def measure_variant(
     Returns:
         ``(clean, zero, robust, messages)``: messages per attack key, as AutoAttack gave them.
     """
-    from graphsparse.evaluate import _forward_batches, zero_gradient_count
+    from graphsparse.robust.evaluate import _forward_batches, zero_gradient_count
 
     n = int(s.x.shape[0])
     identity = is_identity(model)

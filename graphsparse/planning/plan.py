@@ -18,9 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import PlanError, closest
-from .rules import ACTIONS, RuleSet, load_rules
-from .sites import ROLES, Site
+from graphsparse.errors import PlanError, closest
+from graphsparse.graph.sites import ROLES, Site
+from graphsparse.planning.rules import ACTIONS, RuleSet, load_rules
 
 __all__ = ["Plan", "PlanEntry", "make_plan"]
 
@@ -237,7 +237,7 @@ def make_plan(
 
     Args:
         sites: the model's sites, in forward order (ids must be unique).
-        rules: a :class:`RuleSet`, or a rule name / path for :func:`graphsparse.rules.load_rules`.
+        rules: a :class:`RuleSet`, or a rule name / path for :func:`graphsparse.planning.rules.load_rules`.
         alpha: when given, the α of every meansparse entry (overrides the rule file).
 
     Raises:

@@ -69,19 +69,19 @@ def run_demo(
     """
     import time
 
-    from .calibrate import calibrate
-    from .capture import capture
-    from .data import load_dataset, make_loader
-    from .evaluate import evaluate
-    from .fuse import fuse_activations
-    from .io import save
-    from .models import demo_model_info, load_demo_model
-    from .plan import make_plan
-    from .plots import plot_tuning
-    from .rewrite import apply_plan
-    from .sites import sites_of_capture
-    from .sources import Recipe
-    from .tune import tune
+    from graphsparse.artifact.io import save
+    from graphsparse.artifact.sources import Recipe
+    from graphsparse.data import load_dataset, make_loader
+    from graphsparse.demo.models import demo_model_info, load_demo_model
+    from graphsparse.graph.capture import capture
+    from graphsparse.graph.sites import sites_of_capture
+    from graphsparse.planning.fuse import fuse_activations
+    from graphsparse.planning.plan import make_plan
+    from graphsparse.planning.rewrite import apply_plan
+    from graphsparse.plots import plot_tuning
+    from graphsparse.robust.evaluate import evaluate
+    from graphsparse.robust.tune import tune
+    from graphsparse.stats.calibrate import calibrate
 
     cfg = settings or (DemoSettings.fast() if fast else DemoSettings())
     say = log or (lambda _line: None)
@@ -99,7 +99,7 @@ def run_demo(
     say(f"inspect: {len(sites)} sites (" + ", ".join(f"{n} {r}" for r, n in roles.items()) + ")")
 
     plan = make_plan(sites, cfg.rule)
-    recipe = Recipe("class", "graphsparse.models:DemoPreActResNet")
+    recipe = Recipe("class", "graphsparse.demo.models:DemoPreActResNet")
     rewritten = apply_plan(cap, plan, sites=sites, input_shape=tuple(x.shape), recipe=recipe.to_json())
     say(f"rewrite: {len(plan.selected())} MeanSparse operators with rule {cfg.rule!r}")
     seconds["inspect+rewrite"] = time.perf_counter() - t

@@ -4,7 +4,7 @@
 ``call_module`` node (``graphsparse_ops.*``) has one user, and that user is a parameter-free activation fed
 by nothing else, the operator gets the activation (:attr:`MeanSparse.activation`) and the activation node is
 removed; its users read the operator instead. Operators wrapped with the activation of a leaf module
-(:class:`~graphsparse.rewrite.OperatorSlot`) are fused the same way (the slot's activation becomes
+(:class:`~graphsparse.planning.rewrite.OperatorSlot`) are fused the same way (the slot's activation becomes
 ``nn.Identity``).
 
 The fused model computes the same values, bit for bit: the operator calls the very function the activation
@@ -38,10 +38,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import fast
-from .ops.fused import INPLACE, ActivationSpec
-from .ops.meansparse import MeanSparse
-from .rewrite import OperatorSlot
+from graphsparse.ops import fast
+from graphsparse.ops.fused import INPLACE, ActivationSpec
+from graphsparse.ops.meansparse import MeanSparse
+from graphsparse.planning.rewrite import OperatorSlot
 
 __all__ = ["fuse_activations", "residual_add", "activation_spec_of_module", "activation_spec_of_node"]
 

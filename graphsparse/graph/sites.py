@@ -16,9 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .activations import activation_kind_of_module, is_gate_kind
-from .capture import KIND_BUCKETS, Capture, PartialCaptureWarning, capture
-from .roles import GraphFacts, shape_of
+from graphsparse.graph.activations import activation_kind_of_module, is_gate_kind
+from graphsparse.graph.capture import KIND_BUCKETS, Capture, PartialCaptureWarning, capture
+from graphsparse.graph.roles import GraphFacts, shape_of
 
 __all__ = ["Site", "SiteList", "ROLES", "LAYOUTS", "find_sites", "sites_of_capture"]
 
@@ -137,7 +137,7 @@ def find_sites(
     Args:
         model: an image classifier (timm, RobustBench, torchvision, your own).
         example_input: a probe batch with the model's input shape, e.g. ``torch.randn(1, 3, 224, 224)``.
-        capture_result: a :class:`~graphsparse.capture.Capture` of ``model`` to reuse (skips capturing).
+        capture_result: a :class:`~graphsparse.graph.capture.Capture` of ``model`` to reuse (skips capturing).
 
     Returns:
         The sites, ``depth`` 0 first (a :class:`SiteList`: a list that shows as a table). Ids are stable

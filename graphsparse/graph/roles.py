@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activations import (
+from graphsparse.graph.activations import (
     ADD_FUNCTIONS,
     ADD_METHODS,
     MUL_FUNCTIONS,

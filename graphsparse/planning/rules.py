@@ -17,7 +17,7 @@ A rule file is YAML, parsed once into frozen dataclasses (:class:`RuleSet`, :cla
 
 Selectors: every key given must match; a value may be a scalar or a list meaning any-of.
 
-- ``role``: one of :data:`graphsparse.sites.ROLES`.
+- ``role``: one of :data:`graphsparse.graph.sites.ROLES`.
 - ``op``: an activation kind (``relu``, ``gelu``, ...), ``add`` (a residual-addition output that feeds no
   activation), or ``activation`` (any op except ``add``).
 - ``id``, ``module``: glob (``layer1.*``) or regex with a ``re:`` prefix; both match the whole string.
@@ -27,7 +27,7 @@ Selectors: every key given must match; a value may be a scalar or a list meaning
   list of ints / ranges with another length.
 - ``relative_depth``: ``[lo, hi]`` within 0–1, inclusive.
 - ``position``: ``first`` | ``last`` (in its stage).
-- ``reached``: ``graph`` | ``module_tree``.  ``layout``: one of :data:`graphsparse.sites.LAYOUTS`.
+- ``reached``: ``graph`` | ``module_tree``.  ``layout``: one of :data:`graphsparse.graph.sites.LAYOUTS`.
 - ``not``: a selector mapping; sites it matches are excluded.
 
 ``select: all`` or ``select: {}`` matches every site.
@@ -49,8 +49,8 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .errors import RuleError, closest
-from .sites import LAYOUTS, ROLES, Site
+from graphsparse.errors import RuleError, closest
+from graphsparse.graph.sites import LAYOUTS, ROLES, Site
 
 __all__ = [
     "ACTIONS",
@@ -79,8 +79,8 @@ REACHED = ("graph", "module_tree")
 OP_ALIASES = ("add", "activation")
 SPARTA_LAYOUTS = ("nchw",)
 
-_BUILTIN_DIR = Path(__file__).resolve().parent / "rules"
-_BUILTIN_SOURCE = "graphsparse/rules/{name}.yaml"
+_BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_rules"
+_BUILTIN_SOURCE = "graphsparse/planning/builtin_rules/{name}.yaml"
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 Range = tuple[int, int]
@@ -614,7 +614,7 @@ def _parse_choices(
 
 
 def _parse_ops(ctx: _Context, path: _Path, value: Any) -> tuple[str, ...]:
-    from . import activations  # imports torch; only needed when a rule names an op
+    from graphsparse.graph import activations  # imports torch; only needed when a rule names an op
 
     known = sorted(set(activations.ACTIVATION_KINDS)) + list(OP_ALIASES)
     out = []
@@ -624,7 +624,7 @@ def _parse_ops(ctx: _Context, path: _Path, value: Any) -> tuple[str, ...]:
                 path,
                 _unknown("op", item, known)
                 + " ('activation' means any op except 'add'; more kinds: "
-                "graphsparse.activations.register_activation_module)",
+                "graphsparse.graph.activations.register_activation_module)",
             )
         out.append(item)
     return tuple(out)

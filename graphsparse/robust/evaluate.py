@@ -47,13 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from graphsparse.artifact.records import stats_digest, store_record, utc_now  # store_record's old home: importable here
 from graphsparse.data import batch_parts
 from graphsparse.errors import GraphsparseError, PlanError, closest
-from graphsparse.eval_report import EvalReport, VariantResult, _pct, _verdict
-from graphsparse.model_output import logits_output
+from graphsparse.graph.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
-from graphsparse.per_sample import PerSample, lead_sentence
-from graphsparse.records import stats_digest, store_record, utc_now  # store_record's old home: importable here
+from graphsparse.robust.eval_report import EvalReport, VariantResult, _pct, _verdict
+from graphsparse.robust.per_sample import PerSample, lead_sentence
 
 __all__ = [
     "ATTACKS",
@@ -751,7 +751,7 @@ def evaluate(
         input_key, label_key: the keys of inputs and labels when samples or batches are dicts (default the
             first present of ``image``/``pixel_values``/... and ``label``/``labels``/...;
             :func:`graphsparse.data.batch_parts`).
-        cache: a file (or :class:`graphsparse.attack_cache.AttackCache`) keeping the original model's
+        cache: a file (or :class:`graphsparse.robust.attack_cache.AttackCache`) keeping the original model's
             per-sample results across runs; None keeps them for this call only.
         state: a file where every finished attack chunk is saved; a rerun with the same arguments resumes
             from it (:mod:`graphsparse.eval_state`); removed when the evaluation finishes.
@@ -789,7 +789,7 @@ def evaluate(
     messages: list[str] = []
     if not ops:
         messages.append("graphsparse: the model has no MeanSparse operators; base, exact and bpda are the same model")
-    from .capture import operator_types
+    from graphsparse.graph.capture import operator_types
 
     others = [site for site in operators(model, types=operator_types()) if site not in ops]
     if others and base_alpha_zero:
@@ -807,8 +807,14 @@ def evaluate(
             f"graphsparse: {tuned} of the {n_eval} evaluated samples of {s.source} were used to tune alpha; these "
             "numbers are optimistic. Hint: evaluate on the 'test' split, with the split seed used for tuning"
         )
-    from .attack_cache import AttackCache, measure_variant, model_digest, rank_and_size, samples_digest
-    from .eval_state import EvalState
+    from graphsparse.robust.attack_cache import (
+        AttackCache,
+        measure_variant,
+        model_digest,
+        rank_and_size,
+        samples_digest,
+    )
+    from graphsparse.robust.eval_state import EvalState
 
     variants = [v for v in VARIANTS if v != "base" or base_alpha_zero]
     total = len(variants) * len(keys) * n_eval  # samples to attack, over every variant and attack
@@ -901,7 +907,7 @@ def evaluate(
 
 def _tuned_on(model: nn.Module, s: Samples) -> int:
     """How many of ``s`` (by source index) the model's tuning record says were used to choose α."""
-    from graphsparse.rewrite import rewrite_info
+    from graphsparse.planning.rewrite import rewrite_info
 
     try:
         record = rewrite_info(model).records.get("tuning") or {}

@@ -7,7 +7,7 @@ Tensors: the rewritten model's whole ``state_dict`` (base weights and operator t
 ``format_version``     ``1``
 ``plan``               the applied plan (JSON, :meth:`Plan.to_json`)
 ``rules``              the rule file text
-``recipe``             how to rebuild the base model (JSON, :class:`~graphsparse.sources.Recipe`)
+``recipe``             how to rebuild the base model (JSON, :class:`~graphsparse.artifact.sources.Recipe`)
 ``input_shape``        the probe input shape used for capture (JSON list)
 ``records``            calibration / tuning / evaluation records (JSON object)
 ``versions``           graphsparse, torch, timm, safetensors, python versions (JSON object)
@@ -39,11 +39,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from ._files import atomic_write
-from .errors import ArtifactError, GraphsparseError
-from .plan import Plan
-from .records import mark_stale, stats_digest
-from .rewrite import RewriteInfo, apply_plan, rewrite_info
+from graphsparse._files import atomic_write
+from graphsparse.artifact.records import mark_stale, stats_digest
+from graphsparse.errors import ArtifactError, GraphsparseError
+from graphsparse.planning.plan import Plan
+from graphsparse.planning.rewrite import RewriteInfo, apply_plan, rewrite_info
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "FORMAT_VERSION", "atomic_write"]
 
@@ -56,7 +56,7 @@ def _versions() -> dict[str, str]:
     import safetensors
     import timm
 
-    from . import __version__
+    from graphsparse import __version__
 
     return {
         "graphsparse": __version__,
@@ -232,8 +232,8 @@ def load(
     Raises:
         ArtifactError: the file is not a valid, untampered artifact, or it does not match the rebuilt model.
     """
-    from .capture import capture
-    from .sources import Recipe, build_from_recipe
+    from graphsparse.artifact.sources import Recipe, build_from_recipe
+    from graphsparse.graph.capture import capture
 
     path = Path(path)
     meta = read_metadata(path)
@@ -295,7 +295,7 @@ def load(
     mark_stale(info.records, stats_digest(model))  # records made with other statistics are flagged
     model.eval()
     if fuse:
-        from .fuse import fuse_activations
+        from graphsparse.planning.fuse import fuse_activations
 
         fuse_activations(model)
     return model

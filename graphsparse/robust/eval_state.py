@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from graphsparse._files import atomic_write, read_json_file
-from graphsparse.evaluate import EvaluationError
-from graphsparse.per_sample import pack_bits, unpack_bits
+from graphsparse.robust.evaluate import EvaluationError
+from graphsparse.robust.per_sample import pack_bits, unpack_bits
 
 __all__ = ["EvalState"]
 

@@ -23,8 +23,8 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .activations import activation_kind_of_module, is_gate_kind
-from .errors import CaptureError
+from graphsparse.errors import CaptureError
+from graphsparse.graph.activations import activation_kind_of_module, is_gate_kind
 
 __all__ = [
     "Capture",
@@ -160,8 +160,8 @@ def leaf_reason(module: nn.Module) -> str | None:
 
 def operator_types() -> tuple[type, ...]:
     """The operator classes graphsparse inserts; they stay leaves when a rewritten model is captured again."""
-    from .ops.meansparse import OPERATOR_TYPES
-    from .ops.sparta import SPARTA_TYPES
+    from graphsparse.ops.meansparse import OPERATOR_TYPES
+    from graphsparse.ops.sparta import SPARTA_TYPES
 
     return tuple(OPERATOR_TYPES) + tuple(SPARTA_TYPES)
 
@@ -514,7 +514,7 @@ def _untraceable_hint(model: nn.Module) -> str:
     return (
         "make the module's forward free of Python control flow on tensors, or give it an "
         "autograd.Function (it then stays a leaf); an activation class of your own can be registered with "
-        "graphsparse.activations.register_activation_module."
+        "graphsparse.graph.activations.register_activation_module."
     )
 
 

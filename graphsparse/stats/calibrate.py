@@ -35,8 +35,8 @@ from torch import nn
 import graphsparse
 from graphsparse._files import atomic_write
 from graphsparse.errors import CalibrationError
-from graphsparse.moments import RunningMoments, state_problem
 from graphsparse.ops import operators
+from graphsparse.stats.moments import RunningMoments, state_problem
 
 __all__ = [
     "RunningMoments",
@@ -176,7 +176,7 @@ class CalibrationRecord:
         world_size: number of processes whose statistics were merged.
         sites: calibrated site ids, in forward order.
         resumed_batches: batches that came from a resumed state.
-        stats_sha256: digest of the statistics written (:func:`graphsparse.records.stats_digest`); tuning
+        stats_sha256: digest of the statistics written (:func:`graphsparse.artifact.records.stats_digest`); tuning
             and evaluation records made with other statistics are stale.
         state: the final (merged) accumulators; not part of :meth:`to_dict`.
     """
@@ -263,7 +263,7 @@ def _as_batches(data: Any, rank: int, world_size: int) -> Iterable[Any]:
     tensors, one tensor of inputs (each sharded by rank); iterables of batches pass through."""
     from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-    from .data import make_loader
+    from graphsparse.data import make_loader
 
     if isinstance(data, torch.Tensor):
         data = TensorDataset(data)
@@ -282,8 +282,8 @@ def _as_batches(data: Any, rank: int, world_size: int) -> Iterable[Any]:
 
 
 def _inputs(batch: Any, index: int, input_key: str | None) -> torch.Tensor:
-    from .data import batch_parts
-    from .errors import DataError
+    from graphsparse.data import batch_parts
+    from graphsparse.errors import DataError
 
     try:
         x, _ = batch_parts(batch, input_key=input_key, labels=False, where=f"batch {index}")
@@ -657,7 +657,7 @@ def calibrate(
             m = final.moments[site]
             op.mean.copy_(m.mean.to(device=op.mean.device, dtype=torch.float32))
             op.var.copy_(m.variance.to(device=op.var.device, dtype=torch.float32))
-    from .records import stats_digest, store_record, utc_now
+    from graphsparse.artifact.records import stats_digest, store_record, utc_now
 
     record = CalibrationRecord(
         samples=final.samples,

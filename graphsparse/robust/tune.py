@@ -42,9 +42,12 @@ import torch
 from torch import nn
 
 from graphsparse._files import atomic_write
-from graphsparse.attack_cache import AttackCache, measure_variant, samples_digest
+from graphsparse.artifact.records import stats_digest, store_record, utc_now
 from graphsparse.errors import CalibrationError, DataError, PlanError
-from graphsparse.evaluate import (
+from graphsparse.graph.model_output import logits_output
+from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
+from graphsparse.robust.attack_cache import AttackCache, measure_variant, samples_digest
+from graphsparse.robust.evaluate import (
     UNKNOWN_INDICES,
     EvaluationError,
     _check_classes,
@@ -60,9 +63,6 @@ from graphsparse.evaluate import (
     model_device,
     pick_samples,
 )
-from graphsparse.model_output import logits_output
-from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
-from graphsparse.records import stats_digest, store_record, utc_now
 
 __all__ = ["DEFAULT_ALPHAS", "SplitWarning", "TunePoint", "TuneResult", "tune", "select_alpha", "site_stages"]
 
@@ -125,7 +125,7 @@ class TuneResult:
         warnings: AutoAttack's check warnings and graphsparse's notes.
         date: ISO 8601 UTC time at which tuning finished.
         stats_sha256: digest of the operators' statistics α was chosen for
-            (:func:`graphsparse.records.stats_digest`).
+            (:func:`graphsparse.artifact.records.stats_digest`).
     """
 
     curve: list[TunePoint]
@@ -252,7 +252,7 @@ def site_stages(model: nn.Module) -> tuple[dict[str, int], bool]:
     Stages come from the plan of a rewritten model (``rewrite_info(model).plan``), else from an operator's
     ``stage`` attribute; operators with neither are put in stage 0 (and the flag is False).
     """
-    from graphsparse.rewrite import rewrite_info
+    from graphsparse.planning.rewrite import rewrite_info
 
     ops = operators(model, types=(MeanSparse,))
     by_plan: dict[str, int] = {}
@@ -351,7 +351,7 @@ def tune(
             total grows when the per-stage search starts).
         input_key, label_key: the keys of inputs and labels when samples or batches are dicts
             (:func:`graphsparse.data.batch_parts`).
-        attack_cache: a file (or :class:`graphsparse.attack_cache.AttackCache`) keeping the original model's
+        attack_cache: a file (or :class:`graphsparse.robust.attack_cache.AttackCache`) keeping the original model's
             per-sample results (the α = 0 point) across runs and shared with :func:`graphsparse.evaluate`;
             None keeps them for this call only.
 
