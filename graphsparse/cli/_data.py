@@ -203,7 +203,8 @@ def check_model_fits(model, dataset) -> None:
 
     from graphsparse.cli._term import console
     from graphsparse.graph.model_output import logits_of
-    from graphsparse.robust.evaluate import EvaluationError, check_logits, data_classes, eval_mode
+    from graphsparse.ops.state import eval_mode
+    from graphsparse.robust.evaluate import EvaluationError, check_logits, data_classes
 
     classes = data_classes(dataset)
     if classes is None or not len(dataset):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from graphsparse._files import atomic_write, read_json_file
+from graphsparse.distributed import comm_device, rank_and_size
 from graphsparse.ops import MeanSparse, operators
 from graphsparse.robust.evaluate import EvaluationError, Samples, attack_key, run_attack
 from graphsparse.robust.per_sample import pack_bits, unpack_bits
@@ -203,22 +204,13 @@ def attack_chunks(
     return robust, [m for c in sorted(per_chunk) for m in per_chunk[c]]
 
 
-def rank_and_size() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default ``torch.distributed`` process group, ``(0, 1)`` without one."""
-    from graphsparse.stats.calibrate import _dist_context
-
-    return _dist_context(None)
-
-
 def _gather(
     robust: np.ndarray, per_chunk: dict[int, list[str]], world_size: int
 ) -> tuple[np.ndarray, dict[int, list[str]]]:
     """Every rank's chunks, on every rank: each chunk was attacked by one rank, so a sum of the flags is exact."""
     import torch.distributed as dist
 
-    from graphsparse.stats.calibrate import _comm_device
-
-    flags = torch.from_numpy(robust.astype(np.int64)).to(_comm_device(torch.device("cpu")))
+    flags = torch.from_numpy(robust.astype(np.int64)).to(comm_device(torch.device("cpu")))
     dist.all_reduce(flags)
     parts: list[Any] = [None] * world_size
     dist.all_gather_object(parts, per_chunk)

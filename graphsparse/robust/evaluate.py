@@ -52,6 +52,7 @@ from graphsparse.data import batch_parts
 from graphsparse.errors import GraphsparseError, PlanError, closest
 from graphsparse.graph.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
+from graphsparse.ops.state import alphas_kept, eval_mode, model_device
 from graphsparse.robust.eval_report import EvalReport, VariantResult, _pct, _verdict
 from graphsparse.robust.per_sample import PerSample, lead_sentence
 
@@ -430,40 +431,6 @@ def _positions(total: int, n: int | None, seed: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- model helpers
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the first parameter or buffer of ``model`` (CPU for a model without tensors)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode; every module's previous mode is restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@contextlib.contextmanager
-def alphas_kept(model: nn.Module) -> Iterator[OrderedDict[str, MeanSparse]]:
-    """Yield the MeanSparse operators of ``model``; their α are restored on exit (also on error)."""
-    ops = operators(model, types=(MeanSparse,))
-    saved = {site: op.alpha.detach().clone() for site, op in ops.items()}
-    try:
-        yield ops
-    finally:
-        with torch.no_grad():
-            for site, op in ops.items():
-                op.alpha.copy_(saved[site])
-
-
 @contextlib.contextmanager
 def variant(model: nn.Module, name: str) -> Iterator[None]:
     """Make ``model`` behave as variant ``name`` (``base``, ``exact`` or ``bpda``) inside the block."""
@@ -807,11 +774,11 @@ def evaluate(
             f"graphsparse: {tuned} of the {n_eval} evaluated samples of {s.source} were used to tune alpha; these "
             "numbers are optimistic. Hint: evaluate on the 'test' split, with the split seed used for tuning"
         )
+    from graphsparse.distributed import rank_and_size
     from graphsparse.robust.attack_cache import (
         AttackCache,
         measure_variant,
         model_digest,
-        rank_and_size,
         samples_digest,
     )
     from graphsparse.robust.eval_state import EvalState

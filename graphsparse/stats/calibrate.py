@@ -34,6 +34,7 @@ from torch import nn
 
 import graphsparse
 from graphsparse._files import atomic_write
+from graphsparse.distributed import comm_device, rank_and_size
 from graphsparse.errors import CalibrationError
 from graphsparse.ops import operators
 from graphsparse.stats.moments import RunningMoments, state_problem
@@ -438,25 +439,6 @@ def _local_pass(
 _END = object()
 
 
-def _dist_context(distributed: bool | None) -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, or ``(0, 1)`` when not distributed."""
-    available = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and not available:
-        raise CalibrationError(
-            "distributed=True but torch.distributed is not initialised. Hint: launch with torchrun and call "
-            "torch.distributed.init_process_group() before calibrate"
-        )
-    if distributed is False or not available:
-        return 0, 1
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _agree_on_failure(error: BaseException | None, rank: int, world_size: int, comm: torch.device) -> None:
     """All ranks learn whether any rank failed, so that none is left waiting in a collective."""
     flags = torch.zeros(world_size, dtype=torch.int64, device=comm)
@@ -589,7 +571,7 @@ def calibrate(
     _check_limit("max_samples", max_samples)
     _check_limit("skip_batches", skip_batches)
     _check_limit("checkpoint_every", checkpoint_every)
-    rank, world_size = _dist_context(distributed)
+    rank, world_size = rank_and_size(distributed, error=CalibrationError, caller="calibrate")
     first = next(iter(ops.values()))
     device = torch.device(device) if device is not None else first.mean.device
     state = _start_state(ops, resume, source or _describe(data))
@@ -636,7 +618,7 @@ def calibrate(
         error = e
     final = state
     if world_size > 1:
-        comm = _comm_device(device)
+        comm = comm_device(device)
         _agree_on_failure(error, rank, world_size, comm)
         final = _all_merge(state, world_size, comm)
 

@@ -169,7 +169,7 @@ def record_histograms(
         PlanError: unknown site id, or no MeanSparse in the model.
         CalibrationError: a recorded operator has no statistics (calibrate first); no data.
     """
-    from graphsparse.robust.evaluate import alphas_kept, eval_mode, model_device
+    from graphsparse.ops.state import alphas_kept, eval_mode, model_device
 
     if isinstance(bins_per_sigma, bool) or not isinstance(bins_per_sigma, int) or bins_per_sigma < 1:
         raise ValueError(f"bins_per_sigma must be an int >= 1, got {bins_per_sigma!r}")
