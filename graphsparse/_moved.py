@@ -20,7 +20,6 @@ from importlib.machinery import ModuleSpec
 MOVED: dict[str, str] = {
     "graphsparse.activations": "graphsparse.graph.activations",
     "graphsparse.capture": "graphsparse.graph.capture",
-    "graphsparse.model_output": "graphsparse.graph.model_output",
     "graphsparse.roles": "graphsparse.graph.roles",
     "graphsparse.sites": "graphsparse.graph.sites",
     "graphsparse.fuse": "graphsparse.planning.fuse",
@@ -29,8 +28,7 @@ MOVED: dict[str, str] = {
     "graphsparse.rules": "graphsparse.planning.rules",
     "graphsparse.io": "graphsparse.artifact.io",
     "graphsparse.records": "graphsparse.artifact.records",
-    "graphsparse.safe_pickle": "graphsparse.artifact.safe_pickle",
-    "graphsparse.sources": "graphsparse.artifact.sources",
+    "graphsparse.safe_pickle": "graphsparse.sources.safe_pickle",
     "graphsparse.calibrate": "graphsparse.stats.calibrate",
     "graphsparse.histograms": "graphsparse.stats.histograms",
     "graphsparse.moments": "graphsparse.stats.moments",

@@ -15,12 +15,12 @@ import torch
 from click.testing import CliRunner
 
 import graphsparse as gs
-from graphsparse.artifact.sources import Recipe, load_model
 from graphsparse.cli import main
 from graphsparse.data import load_dataset, make_loader
 from graphsparse.demo.models import DemoPreActResNet, load_demo_model
 from graphsparse.deploy import ExportError
 from graphsparse.deploy.verify import band_edges
+from graphsparse.sources.model_sources import Recipe, load_model
 
 pytest.importorskip("onnxruntime")
 

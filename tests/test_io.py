@@ -12,8 +12,8 @@ import torch
 
 import graphsparse as gs
 from graphsparse.artifact.io import _canonical_safetensors, _metadata_digest, read_metadata
-from graphsparse.artifact.sources import load_model
 from graphsparse.errors import ArtifactError
+from graphsparse.sources.model_sources import load_model
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_recipe_is_inferred_for_timm_and_plain_classes(tmp_path):
     ],
 )
 def test_no_recipe_is_inferred_when_the_rebuilt_model_computes_otherwise(tmp_path, make):
-    from graphsparse.artifact.sources import default_input_shape, infer_recipe
+    from graphsparse.sources.model_sources import default_input_shape, infer_recipe
 
     base = make()
     assert infer_recipe(base) is None

@@ -24,9 +24,9 @@ import pytest
 import torch
 from torch import nn
 
-from graphsparse.artifact import safe_pickle
-from graphsparse.artifact.safe_pickle import read_pickle, scan_file
 from graphsparse.errors import ModelSourceError, UnsafePickleError
+from graphsparse.sources import safe_pickle
+from graphsparse.sources.safe_pickle import read_pickle, scan_file
 
 np = pytest.importorskip("numpy")
 
@@ -77,7 +77,7 @@ def test_whole_robustbench_module_loads_in_a_fresh_process(tmp_path, robustbench
     done = run_fresh(
         f"""
         import sys, torch
-        from graphsparse.artifact.safe_pickle import read_pickle
+        from graphsparse.sources.safe_pickle import read_pickle
         model = read_pickle({str(tmp_path / "dm.pt")!r}, [])  # no flag: robustbench is trusted
         x, y = torch.load({str(tmp_path / "x.pt")!r}), torch.load({str(tmp_path / "y.pt")!r})
         with torch.no_grad():
@@ -108,7 +108,7 @@ def test_a_pickle_naming_a_program_is_refused_without_importing_it(tmp_path, all
         f"""
         import sys
         from graphsparse.errors import UnsafePickleError
-        from graphsparse.artifact.safe_pickle import read_pickle
+        from graphsparse.sources.safe_pickle import read_pickle
         for path in {[str(f) for f in files]!r}:
             try:
                 read_pickle(path, {allow!r})
@@ -181,7 +181,7 @@ def test_the_tuple1_bomb_is_scanned_in_linear_time(tmp_path):
     done = run_fresh(
         f"""
         from graphsparse.errors import UnsafePickleError
-        from graphsparse.artifact.safe_pickle import read_pickle, scan_file
+        from graphsparse.sources.safe_pickle import read_pickle, scan_file
         scan = scan_file({str(tmp_path / "bomb.pkl")!r})
         print(scan.opcodes, len(scan.imports))
         try:
@@ -483,7 +483,7 @@ def test_malicious_corpora_are_refused_without_running_and_benign_files_load(tmp
                 """
                 import json, sys
                 from graphsparse.errors import GraphsparseError
-                from graphsparse.artifact.safe_pickle import read_pickle
+                from graphsparse.sources.safe_pickle import read_pickle
                 for path in sys.argv[1:]:
                     try:
                         read_pickle(path, [])

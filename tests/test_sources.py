@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from graphsparse.artifact.sources import (
+from graphsparse.errors import ModelSourceError, UnsafePickleError
+from graphsparse.sources.model_sources import (
     Recipe,
     build_from_recipe,
     default_input_shape,
@@ -30,7 +31,6 @@ from graphsparse.artifact.sources import (
     load_model,
     parse_input_shape,
 )
-from graphsparse.errors import ModelSourceError, UnsafePickleError
 
 try:  # tests/ may or may not be a package, depending on how pytest was started
     from tests import _user_models
@@ -161,8 +161,8 @@ def test_torchvision_weights_stay_possible_but_are_not_recorded(monkeypatch):
 def test_a_torchvision_model_gets_a_torchvision_recipe(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     from graphsparse.artifact.io import load, save
-    from graphsparse.artifact.sources import infer_recipe
     from graphsparse.planning.rewrite import rewrite
+    from graphsparse.sources.model_sources import infer_recipe
 
     torch.manual_seed(0)
     model = torchvision.models.squeezenet1_1(num_classes=5).eval()
@@ -645,7 +645,7 @@ def test_robustbench_classes_load_in_a_fresh_process(tmp_path, robustbench):
     # a fresh interpreter has no 'autoattack' alias yet: importing a robustbench module by name needs it
     script = f"""
 import torch
-from graphsparse.artifact.sources import build_from_recipe, load_model
+from graphsparse.sources.model_sources import build_from_recipe, load_model
 spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
 model, recipe = load_model(spec, depth=10, width=1)
 torch.save(model.state_dict(), {str(tmp_path / "dm.pt")!r})
@@ -655,7 +655,7 @@ print(type(model).__name__, recipe)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "DMWideResNet robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet" in first.stdout
     script = f"""
-from graphsparse.artifact.sources import Recipe, build_from_recipe, load_model
+from graphsparse.sources.model_sources import Recipe, build_from_recipe, load_model
 spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
 model, recipe = load_model({str(tmp_path / "dm.pt")!r}, arch=spec, depth=10, width=1)
 print(type(model).__name__, type(build_from_recipe(Recipe("class", spec, {{"depth": 10, "width": 1}}))).__name__)

@@ -364,8 +364,8 @@ def build_corpus(directory: Path, *, with_fickling: bool = True) -> list[Sample]
 
 
 def graphsparse_verdict(path: Path) -> str:
-    from graphsparse.artifact.safe_pickle import read_pickle
     from graphsparse.errors import GraphsparseError, UnsafePickleError
+    from graphsparse.sources.safe_pickle import read_pickle
 
     try:
         read_pickle(path, [])
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="best of this many timings (default 3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from graphsparse.artifact.safe_pickle import scan_file, verify_zip
+    from graphsparse.sources.safe_pickle import scan_file, verify_zip
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.dir or Path(tmp)

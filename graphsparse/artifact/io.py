@@ -7,7 +7,7 @@ Tensors: the rewritten model's whole ``state_dict`` (base weights and operator t
 ``format_version``     ``1``
 ``plan``               the applied plan (JSON, :meth:`Plan.to_json`)
 ``rules``              the rule file text
-``recipe``             how to rebuild the base model (JSON, :class:`~graphsparse.artifact.sources.Recipe`)
+``recipe``             how to rebuild the base model (JSON, :class:`~graphsparse.sources.model_sources.Recipe`)
 ``input_shape``        the probe input shape used for capture (JSON list)
 ``records``            calibration / tuning / evaluation records (JSON object)
 ``versions``           graphsparse, torch, timm, safetensors, python versions (JSON object)
@@ -232,8 +232,8 @@ def load(
     Raises:
         ArtifactError: the file is not a valid, untampered artifact, or it does not match the rebuilt model.
     """
-    from graphsparse.artifact.sources import Recipe, build_from_recipe
     from graphsparse.graph.capture import capture
+    from graphsparse.sources.model_sources import Recipe, build_from_recipe
 
     path = Path(path)
     meta = read_metadata(path)

@@ -202,7 +202,7 @@ def check_model_fits(model, dataset) -> None:
     import torch
 
     from graphsparse.cli._term import console
-    from graphsparse.graph.model_output import logits_of
+    from graphsparse.model_output import logits_of
     from graphsparse.ops.state import eval_mode
     from graphsparse.robust.evaluate import EvaluationError, check_logits, data_classes
 

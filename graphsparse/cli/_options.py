@@ -115,8 +115,8 @@ def load_cli_model(
     Warnings from loading (e.g. a class named bare, with random weights) are printed as ``warning:`` lines on
     stderr.
     """
-    from graphsparse.artifact.sources import default_input_shape, load_model, parse_input_shape
     from graphsparse.errors import ModelSourceError
+    from graphsparse.sources.model_sources import default_input_shape, load_model, parse_input_shape
 
     ctx = click.get_current_context(silent=True)
     extra = (ctx.meta.get(_CONTEXT_KEY) if ctx is not None else None) or {}

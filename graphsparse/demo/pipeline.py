@@ -70,7 +70,6 @@ def run_demo(
     import time
 
     from graphsparse.artifact.io import save
-    from graphsparse.artifact.sources import Recipe
     from graphsparse.data import load_dataset, make_loader
     from graphsparse.demo.models import demo_model_info, load_demo_model
     from graphsparse.graph.capture import capture
@@ -81,6 +80,7 @@ def run_demo(
     from graphsparse.plots import plot_tuning
     from graphsparse.robust.evaluate import evaluate
     from graphsparse.robust.tune import tune
+    from graphsparse.sources.model_sources import Recipe
     from graphsparse.stats.calibrate import calibrate
 
     cfg = settings or (DemoSettings.fast() if fast else DemoSettings())

@@ -1,6 +1,5 @@
 """Stage 1, the model as a graph: trace it (``capture``), find its activations (``activations``), give each a role
-(``roles``) and list the sites where an operator may go (``sites``); ``model_output`` reads logits from whatever a
-model returns.
+(``roles``) and list the sites where an operator may go (``sites``).
 
 May import: :mod:`graphsparse.ops`, ``errors``, ``data``, ``_files``, ``_compat``. Knows nothing of rule files,
 statistics, attacks or files on disk.

@@ -2,6 +2,6 @@
 site (``plan``); ``rewrite`` puts the operators into the traced graph and ``fuse`` folds each activation and its
 MeanSparse into one module.
 
-May import: :mod:`graphsparse.graph`, :mod:`graphsparse.ops` and the shared top-level modules. Knows nothing of
-statistics, attacks or files on disk.
+May import: :mod:`graphsparse.graph`, :mod:`graphsparse.sources` (the base model's recipe), :mod:`graphsparse.ops`
+and the shared top-level modules. Knows nothing of statistics, attacks or artifact files.
 """

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from graphsparse.artifact.records import stats_digest, store_record, utc_now  # store_record's old home: importable here
 from graphsparse.data import batch_parts
 from graphsparse.errors import GraphsparseError, PlanError, closest
-from graphsparse.graph.model_output import logits_output
+from graphsparse.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
 from graphsparse.ops.state import alphas_kept, eval_mode, model_device
 from graphsparse.robust.eval_report import EvalReport, VariantResult, _pct, _verdict

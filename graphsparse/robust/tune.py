@@ -44,7 +44,7 @@ from torch import nn
 from graphsparse._files import atomic_write
 from graphsparse.artifact.records import stats_digest, store_record, utc_now
 from graphsparse.errors import CalibrationError, DataError, PlanError
-from graphsparse.graph.model_output import logits_output
+from graphsparse.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
 from graphsparse.robust.attack_cache import AttackCache, measure_variant, samples_digest
 from graphsparse.robust.evaluate import (

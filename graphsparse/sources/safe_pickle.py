@@ -931,7 +931,7 @@ def _module_id_class(module_id: tuple) -> type:
     return module_id[1]
 
 
-_MODULE_ID_CLASS = "graphsparse.artifact.safe_pickle._module_id_class"
+_MODULE_ID_CLASS = "graphsparse.sources.safe_pickle._module_id_class"
 
 
 def _module_ids_as_globals(path: Path, module_ids: list[tuple[int, int, str, str]]) -> bytes:

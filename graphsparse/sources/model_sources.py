@@ -28,9 +28,9 @@ from torch import nn
 
 from graphsparse._compat import ensure_autoattack_alias
 from graphsparse._moved import new_name
-from graphsparse.artifact.safe_pickle import TRUSTED_PACKAGES, class_problem, read_pickle, user_allowed
 from graphsparse.errors import ModelSourceError, closest
-from graphsparse.graph.model_output import logits_of
+from graphsparse.model_output import logits_of
+from graphsparse.sources.safe_pickle import TRUSTED_PACKAGES, class_problem, read_pickle, user_allowed
 
 __all__ = [
     "Recipe",
