@@ -1,5 +1,5 @@
-"""``torch.distributed`` helpers that calibration and evaluation share: which rank this process is, and the device
-that collectives run on."""
+"""``torch.distributed`` helpers that calibration and evaluation share: which rank this process is, the device
+that collectives run on, and whether any rank failed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from graphsparse.errors import GraphsparseError
 
-__all__ = ["comm_device", "rank_and_size"]
+__all__ = ["agree_on_failure", "comm_device", "rank_and_size"]
 
 
 def rank_and_size(
@@ -37,3 +37,37 @@ def comm_device(device: torch.device) -> torch.device:
     if torch.distributed.get_backend() == "nccl":
         return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def agree_on_failure(
+    error: BaseException | None,
+    rank: int,
+    world_size: int,
+    comm: torch.device,
+    *,
+    error_type: type[GraphsparseError] = GraphsparseError,
+    what: str = "the run",
+) -> None:
+    """All ranks learn whether any rank failed, so that none is left waiting in a collective.
+
+    Every rank calls it after its local work, with the exception it caught (or None): a failed rank re-raises its
+    own error; the others raise ``error_type`` naming the first failed rank (``"{what} failed on rank N"``).
+
+    Args:
+        error: this rank's exception, or None when its work succeeded.
+        rank, world_size: this process's place in the default process group.
+        comm: the device collectives run on (:func:`comm_device`).
+        error_type: the error class the ranks that did not fail raise.
+        what: the work named in that error.
+    """
+    flags = torch.zeros(world_size, dtype=torch.int64, device=comm)
+    flags[rank] = int(error is not None)
+    torch.distributed.all_reduce(flags)
+    if error is not None:
+        raise error
+    failed = flags.nonzero().flatten().tolist()
+    if failed:
+        raise error_type(
+            f"{what} failed on rank {failed[0]}; this rank stopped too. "
+            f"Hint: see the error of rank {failed[0]}"
+        )

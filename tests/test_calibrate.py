@@ -24,14 +24,9 @@ import graphsparse
 from graphsparse.data import load_dataset, make_loader
 from graphsparse.errors import CalibrationError
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.stats.calibrate import (
-    CalibrationRecord,
-    CalibrationState,
-    RunningMoments,
-    calibrate,
-    load_state,
-    save_state,
-)
+from graphsparse.stats.calibrate import CalibrationRecord, calibrate
+from graphsparse.stats.calibration_state import CalibrationState, load_state, save_state
+from graphsparse.stats.moments import RunningMoments
 
 WORKER = Path(__file__).with_name("_dist_calibrate_worker.py")
 REPO = Path(graphsparse.__file__).resolve().parents[1]

@@ -202,9 +202,10 @@ def check_model_fits(model, dataset) -> None:
     import torch
 
     from graphsparse.cli._term import console
+    from graphsparse.errors import EvaluationError
     from graphsparse.model_output import logits_of
     from graphsparse.ops.state import eval_mode
-    from graphsparse.robust.evaluate import EvaluationError, check_logits, data_classes
+    from graphsparse.robust.samples import check_logits, data_classes
 
     classes = data_classes(dataset)
     if classes is None or not len(dataset):
@@ -242,7 +243,8 @@ def calibrate_with_progress(
     """
     from graphsparse.data import make_loader
     from graphsparse.errors import CalibrationError
-    from graphsparse.stats.calibrate import calibrate, load_state
+    from graphsparse.stats.calibrate import calibrate
+    from graphsparse.stats.calibration_state import load_state
 
     state = None
     if resume:

@@ -63,7 +63,7 @@ def command(
     except KeyboardInterrupt:
         if checkpoint is None or not Path(checkpoint).is_file():
             raise
-        from graphsparse.stats.calibrate import load_state
+        from graphsparse.stats.calibration_state import load_state
 
         state = load_state(checkpoint)
         console(stderr=True).print(
