@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from graphsparse.errors import ModelSourceError, UnsafePickleError
-from graphsparse.sources import safe_pickle
+from graphsparse.sources import pickle_scan, safe_pickle
 from graphsparse.sources.safe_pickle import read_pickle, scan_file
 
 np = pytest.importorskip("numpy")
@@ -201,9 +201,9 @@ def test_values_are_shared_not_copied(tmp_path):
     # the structure that makes the scan linear: wrapping a value holding many globals adds one small node
     # per opcode and copies no set of globals
     stream = io.BytesIO(opcode_bomb(50, 1000))
-    scan = safe_pickle._scan_pickles(stream, tmp_path / "x", limit=1, legacy=False)
+    scan = pickle_scan._scan_pickles(stream, tmp_path / "x", limit=1, legacy=False)
     assert scan.opcodes == 1 + 1 + 1 + 1 + 50 + 1 + 1000 + 1 and len(scan.imports) == 50
-    value = safe_pickle._Slot
+    value = pickle_scan._Slot
     created = []
     real_init = value.__init__
 
@@ -213,7 +213,7 @@ def test_values_are_shared_not_copied(tmp_path):
 
     value.__init__ = counting
     try:
-        safe_pickle._scan_pickles(io.BytesIO(opcode_bomb(50, 1000)), tmp_path / "x", limit=1, legacy=False)
+        pickle_scan._scan_pickles(io.BytesIO(opcode_bomb(50, 1000)), tmp_path / "x", limit=1, legacy=False)
     finally:
         value.__init__ = real_init
     assert len(created) <= 50 + 1000 + 10 and max(created) <= 50  # one node per opcode, kids never grow
@@ -221,7 +221,7 @@ def test_values_are_shared_not_copied(tmp_path):
 
 def test_more_opcodes_than_the_cap_is_a_clear_refusal(tmp_path, monkeypatch):
     (tmp_path / "long.pkl").write_bytes(opcode_bomb(3, 100))
-    monkeypatch.setattr(safe_pickle, "MAX_PICKLE_OPCODES", 50)
+    monkeypatch.setattr(pickle_scan, "MAX_PICKLE_OPCODES", 50)
     with pytest.raises(ModelSourceError, match=r"more than 50 opcodes.*\.safetensors"):
         scan_file(tmp_path / "long.pkl")
 
