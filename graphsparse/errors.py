@@ -15,6 +15,7 @@ __all__ = [
     "CalibrationError",
     "ArtifactError",
     "DataError",
+    "EvaluationError",
     "closest",
 ]
 
@@ -53,6 +54,10 @@ class ArtifactError(GraphsparseError):
 
 class DataError(GraphsparseError):
     """A data source could not be read or split."""
+
+
+class EvaluationError(GraphsparseError):
+    """An evaluation or tuning request is invalid (unknown attack or norm, bad ε or sample count)."""
 
 
 def closest(name: str, candidates: Iterable[str]) -> str:

@@ -19,10 +19,12 @@ from torch import nn
 
 import graphsparse as gs
 from graphsparse.data import load_dataset
+from graphsparse.errors import EvaluationError
 from graphsparse.ops import MeanSparse, operators
 from graphsparse.robust import attack_cache
-from graphsparse.robust.evaluate import EvaluationError, evaluate, pick_samples
+from graphsparse.robust.evaluate import evaluate
 from graphsparse.robust.per_sample import PerSample, pack_bits, unpack_bits
+from graphsparse.robust.samples import pick_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,8 +20,11 @@ from torch import nn
 import graphsparse as gs
 from graphsparse.artifact.records import stats_digest
 from graphsparse.data import load_dataset, split_indices
+from graphsparse.errors import EvaluationError
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.robust.evaluate import EvaluationError, attack_key, evaluate, pick_samples
+from graphsparse.robust.attacks import attack_key
+from graphsparse.robust.evaluate import evaluate
+from graphsparse.robust.samples import pick_samples
 from graphsparse.robust.tune import SplitWarning
 
 EPS = 0.2

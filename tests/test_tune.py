@@ -17,9 +17,8 @@ from torch import nn
 
 import graphsparse as gs
 from graphsparse.data import load_dataset, split_indices
-from graphsparse.errors import CalibrationError, DataError, PlanError
+from graphsparse.errors import CalibrationError, DataError, EvaluationError, PlanError
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.robust.evaluate import EvaluationError
 from graphsparse.robust.tune import DEFAULT_ALPHAS, SplitWarning, TunePoint, TuneResult, select_alpha, site_stages, tune
 
 N_DIGITS = 1797

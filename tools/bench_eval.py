@@ -52,11 +52,11 @@ def build(alpha: float):
 def plain_run(model, x, y, eps: float, steps: int, batch_size: int) -> int:
     from pyautoattack import AutoAttack
 
-    from graphsparse.robust.evaluate import _set_steps
+    from graphsparse.robust.attacks import set_steps
 
     aa = AutoAttack(model, eps=eps, norm="Linf", version="custom", attacks=["apgd-ce"], seed=0, device="cpu")
     aa.apgd.n_restarts = 1
-    _set_steps(aa.apgd, steps)
+    set_steps(aa.apgd, steps)
     with torch.random.fork_rng():
         _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
     return int((y_adv == y).sum())
@@ -113,7 +113,7 @@ def main() -> None:
     import graphsparse as gs
     from graphsparse.data import load_dataset
     from graphsparse.robust.attack_cache import AttackCache
-    from graphsparse.robust.evaluate import pick_samples
+    from graphsparse.robust.samples import pick_samples
 
     torch.set_num_threads(1)
     original, model, eps = build(args.alpha)

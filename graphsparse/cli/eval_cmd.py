@@ -85,7 +85,8 @@ def command(
     """Evaluate ARTIFACT honestly: every robust number with the exact and the straight-through gradient."""
     from graphsparse.artifact.io import load, save
     from graphsparse.planning.rewrite import rewrite_info
-    from graphsparse.robust.evaluate import check_threat, evaluate
+    from graphsparse.robust.attacks import check_threat
+    from graphsparse.robust.evaluate import evaluate
 
     check_threat(eps, norm)  # a mistyped ε is refused before the artifact is loaded
     rank = join_torchrun()  # under torchrun each rank attacks its share of the chunks; rank 0 writes

@@ -57,7 +57,7 @@ def command(
     from graphsparse.artifact.io import load, save
     from graphsparse.planning.rewrite import rewrite_info
     from graphsparse.plots import plot_tuning
-    from graphsparse.robust.evaluate import check_threat
+    from graphsparse.robust.attacks import check_threat
     from graphsparse.robust.tune import SplitWarning, tune
 
     grid = _parse_alphas(alphas) if alphas else None

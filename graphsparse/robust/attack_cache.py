@@ -34,9 +34,11 @@ from torch import nn
 
 from graphsparse._files import atomic_write, read_json_file
 from graphsparse.distributed import comm_device, rank_and_size
+from graphsparse.errors import EvaluationError
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.robust.evaluate import EvaluationError, Samples, attack_key, run_attack
+from graphsparse.robust.attacks import attack_key, forward_batches, run_attack, zero_gradient_count
 from graphsparse.robust.per_sample import pack_bits, unpack_bits
+from graphsparse.robust.samples import Samples
 
 __all__ = ["SCHEME", "AttackCache", "attack_chunks", "job_key", "model_digest", "samples_digest"]
 
@@ -251,8 +253,6 @@ def measure_variant(
     Returns:
         ``(clean, zero, robust, messages)``: messages per attack key, as AutoAttack gave them.
     """
-    from graphsparse.robust.evaluate import _forward_batches, zero_gradient_count
-
     n = int(s.x.shape[0])
     identity = is_identity(model)
     tag = "identity" if identity else label
@@ -262,7 +262,7 @@ def measure_variant(
     if hit is not None:
         clean, zero = hit
     else:
-        clean = (_forward_batches(model, s.x, batch_size, device) == s.y).numpy().astype(bool)
+        clean = (forward_batches(model, s.x, batch_size, device) == s.y).numpy().astype(bool)
         zero = zero_gradient_count(model, s, batch_size, device)
         if identity:
             cache.put_clean(clean_key, clean, zero)

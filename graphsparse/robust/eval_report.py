@@ -1,17 +1,19 @@
 """The report of :func:`graphsparse.evaluate`: numbers per variant, the verdict, per-sample records.
 
-Moved out of :mod:`graphsparse.evaluate` (which re-exports :class:`EvalReport` and :class:`VariantResult`).
+Moved out of :mod:`graphsparse.robust.evaluate` (which re-exports :class:`EvalReport` and :class:`VariantResult`),
+with the formatting helpers the reports of evaluate and tune share (:func:`pct`, :func:`summarise`, :func:`assess`).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from graphsparse.errors import closest
 from graphsparse.robust.per_sample import PerSample
 
-__all__ = ["EvalReport", "VariantResult"]
+__all__ = ["EvalReport", "VariantResult", "assess", "pct", "summarise"]
 
 
 @dataclass
@@ -87,7 +89,7 @@ class EvalReport:
 
     def variant(self, name: str) -> VariantResult | None:
         """The result of variant ``base``, ``exact`` or ``bpda``."""
-        from graphsparse.robust.evaluate import VARIANTS
+        from graphsparse.robust.attacks import VARIANTS
 
         if name not in VARIANTS:
             raise KeyError(f"unknown variant {name!r}{closest(name, VARIANTS)}")
@@ -95,7 +97,7 @@ class EvalReport:
 
     def honest(self, attack: str) -> float:
         """Robust accuracy of the rewritten model under ``attack``: per sample, the worse of exact and BPDA."""
-        from graphsparse.robust.evaluate import attack_key
+        from graphsparse.robust.attacks import attack_key
 
         key = attack_key(attack)
         return self.worst_case.get(key, min(self.exact.robust[key], self.bpda.robust[key]))
@@ -129,11 +131,13 @@ class EvalReport:
         }
 
 
-def _pct(count: int, n: int) -> float:
+def pct(count: int, n: int) -> float:
+    """``count`` of ``n`` samples as a percentage, rounded to 6 decimals."""
     return round(100.0 * count / n, 6)
 
 
-def _verdict(report_parts: dict[str, Any], n: int) -> tuple[dict[str, dict[str, float]], bool, str]:
+def assess(report_parts: dict[str, Any], n: int) -> tuple[dict[str, dict[str, float]], bool, str]:
+    """``(gains, gradient_masking, verdict)`` of a report's ``base``/``exact``/``bpda`` results over ``attacks``."""
     base: VariantResult | None = report_parts["base"]
     exact: VariantResult = report_parts["exact"]
     bpda: VariantResult = report_parts["bpda"]
@@ -182,3 +186,14 @@ def _verdict(report_parts: dict[str, Any], n: int) -> tuple[dict[str, dict[str, 
             sentences.append(f"{a}: the +{gb:.2f} pp gain over the base model holds under BPDA ({nums}).")
     sentences.append(f"(n = {n}; one sample = {one:.2f} pp)")
     return gains, masking, " ".join(sentences)
+
+
+def summarise(messages: list[str], where: str) -> list[str]:
+    """One line per distinct message, in first-seen order, with a repeat count."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    for m in messages:
+        counts[m] = counts.get(m, 0) + 1
+    out = []
+    for m, c in counts.items():
+        out.append(f"{where}: {m}" + (f" (x{c})" if c > 1 else ""))
+    return out

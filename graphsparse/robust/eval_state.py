@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from graphsparse._files import atomic_write, read_json_file
-from graphsparse.robust.evaluate import EvaluationError
+from graphsparse.errors import EvaluationError
 from graphsparse.robust.per_sample import pack_bits, unpack_bits
 
 __all__ = ["EvalState"]

@@ -43,24 +43,19 @@ from torch import nn
 
 from graphsparse._files import atomic_write
 from graphsparse.artifact.records import stats_digest, store_record, utc_now
-from graphsparse.errors import CalibrationError, DataError, PlanError
+from graphsparse.errors import CalibrationError, DataError, EvaluationError, PlanError
 from graphsparse.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
+from graphsparse.ops.state import eval_mode, model_device
 from graphsparse.robust.attack_cache import AttackCache, measure_variant, samples_digest
-from graphsparse.robust.evaluate import (
+from graphsparse.robust.attacks import attack_key, check_classes, check_threat
+from graphsparse.robust.eval_report import pct, summarise
+from graphsparse.robust.samples import (
     UNKNOWN_INDICES,
-    EvaluationError,
-    _check_classes,
-    _check_positive,
-    _check_radius,
-    _n_classes,
-    _pct,
-    _summarise,
-    attack_key,
-    check_threat,
+    check_positive,
+    check_radius,
     data_bookkeeping,
-    eval_mode,
-    model_device,
+    model_classes,
     pick_samples,
 )
 
@@ -336,7 +331,7 @@ def tune(
             may be dicts). A graphsparse test (or ``all``) split is refused; data whose split cannot be told
             gives a :class:`SplitWarning`.
         alphas: the α values to try (0 is always added: it is the reference); default 0 to 0.5 step 0.05.
-        attack: the attack (an AutoAttack component name, see :mod:`graphsparse.evaluate`).
+        attack: the attack (an AutoAttack component name, see :mod:`graphsparse.robust.evaluate`).
         eps, norm: threat model (ε in ``[0, 1]`` pixel units: 8/255, not 8).
         n: number of validation samples (deterministic pick by ``seed``); None for all.
         batch_size: batch size of attacks and clean passes.
@@ -368,8 +363,8 @@ def tune(
     _refuse_test(val_data)
     eps, norm = check_threat(eps, norm)
     key = attack_key(attack)
-    _check_positive("batch_size", batch_size, allow_none=False)
-    _check_positive("steps", steps)
+    check_positive("batch_size", batch_size, allow_none=False)
+    check_positive("steps", steps)
     values = _check_alphas(alphas)
     if not (isinstance(max_clean_drop, (int, float)) and math.isfinite(max_clean_drop) and max_clean_drop >= 0):
         raise EvaluationError(f"max_clean_drop must be a number >= 0 (percentage points), got {max_clean_drop!r}")
@@ -386,7 +381,7 @@ def tune(
             "graphsparse.calibrate(model, train_data))"
         )
     s = pick_samples(val_data, n, seed, input_key=input_key, label_key=label_key)
-    _check_radius(eps, norm, s)
+    check_radius(eps, norm, s)
     n_eval = int(s.x.shape[0])
     notes: list[str] = []
     if s.split is None:
@@ -425,9 +420,9 @@ def tune(
                         model, s, variant, [key], samples=sdigest, cache=store, eps=eps, norm=norm,
                         batch_size=batch_size, seed=seed, device=target, n_classes=n_classes, steps=steps,
                     )
-                notes.extend(_summarise(msgs[key], f"{label}/{variant}"))
-                robust[variant] = _pct(int(rows[key].sum()), n_eval)
-            cache[sig] = (_pct(int(flags.sum()), n_eval), robust["exact"], robust.get("bpda"))
+                notes.extend(summarise(msgs[key], f"{label}/{variant}"))
+                robust[variant] = pct(int(rows[key].sum()), n_eval)
+            cache[sig] = (pct(int(flags.sum()), n_eval), robust["exact"], robust.get("bpda"))
         done += 1
         if progress is not None:
             progress(done, total, label)
@@ -440,8 +435,8 @@ def tune(
         if target != home:
             model.to(target)
         with eval_mode(model), logits_output(model):
-            n_classes = _n_classes(model, s, target)
-            _check_classes([key], n_classes)
+            n_classes = model_classes(model, s, target)
+            check_classes([key], n_classes)
             for a in values:
                 clean, robust, robust_b = measure(dict.fromkeys(ops, a), f"alpha={a:g}")
                 curve.append(TunePoint(a, clean, robust, robust_b))
