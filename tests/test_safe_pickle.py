@@ -420,6 +420,25 @@ def test_whole_modules_load_from_both_formats(tmp_path, legacy):
     assert type(loaded.extra[0]) is nn.Conv2d
 
 
+def test_the_legacy_loaders_stand_in_is_named_by_its_real_path():
+    # a legacy file's module ids are rewritten to call the function this string names: it must resolve
+    # to that function wherever the function lives
+    found = safe_pickle.resolve_global(safe_pickle._MODULE_ID_CLASS)
+    assert found is safe_pickle._module_id_class and found(("module", nn.Linear, "", "")) is nn.Linear
+
+
+def test_the_public_names_import_from_safe_pickle_and_their_home_module():
+    from graphsparse.sources import pickle_policy
+
+    for name in safe_pickle.__all__:
+        home = pickle_scan if name in pickle_scan.__all__ else pickle_policy if name in pickle_policy.__all__ else None
+        assert home is None or getattr(safe_pickle, name) is getattr(home, name), name
+    assert {"scan_file", "verify_zip", "PickleScan", "MAX_PICKLE_OPCODES"} <= set(pickle_scan.__all__)
+    assert {"class_problem", "data_global", "resolve_global", "user_allowed", "TRUSTED_PACKAGES"} <= set(
+        pickle_policy.__all__
+    )
+
+
 def zip_member_offset(path: pathlib.Path, suffix: str) -> int:
     """Where the bytes of the zip member ending in ``suffix`` start."""
     with zipfile.ZipFile(path) as archive:

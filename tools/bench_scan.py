@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="best of this many timings (default 3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from graphsparse.sources.safe_pickle import scan_file, verify_zip
+    from graphsparse.sources.pickle_scan import scan_file, verify_zip
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.dir or Path(tmp)
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ms:>12.4f}"
             )
         print(
-            "\ngs scan: safe_pickle.scan_file (the static opcode walk); gs CRC: verify_zip (zip files); gs vet: "
+            "\ngs scan: pickle_scan.scan_file (the static opcode walk); gs CRC: verify_zip (zip files); gs vet: "
             "read_pickle (scan, vetting, CRC and, where allowed, torch.load)"
         )
 
