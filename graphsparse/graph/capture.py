@@ -9,10 +9,7 @@ writes them) and the captured model is checked against the original on the probe
 
 from __future__ import annotations
 
-import ast
 import copy as copy_module
-import inspect
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,31 +18,27 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphsparse.errors import CaptureError
-from graphsparse.graph.activations import activation_kind_of_module, is_gate_kind
+from graphsparse.graph.activations import activation_kind_of_module
+from graphsparse.graph.census import Census, probe, probe_with_census
+from graphsparse.graph.tracer import (
+    OpaqueModule,
+    first_line,
+    join_path,
+    leaf_reason,
+    operator_types,  # noqa: F401  # planning.rewrite's import until it moves
+    trace,
+    trace_children,
+)
 
 __all__ = [
     "Capture",
-    "Census",
-    "OpaqueModule",
     "PartialCaptureWarning",
     "capture",
-    "leaf_reason",
     "iter_module_tree_activations",
-    "operator_types",
     "unwrap_compiled",
 ]
-
-
-@dataclass(frozen=True)
-class OpaqueModule:
-    """A module whose code graphsparse cannot see as a graph, and why."""
-
-    path: str
-    module_class: str
-    reason: str
 
 
 @dataclass
@@ -84,228 +77,13 @@ class PartialCaptureWarning(UserWarning):
     """Activations ran on the probe that no site reaches: an operator cannot go there (see ``Capture.missed``)."""
 
 
-# aten ops an activation dispatches -> the bucket they are counted in; a site's kind -> the bucket its call
-# dispatches. Gates (sigmoid, tanh, hardsigmoid) are not counted: they also compute gates and attention.
-_ATEN_BUCKETS = {
-    **{op: op for op in ("relu", "gelu", "silu", "hardswish", "hardtanh", "elu", "celu", "leaky_relu", "mish",
-                         "softplus")},
-    **{f"{op}_": op for op in ("relu", "gelu", "silu", "hardswish", "hardtanh", "elu", "celu", "leaky_relu",
-                               "mish")},
-    "rrelu_with_noise": "rrelu",
-    "_prelu_kernel": "prelu",
-}
-KIND_BUCKETS = {
-    **{k: k for k in ("relu", "gelu", "silu", "hardswish", "hardtanh", "elu", "celu", "leaky_relu", "mish",
-                      "softplus", "rrelu", "prelu")},
-    "relu6": "hardtanh",
-    "selu": "elu",
-}
-
-
-@dataclass
-class Census:
-    """What ran when the original model saw the probe, recorded independently of tracing.
-
-    Attributes:
-        activation_modules: path -> kind of every non-gate activation module that ran (not one nested in
-            another activation module).
-        calls: path -> how many times each module's forward ran.
-        classes: path -> class name of each module that ran.
-        dispatched: (path of the innermost running module, bucket) -> activation ops dispatched there
-            outside activation modules (functional calls such as ``F.relu``, ``x.relu_()``).
-    """
-
-    activation_modules: dict[str, str] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-    classes: dict[str, str] = field(default_factory=dict)
-    dispatched: dict[tuple[str, str], int] = field(default_factory=dict)
-
-
-def _autograd_function_called(module: nn.Module) -> str | None:
-    """Name of a ``torch.autograd.Function`` the module's own ``forward`` calls, if any."""
-    forward = type(module).forward
-    code = getattr(forward, "__code__", None)
-    if code is None:
-        return None
-    scope = getattr(forward, "__globals__", {})
-    for name in code.co_names:
-        obj = scope.get(name)
-        if inspect.isclass(obj) and issubclass(obj, torch.autograd.Function):
-            return obj.__name__
-    return None
-
-
-def _timm_notrace() -> tuple[tuple[type, ...], list[Any]]:
-    try:
-        from timm.layers import _fx as timm_fx
-    except ImportError:
-        return (), []
-    return tuple(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
-
-
-def leaf_reason(module: nn.Module) -> str | None:
-    """Why ``module`` is kept as a leaf (its code is not traced), or None when it is traced through.
-
-    Activation modules and torch.nn built-ins are leaves too but need no reason: they are ordinary
-    graph nodes.
-    """
-    notrace_modules, _ = _timm_notrace()
-    if notrace_modules and isinstance(module, notrace_modules):
-        return "timm no-trace module"
-    fn = _autograd_function_called(module)
-    if fn is not None:
-        return f"calls autograd.Function {fn}"
-    return None
-
-
-def operator_types() -> tuple[type, ...]:
-    """The operator classes graphsparse inserts; they stay leaves when a rewritten model is captured again."""
-    from graphsparse.ops.meansparse import OPERATOR_TYPES
-    from graphsparse.ops.sparta import SPARTA_TYPES
-
-    return tuple(OPERATOR_TYPES) + tuple(SPARTA_TYPES)
-
-
-class _CaptureTracer(fx.Tracer):
-    """fx tracer with timm's no-trace registries, activation modules as leaves, autograd.Function leaves."""
-
-    def __init__(self) -> None:
-        notrace_modules, notrace_functions = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(notrace_functions))
-        self.notrace_modules = notrace_modules
-        self.leaf_paths: list[str] = []
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if activation_kind_of_module(m) is not None or isinstance(m, operator_types()):
-            return True
-        if leaf_reason(m) is not None:
-            if module_qualified_name not in self.leaf_paths:
-                self.leaf_paths.append(module_qualified_name)
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _optional_args(module: nn.Module) -> dict[str, Any]:
-    """Keyword arguments of ``forward`` past the input that default to None/bool/number: the root is
-    called with the input alone, so they are traced as their defaults (e.g. ``mask=None``)."""
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return {}
-    return {
-        p.name: p.default
-        for p in params
-        if p.default is not inspect.Parameter.empty and (p.default is None or isinstance(p.default, (bool, int, float)))
-    }
-
-
-def _trace(module: nn.Module, *, root: bool = False) -> tuple[fx.GraphModule, list[str]]:
-    tracer = _CaptureTracer()
-    graph = tracer.trace(module, concrete_args=_optional_args(module) or None if root else None)
-    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-    return gm, tracer.leaf_paths
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
-
-_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
-
-
-def _is_torch_builtin(module: nn.Module) -> bool:
-    """A torch.nn layer (fx's default leaves); containers are traced (Sequential) or looked into."""
-    return type(module).__module__.startswith("torch.nn") and not isinstance(module, (nn.Sequential, *_CONTAINERS))
-
-
-def _only_called(parent: nn.Module, name: str) -> bool:
-    """True when ``parent.forward`` uses ``self.<name>`` only by calling it (``self.blocks(x)``): then the
-    child may be swapped for a GraphModule. Iterated, indexed, measured or passed on (``for b in
-    self.blocks``, ``self.blocks[0]``, ``len(self.blocks)``), or when the source cannot be read: False."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(parent).forward)))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    called = set()
-    uses = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            called.add(id(node.func))
-        if (
-            isinstance(node, ast.Attribute)
-            and node.attr == name
-            and isinstance(node.value, ast.Name)
-            and node.value.id == "self"
-        ):
-            uses.append(node)
-    return all(id(u) in called for u in uses)
-
-
-def _trace_children(
-    module: nn.Module,
-    path: str,
-    graphs: dict[str, fx.GraphModule],
-    leaves: list[str],
-    opaque: list[OpaqueModule],
-) -> None:
-    """Trace the children of an eager ``module``, swapping each for its GraphModule inside ``module`` (a
-    container keeps its class, length and order, so the eager parent still iterates or indexes it)."""
-    for name, child in list(module.named_children()):
-        eager_use = isinstance(module, _CONTAINERS) or not _only_called(module, name)
-        if isinstance(child, nn.Sequential) and eager_use:
-            # a GraphModule neither iterates nor indexes like the Sequential: trace its children instead
-            opaque.append(OpaqueModule(_join(path, name), type(child).__name__, "container used eagerly"))
-            _trace_children(child, _join(path, name), graphs, leaves, opaque)
-            continue
-        child_gm = _trace_tree(child, _join(path, name), graphs, leaves, opaque)
-        if child_gm is not None:
-            setattr(module, name, child_gm)
-
-
-def _trace_tree(
-    module: nn.Module,
-    path: str,
-    graphs: dict[str, fx.GraphModule],
-    leaves: list[str],
-    opaque: list[OpaqueModule],
-) -> fx.GraphModule | None:
-    """Trace ``module``; when it fails, keep it eager and trace its children instead (in place)."""
-    if activation_kind_of_module(module) is not None or _is_torch_builtin(module):
-        return None
-    if isinstance(module, _CONTAINERS):  # no forward of its own: its owner iterates or indexes it
-        _trace_children(module, path, graphs, leaves, opaque)
-        return None
-    reason = leaf_reason(module)
-    if reason is not None:
-        opaque.append(OpaqueModule(path, type(module).__name__, reason))
-        leaves.append(path)
-        return None
-    try:
-        gm, leaf_paths = _trace(module)
-    except Exception as exc:  # any tracer failure means: fall back to the children
-        opaque.append(OpaqueModule(path, type(module).__name__, f"stayed eager: {_first_line(exc)}"))
-        _trace_children(module, path, graphs, leaves, opaque)
-        return None
-    graphs[path] = gm
-    for leaf in leaf_paths:
-        leaves.append(_join(path, leaf))
-        leaf_module = gm.get_submodule(leaf)
-        opaque.append(OpaqueModule(_join(path, leaf), type(leaf_module).__name__, leaf_reason(leaf_module) or ""))
-    return gm
-
-
 def iter_module_tree_activations(model: nn.Module, capture: Capture) -> Iterator[tuple[str, nn.Module]]:
     """Activation modules that no graph calls: inside leaves, or in modules that stayed eager."""
     called: set[str] = set()
     for gpath, gm in capture.graphs.items():
         for node in gm.graph.nodes:
             if node.op == "call_module":
-                called.add(_join(gpath, node.target))
+                called.add(join_path(gpath, node.target))
     graph_paths = set(capture.graphs)
     for path, module in model.named_modules():
         if path in called or activation_kind_of_module(module) is None:
@@ -316,11 +94,6 @@ def iter_module_tree_activations(model: nn.Module, capture: Capture) -> Iterator
         if owner is not None and not inside_leaf:
             continue
         yield path, module
-
-
-def _probe(model: nn.Module, example_input: Any) -> Any:
-    with torch.no_grad():
-        return model(example_input)
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -438,70 +211,17 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
-class _CountActivations(TorchDispatchMode):
-    """Counts activation ops dispatched outside activation modules, by the innermost running module."""
-
-    def __init__(self, census: Census, stack: list[str], inside: list[int]) -> None:
-        super().__init__()
-        self.census, self.stack, self.inside = census, stack, inside
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        bucket = _ATEN_BUCKETS.get(func.overloadpacket.__name__)
-        if bucket is not None and not self.inside[0]:
-            key = (self.stack[-1] if self.stack else "", bucket)
-            self.census.dispatched[key] = self.census.dispatched.get(key, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-def _probe_with_census(model: nn.Module, example_input: torch.Tensor) -> tuple[Any, Census]:
-    """Run the probe through the original model, recording what ran (forward hooks, a dispatch mode)."""
-    census = Census()
-    stack: list[str] = []
-    inside = [0]  # depth of activation modules being run: their own aten ops are theirs, not functional calls
-    handles = []
-
-    def pre(path: str, kind: str | None):
-        def hook(module: nn.Module, args: Any) -> None:
-            census.calls[path] = census.calls.get(path, 0) + 1
-            census.classes[path] = type(module).__name__
-            if kind is not None and not is_gate_kind(kind) and not inside[0]:
-                census.activation_modules.setdefault(path, kind)
-            inside[0] += kind is not None
-            stack.append(path)
-
-        return hook
-
-    def post(kind: str | None):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            stack.pop()
-            inside[0] -= kind is not None
-
-        return hook
-
-    try:
-        for path, module in model.named_modules():
-            kind = activation_kind_of_module(module)
-            handles.append(module.register_forward_pre_hook(pre(path, kind)))
-            handles.append(module.register_forward_hook(post(kind)))
-        with _CountActivations(census, stack, inside):
-            output = _probe(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return output, census
-
-
 def _run_original(model: nn.Module, example_input: torch.Tensor) -> tuple[Any, Census | None]:
     try:
-        return _probe_with_census(model, example_input)
+        return probe_with_census(model, example_input)
     except Exception:  # the census is a check: a model it disturbs is still captured, without it
         pass
     try:
-        return _probe(model, example_input), None
+        return probe(model, example_input), None
     except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__} does not run on a probe input of shape {tuple(example_input.shape)} "
-            f"({_first_line(exc)}). Hint: pass the input shape the model was built for "
+            f"({first_line(exc)}). Hint: pass the input shape the model was built for "
             "(--input-shape B,C,H,W, e.g. 1,3,224,224)."
         ) from exc
 
@@ -545,7 +265,7 @@ def _keep_model_card(source: nn.Module, gm: fx.GraphModule) -> None:
 
 
 def _capture_root(source: nn.Module, example_input: torch.Tensor, reference: Any, atol: float) -> Capture:
-    root_gm, leaf_paths = _trace(source, root=True)
+    root_gm, leaf_paths = trace(source, root=True)
     _keep_model_card(source, root_gm)
     opaque = []
     for leaf in leaf_paths:
@@ -563,14 +283,14 @@ def _capture_children(
     """Keep the root eager and trace the largest traceable submodules instead."""
     graphs: dict[str, fx.GraphModule] = {}
     leaves: list[str] = []
-    opaque = [OpaqueModule("", type(source).__name__, f"stayed eager: {_first_line(root_error)}")]
-    _trace_children(source, "", graphs, leaves, opaque)
+    opaque = [OpaqueModule("", type(source).__name__, f"stayed eager: {first_line(root_error)}")]
+    trace_children(source, "", graphs, leaves, opaque)
     result = Capture(source, graphs, opaque, leaves, 0.0)
     # with no graph at all, activation modules that run eagerly are still sites (reached through the tree)
     if not graphs and next(iter_module_tree_activations(source, result), None) is None:
         raise CaptureError(
             f"{type(source).__name__}: neither the model nor any of its submodules could be captured by torch.fx "
-            f"({_first_line(root_error)}), and it holds no activation module. Hint: {_untraceable_hint(source)}"
+            f"({first_line(root_error)}), and it holds no activation module. Hint: {_untraceable_hint(source)}"
         ) from root_error
     source.eval()
     output = _record_shapes(result, example_input)
@@ -628,7 +348,7 @@ def _record_shapes(result: Capture, example_input: torch.Tensor) -> Any:
             for path, module in iter_module_tree_activations(model, result):
                 handles.append(module.register_forward_pre_hook(activation_hook(path)))
                 handles.append(module.register_forward_hook(activation_output_hook(path)))
-            output = _probe(model, example_input)
+            output = probe(model, example_input)
             for consumer, args in graph_inputs.items():
                 for producer, out in graph_outputs.items():
                     if args and args[0] is out:
@@ -640,7 +360,7 @@ def _record_shapes(result: Capture, example_input: torch.Tensor) -> Any:
     except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__}: the probe input of shape {tuple(example_input.shape)} could not be run "
-            f"through the model ({_first_line(exc)}). Hint: pass the input shape the model was built for "
+            f"through the model ({first_line(exc)}). Hint: pass the input shape the model was built for "
             "(--input-shape B,C,H,W, e.g. 1,3,224,224)."
         ) from exc
     finally:

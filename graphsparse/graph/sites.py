@@ -17,7 +17,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphsparse.graph.activations import activation_kind_of_module, is_gate_kind
-from graphsparse.graph.capture import KIND_BUCKETS, Capture, PartialCaptureWarning, capture
+from graphsparse.graph.capture import Capture, PartialCaptureWarning, capture
+from graphsparse.graph.census import KIND_BUCKETS
 from graphsparse.graph.roles import GraphFacts, shape_of
 
 __all__ = ["Site", "SiteList", "ROLES", "LAYOUTS", "find_sites", "sites_of_capture"]
