@@ -11,7 +11,8 @@ from torch import nn
 from graphsparse import load_dataset
 from graphsparse.errors import ArtifactError
 from graphsparse.ops.sparta import Sparta, freeze_except_sparta, sparta_parameters
-from graphsparse.robust.train import TrainProgress, pgd_attack, train
+from graphsparse.robust.pgd import pgd_attack
+from graphsparse.robust.train import TrainProgress, train
 
 
 def _cnn(seed: int = 0, *, sparta: bool = False) -> nn.Module:

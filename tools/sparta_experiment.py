@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import graphsparse as gs  # noqa: E402
 from graphsparse.data import load_dataset  # noqa: E402
 from graphsparse.demo.models import DemoPreActResNet  # noqa: E402
-from graphsparse.robust.train import pgd_attack, train  # noqa: E402
+from graphsparse.robust.pgd import pgd_attack  # noqa: E402
+from graphsparse.robust.train import train  # noqa: E402
 
 
 def accuracy(model, xs, ys, eps=0.0, steps=20, seed=0) -> float:

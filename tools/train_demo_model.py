@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 from graphsparse.artifact.io import atomic_write  # noqa: E402
 from graphsparse.data import load_dataset  # noqa: E402
 from graphsparse.demo.models import DEMO_WEIGHTS, DemoPreActResNet  # noqa: E402
-from graphsparse.robust.train import pgd_attack, train  # noqa: E402
+from graphsparse.robust.pgd import pgd_attack  # noqa: E402
+from graphsparse.robust.train import train  # noqa: E402
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.0, steps: int = 0,

@@ -9,20 +9,18 @@ Determinism: every epoch draws its batch order and PGD random starts from genera
 ``torch.random.fork_rng`` (the caller's RNG state is untouched). On CPU the same seed gives bit-identical
 parameters, and a run resumed from a checkpoint ends with exactly the parameters of an uninterrupted run.
 
-Checkpoint (``.safetensors``, written atomically after every epoch): tensors ``model/<state-dict key>`` and
-``optimizer/<param index>/<state key>``; text metadata holds the epoch count, the per-epoch records, the
-optimizer's param groups and the run's settings (checked on resume).
+The attack is :func:`graphsparse.robust.pgd.pgd_attack`; the run's record and its checkpoint file are in
+:mod:`graphsparse.robust.train_state`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,90 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from graphsparse._files import atomic_write
-from graphsparse.errors import ArtifactError, closest
+from graphsparse.errors import closest
+from graphsparse.robust.pgd import check_norm, pgd_attack
+from graphsparse.robust.train_state import EpochRecord, TrainRecord, load_checkpoint, save_checkpoint
 
-__all__ = ["NORMS", "SCHEDULES", "EpochRecord", "TrainProgress", "TrainRecord", "pgd_attack", "train"]
-
-NORMS = ("Linf", "L2")
-"""Threat models of :func:`pgd_attack`."""
+__all__ = ["SCHEDULES", "TrainProgress", "train"]
 
 SCHEDULES = ("cosine", "step", "constant")
 """Learning-rate schedules of :func:`train`."""
-
-_FORMAT = "graphsparse.train/1"
-_SETTINGS = (
-    "epochs",
-    "eps",
-    "alpha_step",
-    "steps",
-    "norm",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "schedule",
-    "eps_warmup_epochs",
-    "batch_size",
-    "seed",
-)
-
-
-# ----------------------------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """Figures of one epoch, measured on the training batches as they were trained on.
-
-    Attributes:
-        epoch: 1-based epoch number.
-        loss: mean cross-entropy on the adversarial examples (before the update of each batch).
-        clean_acc: accuracy on the clean batches (model in train mode, before the update).
-        adv_acc: accuracy on the adversarial examples.
-        eps: ε of the last batch of the epoch (smaller than the target during warm-up).
-        lr: learning rate of the last batch of the epoch.
-        samples: samples seen.
-        seconds: wall time of the epoch.
-    """
-
-    epoch: int
-    loss: float
-    clean_acc: float
-    adv_acc: float
-    eps: float
-    lr: float
-    samples: int
-    seconds: float
-
-
-@dataclass
-class TrainRecord:
-    """What :func:`train` did: the settings and one :class:`EpochRecord` per epoch (resumed ones included).
-
-    Attributes:
-        settings: the run's settings (``eps``, ``steps``, ``lr``, …) as a JSON-able dict.
-        epochs: per-epoch records, in order.
-        resumed_from: the epoch the run was resumed from (0 for a fresh run).
-        checkpoint: path of the checkpoint file ('' when none was written).
-    """
-
-    settings: dict[str, Any]
-    epochs: list[EpochRecord] = field(default_factory=list)
-    resumed_from: int = 0
-    checkpoint: str = ""
-
-    @property
-    def last(self) -> EpochRecord | None:
-        """The last epoch's record, or None before the first epoch."""
-        return self.epochs[-1] if self.epochs else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": dict(self.settings),
-            "epochs": [asdict(e) for e in self.epochs],
-            "resumed_from": self.resumed_from,
-            "checkpoint": self.checkpoint,
-        }
 
 
 @dataclass(frozen=True)
@@ -139,92 +61,6 @@ class TrainProgress:
     eps: float
     lr: float
     end_of_epoch: bool
-
-
-# ------------------------------------------------------------------------------------------------- attack
-
-
-def _check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}{closest(norm, NORMS)}; valid norms: {', '.join(NORMS)}")
-    return norm
-
-
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1).reshape(-1, *([1] * (t.dim() - 1)))
-
-
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return delta.clamp(-eps, eps)
-    scale = (eps / _per_sample_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-    return delta * scale
-
-
-def _random_start(x: torch.Tensor, eps: float, norm: str, rng: torch.Generator | None) -> torch.Tensor:
-    where = rng.device if rng is not None else x.device
-    if norm == "Linf":
-        delta = (2 * torch.rand(x.shape, generator=rng, dtype=x.dtype, device=where) - 1) * eps
-    else:  # uniform in the L2 ball: Gaussian direction, radius eps * u^(1/d)
-        direction = torch.randn(x.shape, generator=rng, dtype=x.dtype, device=where)
-        direction = direction / _per_sample_norm(direction).clamp_min(1e-12)
-        u = torch.rand(x.shape[0], generator=rng, dtype=x.dtype, device=where)
-        delta = direction * (eps * u.pow(1.0 / x[0].numel())).reshape(-1, *([1] * (x.dim() - 1)))
-    return delta.to(x.device)
-
-
-def pgd_attack(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    step: float,
-    steps: int,
-    norm: str = "Linf",
-    rng: torch.Generator | None = None,
-    *,
-    random_start: bool = True,
-) -> torch.Tensor:
-    """Untargeted PGD on the cross-entropy (Madry et al.): the adversarial version of ``x``.
-
-    The model is run in whatever mode it is in; no parameter gradients are accumulated.
-
-    Args:
-        model: the classifier (logits out), fed inputs in ``[0, 1]``.
-        x: clean inputs in ``[0, 1]``; y: their labels.
-        eps: radius of the threat ball (``>= 0``); ``0`` returns ``x`` unchanged.
-        step: step size (Linf: per-coordinate sign step; L2: length of the normalised gradient step).
-        steps: number of gradient steps (``>= 0``; 0 gives the random start only).
-        norm: ``"Linf"`` or ``"L2"``.
-        rng: generator of the random start (on ``x``'s device, or a CPU generator); None uses the global RNG.
-        random_start: start from a uniform random point of the ball (Madry) instead of ``x``.
-
-    Returns:
-        ``x_adv`` (detached) with ``‖x_adv − x‖ ≤ eps`` in the chosen norm (up to float rounding for L2)
-        and every value in ``[0, 1]``.
-    """
-    _check_norm(norm)
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    x = x.detach()
-    if eps == 0:
-        return x.clone()
-    delta = _random_start(x, eps, norm, rng) if random_start else torch.zeros_like(x)
-    delta = ((x + delta).clamp(0.0, 1.0) - x).detach()
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y)
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            if norm == "Linf":
-                delta = delta + step * grad.sign()
-            else:
-                delta = delta + step * grad / _per_sample_norm(grad).clamp_min(1e-12)
-            delta = _project(delta, eps, norm)
-            delta = (x + delta).clamp(0.0, 1.0) - x
-    return (x + delta).detach()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -327,107 +163,6 @@ def _frozen_bn_modules(model: nn.Module, trained: list[nn.Parameter], explicit: 
     return frozen
 
 
-# ------------------------------------------------------------------------------------------------ checkpoint
-
-
-def _save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    record: TrainRecord,
-) -> None:
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            tensors[f"model/{key}"] = value.detach().cpu().contiguous().clone()
-    state = optimizer.state_dict()
-    for index, pstate in state["state"].items():
-        for key, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous().clone()
-    metadata = {
-        "format": _FORMAT,
-        "epoch": str(epoch),
-        "settings": json.dumps(record.settings, sort_keys=True),
-        "param_groups": json.dumps(state["param_groups"]),
-        "epochs": json.dumps([asdict(e) for e in record.epochs]),
-    }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, settings: dict[str, Any]
-) -> tuple[int, list[EpochRecord]]:
-    from safetensors import safe_open
-
-    where = f"training checkpoint {str(path)!r}"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise ArtifactError(f"{where} could not be read ({type(e).__name__}: {e})") from e
-    if metadata.get("format") != _FORMAT:
-        raise ArtifactError(
-            f"{where} is not a graphsparse training checkpoint (format {metadata.get('format')!r}). "
-            "Hint: pass resume=False to start afresh"
-        )
-    saved, epoch, epochs, param_groups = _checkpoint_metadata(metadata, where)
-    changed = [k for k in _SETTINGS if saved.get(k) != settings.get(k)]
-    if changed:
-        diffs = ", ".join(f"{k}={saved.get(k)!r} (now {settings.get(k)!r})" for k in changed)
-        raise ArtifactError(
-            f"{where} was made with other settings: {diffs}. "
-            "Hint: resume with the same settings, or pass resume=False to start afresh"
-        )
-    model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-    try:
-        model.load_state_dict(model_state, strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(f"{where} does not match the model: {e}") from e
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            index, _, name = key[len("optimizer/") :].partition("/")
-            if not index.isdigit() or not name:
-                raise ArtifactError(f"{where} has an unexpected tensor {key!r}. Hint: the file is damaged")
-            opt_state.setdefault(int(index), {})[name] = value
-    try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{where}: the optimizer state does not fit the parameters: {e}") from e
-    return epoch, epochs
-
-
-def _checkpoint_metadata(
-    metadata: dict[str, str], where: str
-) -> tuple[dict[str, Any], int, list[EpochRecord], list[dict[str, Any]]]:
-    """The settings, epoch, epoch records and optimizer groups a checkpoint stores, each checked."""
-    field = "settings"
-    try:
-        saved = json.loads(metadata[field])
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-        field = "epoch"
-        epoch = int(metadata[field])
-        field = "epochs"
-        epochs = [EpochRecord(**e) for e in json.loads(metadata[field])]
-        field = "param_groups"
-        groups = json.loads(metadata[field])
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise ValueError("not a list of JSON objects")
-    except (KeyError, ValueError, TypeError) as e:
-        problem = "is missing" if isinstance(e, KeyError) else f"is invalid ({type(e).__name__}: {e})"
-        raise ArtifactError(
-            f"{where}: metadata field {field!r} {problem}. Hint: the file is damaged; "
-            "pass resume=False to start afresh"
-        ) from e
-    return saved, epoch, epochs, groups
-
-
 # --------------------------------------------------------------------------------------------------- train
 
 
@@ -451,7 +186,7 @@ def _validate(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if alpha_step is not None and not (math.isfinite(alpha_step) and alpha_step > 0):
         raise ValueError(f"alpha_step must be a finite number > 0 or None, got {alpha_step!r}")
-    _check_norm(norm)
+    check_norm(norm)
     if schedule not in SCHEDULES:
         valid = ", ".join(SCHEDULES)
         raise ValueError(f"unknown schedule {schedule!r}{closest(schedule, SCHEDULES)}; valid: {valid}")
@@ -550,7 +285,7 @@ def train(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start = 0
     if resume and ckpt is not None and ckpt.is_file():
-        start, record.epochs = _load_checkpoint(ckpt, model, optimizer, settings)
+        start, record.epochs = load_checkpoint(ckpt, model, optimizer, settings)
         record.resumed_from = start
     frozen_bn = _frozen_bn_modules(model, trained, explicit=params is not None)
     batches = math.ceil(n / batch_size)
@@ -561,7 +296,7 @@ def train(
                 rec = _train_epoch(model, data, optimizer, frozen_bn, settings, epoch, batches, dev, progress)
                 record.epochs.append(rec)
                 if ckpt is not None:
-                    _save_checkpoint(ckpt, model, optimizer, epoch + 1, record)
+                    save_checkpoint(ckpt, model, optimizer, epoch + 1, record)
     finally:
         model.eval()
     return record
