@@ -40,7 +40,7 @@ _LAZY: dict[str, str] = {
     "RuleError": "errors",
     "UnsafePickleError": "errors",
     "EvalReport": "robust.evaluate",
-    "EvaluationError": "robust.evaluate",
+    "EvaluationError": "errors",
     "evaluate": "robust.evaluate",
     "fuse_activations": "planning.fuse",
     "export": "deploy",
@@ -66,10 +66,10 @@ _LAZY: dict[str, str] = {
     "RuleSet": "planning.rules",
     "builtin_rules": "planning.rules",
     "load_rules": "planning.rules",
-    "parse_rules": "planning.rules",
+    "parse_rules": "planning.rule_parser",
     "Site": "graph.sites",
     "find_sites": "graph.sites",
-    "pgd_attack": "robust.train",
+    "pgd_attack": "robust.pgd",
     "train": "robust.train",
     "TuneResult": "robust.tune",
     "tune": "robust.tune",
@@ -84,6 +84,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         CalibrationError,
         CaptureError,
         DataError,
+        EvaluationError,
         GraphsparseError,
         ModelSourceError,
         PlanError,
@@ -105,10 +106,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .planning.fuse import fuse_activations
     from .planning.plan import Plan, PlanEntry, make_plan
     from .planning.rewrite import apply_plan, rewrite, rewrite_info
-    from .planning.rules import RuleSet, builtin_rules, load_rules, parse_rules
+    from .planning.rule_parser import parse_rules
+    from .planning.rules import RuleSet, builtin_rules, load_rules
     from .plots import plot_site_histogram, plot_tuning
-    from .robust.evaluate import EvalReport, EvaluationError, evaluate
-    from .robust.train import pgd_attack, train
+    from .robust.evaluate import EvalReport, evaluate
+    from .robust.pgd import pgd_attack
+    from .robust.train import train
     from .robust.tune import TuneResult, tune
     from .stats.calibrate import CalibrationRecord, calibrate
 

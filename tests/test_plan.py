@@ -11,7 +11,8 @@ from rich.table import Table
 
 from graphsparse.errors import PlanError, RuleError
 from graphsparse.planning.plan import Plan, PlanEntry, make_plan
-from graphsparse.planning.rules import load_rules, parse_rules
+from graphsparse.planning.rule_parser import parse_rules
+from graphsparse.planning.rules import load_rules
 
 try:  # tests/ as a package, or on sys.path (pytest's default rootdir-less import mode)
     from .test_rules import N_BLOCKS, N_STAGES, build_sites, preact_sites, resnet18_sites, rules_text

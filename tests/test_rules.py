@@ -15,16 +15,10 @@ import pytest
 
 from graphsparse.errors import RuleError
 from graphsparse.graph.sites import Site
-from graphsparse.planning.rules import (
-    AlphaSpec,
-    Rule,
-    RuleSet,
-    Selector,
-    builtin_rules,
-    load_rules,
-    parse_rules,
-    resolve,
-)
+from graphsparse.planning.resolve import resolve
+from graphsparse.planning.rule_parser import parse_rules
+from graphsparse.planning.rules import AlphaSpec, Rule, RuleSet, builtin_rules, load_rules
+from graphsparse.planning.selectors import Selector
 
 # --------------------------------------------------------------------------------------------------
 # Site factories
