@@ -597,3 +597,27 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
     assert codes == [3, 3], output
     assert "site 'conv1.act' in batch 1" in (tmp_path / "error1.txt").read_text()
     assert "failed on rank 1" in (tmp_path / "error0.txt").read_text()
+
+
+def test_agree_on_failure_names_the_failed_rank_with_the_callers_error(monkeypatch):
+    """distributed.agree_on_failure (shared, from calibrate): a rank that did not fail raises the caller's error type
+    naming the first failed rank; a failed rank re-raises its own error. The other ranks' flags come from a stand-in
+    all_reduce (ranks 2 and 3 failed)."""
+    from graphsparse.distributed import agree_on_failure
+    from graphsparse.errors import DataError
+
+    def others_failed(flags):
+        flags[2] = flags[3] = 1
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", others_failed)
+    cpu = torch.device("cpu")
+    with pytest.raises(CalibrationError, match=r"^calibration failed on rank 2; this rank stopped too\. Hint: see"):
+        agree_on_failure(None, 0, 4, cpu, error_type=CalibrationError, what="calibration")
+    with pytest.raises(DataError, match=r"^reading failed on rank 2;"):
+        agree_on_failure(None, 1, 4, cpu, error_type=DataError, what="reading")
+    own = ValueError("mine")
+    with pytest.raises(ValueError) as caught:
+        agree_on_failure(own, 3, 4, cpu)
+    assert caught.value is own
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flags: None)
+    agree_on_failure(None, 0, 4, cpu)  # nobody failed: returns
