@@ -2,8 +2,8 @@
 
 Forward hooks count every module that ran and note every activation module; a ``TorchDispatchMode`` counts the
 activation ops dispatched outside activation modules (``F.relu``, ``x.relu_()``), by the innermost running module.
-:func:`graphsparse.graph.sites.find_sites` compares it with the sites it found, so that an activation no site
-reaches is named (``PartialCaptureWarning``) instead of missed in silence.
+:func:`graphsparse.graph.sites.sites_of_capture` compares it with the sites it found, so that an activation no
+site reaches is named (``PartialCaptureWarning``) instead of missed in silence.
 """
 
 from __future__ import annotations
