@@ -27,7 +27,7 @@ from torch import nn
 
 from graphsparse.cli import main
 from graphsparse.errors import ModelSourceError
-from graphsparse.sources.model_sources import load_model
+from graphsparse.sources.load import load_model
 
 ARCH = "timm:test_resnet"
 SHAPE = (2, 3, 32, 32)
@@ -220,7 +220,7 @@ def test_whole_robustbench_module_loads_in_a_fresh_process(tmp_path):
         pytest.skip("robustbench not installed")
     script = f"""
 import torch
-from graphsparse.sources.model_sources import load_model
+from graphsparse.sources.load import load_model
 spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
 model, _ = load_model(spec, depth=10, width=1)
 torch.save(model, {str(tmp_path / "dm.pt")!r})
@@ -229,7 +229,7 @@ torch.save(model, {str(tmp_path / "dm_legacy.pt")!r}, _use_new_zipfile_serializa
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
     for name in ("dm.pt", "dm_legacy.pt"):
         script = f"""
-from graphsparse.sources.model_sources import load_model
+from graphsparse.sources.load import load_model
 model, recipe = load_model({str(tmp_path / name)!r})
 print(type(model).__name__, recipe.kind)
 """

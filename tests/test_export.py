@@ -20,7 +20,8 @@ from graphsparse.data import load_dataset, make_loader
 from graphsparse.demo.models import DemoPreActResNet, load_demo_model
 from graphsparse.deploy import ExportError
 from graphsparse.deploy.verify import band_edges
-from graphsparse.sources.model_sources import Recipe, load_model
+from graphsparse.sources.load import load_model
+from graphsparse.sources.recipes import Recipe
 
 pytest.importorskip("onnxruntime")
 

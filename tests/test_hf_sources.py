@@ -21,7 +21,9 @@ from graphsparse.artifact.io import load, read_metadata, save  # noqa: E402
 from graphsparse.cli import main  # noqa: E402
 from graphsparse.errors import ArtifactError, ModelSourceError  # noqa: E402
 from graphsparse.planning.rewrite import rewrite  # noqa: E402
-from graphsparse.sources.model_sources import Recipe, build_from_recipe, default_input_shape, load_model  # noqa: E402
+from graphsparse.sources.load import build_from_recipe, load_model  # noqa: E402
+from graphsparse.sources.recipes import Recipe  # noqa: E402
+from graphsparse.sources.shapes import default_input_shape  # noqa: E402
 from graphsparse.testing.architectures import huggingface_classifiers  # noqa: E402
 
 FAMILIES = huggingface_classifiers()

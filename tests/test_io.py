@@ -13,7 +13,7 @@ import torch
 import graphsparse as gs
 from graphsparse.artifact.io import _canonical_safetensors, _metadata_digest, read_metadata
 from graphsparse.errors import ArtifactError
-from graphsparse.sources.model_sources import load_model
+from graphsparse.sources.load import load_model
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,8 @@ def test_recipe_is_inferred_for_timm_and_plain_classes(tmp_path):
     ],
 )
 def test_no_recipe_is_inferred_when_the_rebuilt_model_computes_otherwise(tmp_path, make):
-    from graphsparse.sources.model_sources import default_input_shape, infer_recipe
+    from graphsparse.sources.infer import infer_recipe
+    from graphsparse.sources.shapes import default_input_shape
 
     base = make()
     assert infer_recipe(base) is None

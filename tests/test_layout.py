@@ -170,7 +170,7 @@ def test_a_pickle_and_a_recipe_written_before_the_move_still_load(tmp_path):
 
     import graphsparse as gs
     from graphsparse.demo.models import DemoPreActResNet
-    from graphsparse.sources.model_sources import load_model
+    from graphsparse.sources.load import load_model
 
     model = DemoPreActResNet()
     path = tmp_path / "old.pt"

@@ -23,14 +23,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from graphsparse.errors import ModelSourceError, UnsafePickleError
-from graphsparse.sources.model_sources import (
-    Recipe,
-    build_from_recipe,
-    default_input_shape,
-    import_robustbench,
-    load_model,
-    parse_input_shape,
-)
+from graphsparse.sources.load import build_from_recipe, load_model
+from graphsparse.sources.recipes import Recipe
+from graphsparse.sources.robustbench import import_robustbench
+from graphsparse.sources.shapes import default_input_shape, parse_input_shape
 
 try:  # tests/ may or may not be a package, depending on how pytest was started
     from tests import _user_models
@@ -162,7 +158,7 @@ def test_a_torchvision_model_gets_a_torchvision_recipe(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     from graphsparse.artifact.io import load, save
     from graphsparse.planning.rewrite import rewrite
-    from graphsparse.sources.model_sources import infer_recipe
+    from graphsparse.sources.infer import infer_recipe
 
     torch.manual_seed(0)
     model = torchvision.models.squeezenet1_1(num_classes=5).eval()
@@ -175,7 +171,7 @@ def test_a_torchvision_model_gets_a_torchvision_recipe(tmp_path):
     assert same_output(load(tmp_path / "squeeze.safetensors"), model)
 
 
-def test_builder_functions_are_model_sources():
+def test_builder_functions_are_a_model_source():
     torchvision = pytest.importorskip("torchvision")
     model, recipe = load_model("torchvision.models:resnet18", num_classes=3)
     assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 3
@@ -645,7 +641,7 @@ def test_robustbench_classes_load_in_a_fresh_process(tmp_path, robustbench):
     # a fresh interpreter has no 'autoattack' alias yet: importing a robustbench module by name needs it
     script = f"""
 import torch
-from graphsparse.sources.model_sources import build_from_recipe, load_model
+from graphsparse.sources.load import build_from_recipe, load_model
 spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
 model, recipe = load_model(spec, depth=10, width=1)
 torch.save(model.state_dict(), {str(tmp_path / "dm.pt")!r})
@@ -655,7 +651,8 @@ print(type(model).__name__, recipe)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "DMWideResNet robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet" in first.stdout
     script = f"""
-from graphsparse.sources.model_sources import Recipe, build_from_recipe, load_model
+from graphsparse.sources.load import build_from_recipe, load_model
+from graphsparse.sources.recipes import Recipe
 spec = "robustbench.model_zoo.architectures.dm_wide_resnet:DMWideResNet"
 model, recipe = load_model({str(tmp_path / "dm.pt")!r}, arch=spec, depth=10, width=1)
 print(type(model).__name__, type(build_from_recipe(Recipe("class", spec, {{"depth": 10, "width": 1}}))).__name__)

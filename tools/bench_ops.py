@@ -373,7 +373,7 @@ class ModelCase:
 
 
 def _wrn28_10() -> nn.Module:
-    from graphsparse.sources.model_sources import import_robustbench
+    from graphsparse.sources.robustbench import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet

@@ -194,7 +194,7 @@ def timing(names: list[str], repeats: int = 3) -> list[dict]:
 
 def robustbench_models() -> list[tuple[str, torch.nn.Module, tuple[int, ...]]]:
     try:
-        from graphsparse.sources.model_sources import import_robustbench
+        from graphsparse.sources.robustbench import import_robustbench
 
         import_robustbench()
         from robustbench.model_zoo.architectures import dm_wide_resnet as dm

@@ -7,7 +7,7 @@ Tensors: the rewritten model's whole ``state_dict`` (base weights and operator t
 ``format_version``     ``1``
 ``plan``               the applied plan (JSON, :meth:`Plan.to_json`)
 ``rules``              the rule file text
-``recipe``             how to rebuild the base model (JSON, :class:`~graphsparse.sources.model_sources.Recipe`)
+``recipe``             how to rebuild the base model (JSON, :class:`~graphsparse.sources.recipes.Recipe`)
 ``input_shape``        the probe input shape used for capture (JSON list)
 ``records``            calibration / tuning / evaluation records (JSON object)
 ``versions``           graphsparse, torch, timm, safetensors, python versions (JSON object)
@@ -233,7 +233,8 @@ def load(
         ArtifactError: the file is not a valid, untampered artifact, or it does not match the rebuilt model.
     """
     from graphsparse.graph.capture import capture
-    from graphsparse.sources.model_sources import Recipe, build_from_recipe
+    from graphsparse.sources.load import build_from_recipe
+    from graphsparse.sources.recipes import Recipe
 
     path = Path(path)
     meta = read_metadata(path)

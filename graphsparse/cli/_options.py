@@ -116,7 +116,8 @@ def load_cli_model(
     stderr.
     """
     from graphsparse.errors import ModelSourceError
-    from graphsparse.sources.model_sources import default_input_shape, load_model, parse_input_shape
+    from graphsparse.sources.load import load_model
+    from graphsparse.sources.shapes import default_input_shape, parse_input_shape
 
     ctx = click.get_current_context(silent=True)
     extra = (ctx.meta.get(_CONTEXT_KEY) if ctx is not None else None) or {}

@@ -61,7 +61,7 @@ def command(
     """
     from graphsparse.artifact.io import save
     from graphsparse.planning.rewrite import rewrite, rewrite_info
-    from graphsparse.sources.model_sources import package_to_trust
+    from graphsparse.sources.builders import package_to_trust
 
     module, recipe, example = load_cli_model(model, arch, allow_modules, input_shape, model_dir)
     needed = package_to_trust(recipe, allow_modules)  # naming a class trusts it for this run only

@@ -80,7 +80,7 @@ def run_demo(
     from graphsparse.plots import plot_tuning
     from graphsparse.robust.evaluate import evaluate
     from graphsparse.robust.tune import tune
-    from graphsparse.sources.model_sources import Recipe
+    from graphsparse.sources.recipes import Recipe
     from graphsparse.stats.calibrate import calibrate
 
     cfg = settings or (DemoSettings.fast() if fast else DemoSettings())

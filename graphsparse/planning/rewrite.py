@@ -38,7 +38,7 @@ class RewriteInfo:
     Attributes:
         plan: the plan that was applied.
         input_shape: shape of the probe input used for capture.
-        recipe: JSON of the base model's :class:`~graphsparse.sources.model_sources.Recipe` ('' when unknown).
+        recipe: JSON of the base model's :class:`~graphsparse.sources.recipes.Recipe` ('' when unknown).
         records: JSON-able records added by later stages (``calibration``, ``tuning``, ``evaluation``).
     """
 
@@ -105,7 +105,7 @@ def rewrite(
     """
     _refuse_rewritten(model)
     if not recipe:
-        from graphsparse.sources.model_sources import infer_recipe
+        from graphsparse.sources.infer import infer_recipe
 
         inferred = infer_recipe(model)
         recipe = inferred.to_json() if inferred is not None else ""

@@ -4,19 +4,20 @@ rebuild the base model when an artifact is loaded.
 
 May import only the shared top-level modules (``errors``, ``model_output``, ``_compat``, ...): every stage after it
 may use it.
+
+Modules: ``load`` (load_model, build_from_recipe), ``specs`` (what a spec string names), ``recipes`` (Recipe and
+its checks), ``builders`` (an architecture from a recipe, with the trust checks), ``checkpoints`` (weights files:
+format, unwrapping, key prefixes), ``infer`` (infer_recipe), ``shapes`` (probe input shapes), ``hf`` (transformers),
+``robustbench``, ``safe_pickle`` (vetted unpickling).
 """
 
-from graphsparse.sources.model_sources import (
-    FILE_SUFFIXES,
-    RECIPE_KINDS,
-    TRUSTED_PACKAGES,
-    Recipe,
-    build_from_recipe,
-    default_input_shape,
-    import_robustbench,
-    load_model,
-    parse_input_shape,
-)
+from graphsparse.sources.infer import infer_recipe
+from graphsparse.sources.load import build_from_recipe, load_model
+from graphsparse.sources.recipes import RECIPE_KINDS, Recipe
+from graphsparse.sources.robustbench import import_robustbench
+from graphsparse.sources.safe_pickle import TRUSTED_PACKAGES
+from graphsparse.sources.shapes import default_input_shape, parse_input_shape
+from graphsparse.sources.specs import FILE_SUFFIXES
 
 __all__ = [
     "FILE_SUFFIXES",
@@ -26,6 +27,7 @@ __all__ = [
     "build_from_recipe",
     "default_input_shape",
     "import_robustbench",
+    "infer_recipe",
     "load_model",
     "parse_input_shape",
 ]
