@@ -22,15 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from graphsparse.errors import CaptureError
 from graphsparse.graph.activations import activation_kind_of_module
 from graphsparse.graph.census import Census, probe, probe_with_census
-from graphsparse.graph.tracer import (
-    OpaqueModule,
-    first_line,
-    join_path,
-    leaf_reason,
-    operator_types,  # noqa: F401  # planning.rewrite's import until it moves
-    trace,
-    trace_children,
-)
+from graphsparse.graph.tracer import OpaqueModule, first_line, join_path, leaf_reason, trace, trace_children
 
 __all__ = [
     "Capture",

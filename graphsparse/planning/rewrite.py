@@ -19,8 +19,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphsparse.errors import PlanError, closest
-from graphsparse.graph.capture import Capture, capture, operator_types, unwrap_compiled
+from graphsparse.graph.capture import Capture, capture, unwrap_compiled
 from graphsparse.graph.sites import Site, sites_of_capture
+from graphsparse.graph.tracer import operator_types
 from graphsparse.ops import MeanSparse
 from graphsparse.planning.plan import Plan, PlanEntry, make_plan
 from graphsparse.planning.rules import RuleSet
