@@ -1,8 +1,10 @@
 """Old import paths of modules that moved into the stage folders (issue 21); they keep working for one release.
 
 ``import graphsparse.evaluate`` (or ``graphsparse.models:load_demo_model`` in a recipe, or a pickle naming
-``graphsparse.models.DemoPreActResNet``) gets the module at its new place, the same module object, with a
-:class:`DeprecationWarning` naming the new path. A finder on ``sys.meta_path`` does it, so the old names need no
+``graphsparse.models.DemoPreActResNet``) gets a stand-in module under the old name, with a
+:class:`DeprecationWarning` naming the new path. Its attributes are those of the module at its new place, then of
+the modules split off it (``graphsparse.evaluate.run_attack`` is ``graphsparse.robust.attacks.run_attack``); setting
+one (a test's monkeypatch) sets it where it lives. A finder on ``sys.meta_path`` does it, so the old names need no
 files in the package folder.
 """
 
@@ -15,6 +17,7 @@ import sys
 import types
 import warnings
 from importlib.machinery import ModuleSpec
+from typing import Any
 
 # old module -> new module
 MOVED: dict[str, str] = {
@@ -43,6 +46,20 @@ MOVED: dict[str, str] = {
 }
 
 
+# old module -> the modules split off its new home, where the rest of its old names now live
+SPLIT_OFF: dict[str, tuple[str, ...]] = {
+    "graphsparse.calibrate": ("graphsparse.stats.calibration_state",),
+    "graphsparse.capture": ("graphsparse.graph.census", "graphsparse.graph.tracer"),
+    "graphsparse.evaluate": ("graphsparse.robust.attacks", "graphsparse.robust.samples", "graphsparse.ops.state"),
+    "graphsparse.rules": (
+        "graphsparse.planning.rule_parser",
+        "graphsparse.planning.selectors",
+        "graphsparse.planning.resolve",
+    ),
+    "graphsparse.train": ("graphsparse.robust.pgd", "graphsparse.robust.train_state"),
+}
+
+
 def new_name(name: str) -> str:
     """``name`` (a module, ``module.attr`` or ``module:attr``) with a moved module's old path replaced."""
     module, colon, attr = name.partition(":")
@@ -54,11 +71,45 @@ def new_name(name: str) -> str:
     return name
 
 
-class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds an old module path and loads it as the module at its new place."""
+class OldPath(types.ModuleType):
+    """A moved module under its old name: reads and writes go to the module that holds the name now."""
 
-    def __init__(self) -> None:
-        self._specs: dict[str, ModuleSpec | None] = {}  # old name -> the moved module's own spec
+    def __init__(self, name: str, homes: tuple[str, ...]) -> None:
+        super().__init__(name)
+        object.__setattr__(self, "_homes", homes)
+        self.__doc__ = f"Deprecated path of {homes[0]}."
+
+    def _home_of(self, name: str) -> types.ModuleType | None:
+        for home in self._homes:
+            module = importlib.import_module(home)
+            if name in vars(module):
+                return module
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        home = self._home_of(name)
+        if home is None:
+            raise AttributeError(f"module {self.__name__!r} (now {self._homes[0]}) has no attribute {name!r}")
+        return getattr(home, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("__"):  # the import system's own attributes (__spec__, __loader__, ...)
+            object.__setattr__(self, name, value)
+            return
+        setattr(self._home_of(name) or importlib.import_module(self._homes[0]), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        home = self._home_of(name)
+        if home is None:
+            raise AttributeError(name)
+        delattr(home, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted({n for home in self._homes for n in dir(importlib.import_module(home))})
+
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds an old module path and loads it as an :class:`OldPath` of the module at its new place."""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
         if fullname not in MOVED:
@@ -72,13 +123,11 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             DeprecationWarning,
             stacklevel=2,
         )
-        module = importlib.import_module(new)
-        self._specs[spec.name] = module.__spec__
-        return module
+        importlib.import_module(new)  # an error in the new module shows now, under its own name
+        return OldPath(spec.name, (new, *SPLIT_OFF.get(spec.name, ())))
 
     def exec_module(self, module: types.ModuleType) -> None:
-        # the import system set module.__spec__ to the old name's spec; the module keeps its own
-        module.__spec__ = self._specs.pop(module.__spec__.name, module.__spec__)
+        pass
 
 
 def install() -> None:

@@ -11,6 +11,8 @@ format, unwrapping, key prefixes), ``infer`` (infer_recipe), ``shapes`` (probe i
 ``robustbench``, ``safe_pickle`` (vetted unpickling).
 """
 
+from graphsparse.sources.builders import package_to_trust
+from graphsparse.sources.checkpoints import CHECKPOINT_KEYS
 from graphsparse.sources.infer import infer_recipe
 from graphsparse.sources.load import build_from_recipe, load_model
 from graphsparse.sources.recipes import RECIPE_KINDS, Recipe
@@ -20,6 +22,7 @@ from graphsparse.sources.shapes import default_input_shape, parse_input_shape
 from graphsparse.sources.specs import FILE_SUFFIXES
 
 __all__ = [
+    "CHECKPOINT_KEYS",
     "FILE_SUFFIXES",
     "RECIPE_KINDS",
     "TRUSTED_PACKAGES",
@@ -29,5 +32,6 @@ __all__ = [
     "import_robustbench",
     "infer_recipe",
     "load_model",
+    "package_to_trust",
     "parse_input_shape",
 ]
