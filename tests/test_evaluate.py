@@ -56,6 +56,31 @@ def test_split(parity_source):
 # --------------------------------------------------------------------------------- exact versus BPDA
 
 
+def test_clean_flags_and_zero_gradients_come_from_one_forward_per_batch(masked, test_split):
+    """The clean predictions are the logits the zero-gradient check computes anyway: one forward per batch
+    (a separate clean pass doubled the forwards), with the flags and count an independent pass gives."""
+    from graphsparse.robust.attack_cache import AttackCache, measure_variant, samples_digest
+
+    s = pick_samples(test_split, 100, 0)
+    forwards = []
+    hook = masked.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
+    try:
+        clean, zero, robust, _ = measure_variant(
+            masked, s, "exact", [], samples=samples_digest(s), cache=AttackCache(), eps=EPS, norm="Linf",
+            batch_size=32, seed=0, device=torch.device("cpu"), n_classes=2, steps=1,
+        )
+    finally:
+        hook.remove()
+    assert forwards == [32, 32, 32, 4] and robust == {}
+    with torch.no_grad():
+        expected = (masked(s.x).argmax(1) == s.y).numpy()
+    x = s.x.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(masked(x), s.y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, [x])
+    assert (clean == expected).all()
+    assert zero == int((grad.flatten(1).abs().sum(1) == 0).sum()) > 10
+
+
 def test_exact_gradient_attack_is_weaker_than_bpda_at_large_alpha(masked, test_split):
     report = evaluate(masked, test_split, **FAST)
     exact, bpda, base = report.exact, report.bpda, report.base

@@ -180,8 +180,8 @@ def test_names_split_off_a_moved_module_are_found_under_its_old_path(monkeypatch
         from graphsparse.train import NORMS
     assert old_evaluate.run_attack is attacks.run_attack and parse_rules is rule_parser.parse_rules
     assert NORMS is pgd.NORMS and operator_types.__module__ == "graphsparse.graph.tracer"
-    monkeypatch.setattr(old_evaluate, "zero_gradient_count", "patched")
-    assert attacks.zero_gradient_count == "patched"
+    monkeypatch.setattr(old_evaluate, "forward_batches", "patched")
+    assert attacks.forward_batches == "patched"
     assert attack_cache.run_attack is attacks.run_attack
     with pytest.raises(AttributeError, match="now graphsparse.robust.evaluate"):
         old_evaluate.no_such_name  # noqa: B018

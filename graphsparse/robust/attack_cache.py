@@ -36,7 +36,7 @@ from graphsparse._files import atomic_write, read_json_file
 from graphsparse.distributed import comm_device, rank_and_size
 from graphsparse.errors import EvaluationError
 from graphsparse.ops import MeanSparse, operators
-from graphsparse.robust.attacks import attack_key, forward_batches, run_attack, zero_gradient_count
+from graphsparse.robust.attacks import attack_key, clean_and_zero_gradient, run_attack
 from graphsparse.robust.per_sample import pack_bits, unpack_bits
 from graphsparse.robust.samples import Samples
 
@@ -262,8 +262,8 @@ def measure_variant(
     if hit is not None:
         clean, zero = hit
     else:
-        clean = (forward_batches(model, s.x, batch_size, device) == s.y).numpy().astype(bool)
-        zero = zero_gradient_count(model, s, batch_size, device)
+        correct, zero = clean_and_zero_gradient(model, s, batch_size, device)
+        clean = correct.numpy().astype(bool)
         if identity:
             cache.put_clean(clean_key, clean, zero)
     robust: dict[str, np.ndarray] = {}

@@ -2,9 +2,9 @@
 
 The attack names and their canonical keys (:func:`attack_key`; the names are listed in
 :mod:`graphsparse.robust.evaluate`), the threat-model checks (:func:`check_threat`), the three model variants
-every robust number is measured for (:data:`VARIANTS`, :func:`variant`), the clean and zero-gradient passes
-(:func:`forward_batches`, :func:`zero_gradient_count`) and one AutoAttack run with its warnings captured
-(:func:`run_attack`).
+every robust number is measured for (:data:`VARIANTS`, :func:`variant`), the clean and zero-gradient pass
+(:func:`clean_and_zero_gradient`) and one AutoAttack run with its warnings captured (:func:`run_attack`;
+:func:`forward_batches` re-checks its adversarial examples).
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ __all__ = [
     "attack_key",
     "check_classes",
     "check_threat",
-    "correct_clean",
+    "clean_and_zero_gradient",
     "forward_batches",
     "import_autoattack",
     "run_attack",
     "set_steps",
     "variant",
-    "zero_gradient_count",
 ]
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -148,25 +147,27 @@ def forward_batches(model: nn.Module, x: torch.Tensor, batch_size: int, device: 
     return torch.cat(out)
 
 
-def correct_clean(model: nn.Module, s: Samples, batch_size: int, device: torch.device) -> int:
-    """Number of samples ``model`` classifies correctly."""
-    return int((forward_batches(model, s.x, batch_size, device) == s.y).sum())
-
-
-def zero_gradient_count(model: nn.Module, s: Samples, batch_size: int, device: torch.device) -> int:
-    """Samples whose input gradient of the cross-entropy loss is exactly zero everywhere."""
+def clean_and_zero_gradient(
+    model: nn.Module, s: Samples, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Per sample, whether ``model`` classifies it correctly (bool, CPU), and how many samples have an input
+    gradient of the cross-entropy loss that is exactly zero everywhere: one forward and backward pass (the
+    logits the gradient needs are the clean predictions; a separate clean pass would repeat the forward)."""
+    correct = []
     count = 0
     for i in range(0, s.x.shape[0], batch_size):
         x = s.x[i : i + batch_size].to(device).requires_grad_(True)
         y = s.y[i : i + batch_size].to(device)
         with torch.enable_grad():
-            loss = F.cross_entropy(model(x), y, reduction="sum")
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, [x], allow_unused=True)
+        correct.append((logits.detach().argmax(1) == y).cpu())
         if grad is None:
             count += x.shape[0]
         else:
             count += int((grad.reshape(grad.shape[0], -1).abs().sum(1) == 0).sum())
-    return count
+    return torch.cat(correct), count
 
 
 # ------------------------------------------------------------------------------------------ attacks
