@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -166,7 +167,19 @@ def test_per_stage_search_uses_the_plan_stages(model, val):
     assert result.site_alphas == a
     baseline = result.baseline_clean
     assert all(baseline - p.clean <= 0.5 for p in result.stage_curve if p.alpha == result.stage_alphas[p.stage])
-    assert seen[-1][0] == seen[-1][1] == 2 + 4
+    assert seen[-1][0] == seen[-1][1] == (2 + 4) * 64  # samples attacked: 6 α configurations of 64
+
+
+def test_progress_counts_samples_chunk_by_chunk_with_the_robust_so_far(model, val):
+    seen = []
+    tune(model, val, alphas=[0.0, 0.5], bpda=True, progress=lambda *a: seen.append(a), **dict(FAST, batch_size=32))
+    total = 2 * 2 * 64  # α values × (exact, BPDA) × samples
+    assert {s[1] for s in seen} == {total} and seen[-1][:2] == (total, total)
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen)
+    # α = 0.5 with the exact gradient, mid-way: its first chunk of 32 samples, with the robust count so far
+    mid = [s for s in seen if s[0] == 2 * 64 + 32]
+    assert mid and re.fullmatch(r"alpha=0\.5 exact: \d+ of 32 robust", mid[0][2])
+    assert (2 * 64, total, "alpha=0") in seen and re.fullmatch(r"alpha=0\.5 bpda: \d+ of 64 robust", seen[-2][2])
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -208,7 +221,7 @@ def test_alpha_is_restored_when_tuning_fails(model, val):
     assert alphas_of(model) == before
 
     def stop(done, total, label):
-        if done == 2:  # after α = 0.5 was set and measured
+        if done == 2 * 64:  # after α = 0.5 was set and measured (64 samples each)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

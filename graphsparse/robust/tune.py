@@ -43,6 +43,7 @@ from torch import nn
 
 from graphsparse._files import atomic_write
 from graphsparse.artifact.records import stats_digest, store_record, utc_now
+from graphsparse.distributed import rank_and_size
 from graphsparse.errors import CalibrationError, DataError, EvaluationError, PlanError
 from graphsparse.model_output import logits_output
 from graphsparse.ops import MeanSparse, operators, set_alpha, straight_through
@@ -342,8 +343,9 @@ def tune(
         seed: seed of the sample pick and of the attacks.
         device: where to run; default the model's device.
         steps: APGD iterations (None: AutoAttack's 100).
-        progress: called as ``progress(done, total, label)`` after each measured configuration (the
-            total grows when the per-stage search starts).
+        progress: called as ``progress(done, total, label)`` with samples attacked so far (all ranks) and in
+            all (α values × variants × samples; it grows when the per-stage search starts), after each attack
+            chunk (label ``"alpha=0.2 bpda: 40 of 64 robust"``) and each measured α (label ``"alpha=0.2"``).
         input_key, label_key: the keys of inputs and labels when samples or batches are dicts
             (:func:`graphsparse.data.batch_parts`).
         attack_cache: a file (or :class:`graphsparse.robust.attack_cache.AttackCache`) keeping the original model's
@@ -402,8 +404,10 @@ def tune(
     saved = {site: op.alpha.detach().clone() for site, op in ops.items()}
     home = model_device(model)
     target = torch.device(device) if device is not None else home
-    total = len(values)
-    done = 0
+    variants = ("exact", "bpda") if bpda else ("exact",)
+    per_config = len(variants) * n_eval  # samples attacked for one α configuration
+    total = len(values)  # configurations
+    done = 0  # samples attacked
     cache: dict[tuple[float, ...], tuple[float, float, float | None]] = {}
     sdigest = samples_digest(s)
     store = attack_cache if isinstance(attack_cache, AttackCache) else AttackCache(attack_cache)
@@ -414,18 +418,28 @@ def tune(
         if sig not in cache:
             set_alpha(model, dict(config))
             robust: dict[str, float] = {}
-            for variant in ("exact", "bpda") if bpda else ("exact",):
+            for variant in variants:
+
+                def chunk(_: str, seen: int, robust_now: int, finished: bool, variant: str = variant,
+                          start: int = done) -> None:
+                    if progress is not None and not finished:  # the other ranks attack as many samples alongside
+                        now = start + min(n_eval, seen * rank_and_size()[1])
+                        progress(now, total * per_config, f"{label} {variant}: {robust_now} of {seen} robust")
+
                 with straight_through(model) if variant == "bpda" else contextlib.nullcontext():
                     flags, _, rows, msgs = measure_variant(
                         model, s, variant, [key], samples=sdigest, cache=store, eps=eps, norm=norm,
                         batch_size=batch_size, seed=seed, device=target, n_classes=n_classes, steps=steps,
+                        progress=chunk,
                     )
+                done += n_eval
                 notes.extend(summarise(msgs[key], f"{label}/{variant}"))
                 robust[variant] = pct(int(rows[key].sum()), n_eval)
             cache[sig] = (pct(int(flags.sum()), n_eval), robust["exact"], robust.get("bpda"))
-        done += 1
+        else:
+            done += per_config  # measured before: nothing attacked
         if progress is not None:
-            progress(done, total, label)
+            progress(done, total * per_config, label)
         return cache[sig]
 
     curve: list[TunePoint] = []
