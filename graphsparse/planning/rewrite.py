@@ -94,9 +94,9 @@ def rewrite(
             (timm models, and classes whose no-argument constructor rebuilds the same architecture).
         fuse: return the fused form (:func:`graphsparse.planning.fuse.fuse_activations`): each MeanSparse applies the
             activation after it and works in place where nothing else reads its input. The same outputs,
-            gradients (both backward modes) and ``state_dict``, bit for bit, in fewer memory passes (the
-            README gives the measured cost). ``False`` keeps one graph node per activation (e.g. to look at or
-            edit the graph). In the fused form a convolution or normalisation output that only an operator or
+            gradients (both backward modes) and ``state_dict``, bit for bit, in fewer memory passes (measured
+            in docs/performance.md). ``False`` keeps one graph node per activation (e.g. to look at or edit the
+            graph). In the fused form a convolution or normalisation output that only an operator or
             a residual addition reads is overwritten in place when no gradient is recorded: a forward hook
             added afterwards that keeps that tensor should keep a copy (or rewrite with ``fuse=False``).
 
