@@ -39,7 +39,7 @@ _LAZY: dict[str, str] = {
     "PlanError": "errors",
     "RuleError": "errors",
     "UnsafePickleError": "errors",
-    "EvalReport": "robust.evaluate",
+    "EvalReport": "robust.eval_report",
     "EvaluationError": "errors",
     "evaluate": "robust.evaluate",
     "fuse_activations": "planning.fuse",
@@ -109,7 +109,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .planning.rule_parser import parse_rules
     from .planning.rules import RuleSet, builtin_rules, load_rules
     from .plots import plot_site_histogram, plot_tuning
-    from .robust.evaluate import EvalReport, evaluate
+    from .robust.eval_report import EvalReport
+    from .robust.evaluate import evaluate
     from .robust.pgd import pgd_attack
     from .robust.train import train
     from .robust.tune import TuneResult, tune
