@@ -381,6 +381,48 @@ def test_gradients_equal_the_plain_ops(mode, backend, kernel_calls):
     assert (grads[1][1] == w).all() == (mode == "straight_through")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_exact_gradient_loop_is_where_bit_for_bit(channels_last):
+    """The C++ backward writes what torch.where(inside, 0.0, grad) writes: +0.0 inside the band, the gradient's
+    own bits (-0.0, NaN, inf) outside; it declines what it cannot run, and the fallback computes it."""
+    if not cpu_kernel.available():
+        pytest.skip(f"the C++ kernel did not build: {cpu_kernel.unavailable_reason()}")
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(3, 6, 5, 7, generator=g)
+    inside = torch.rand(3, 6, 5, 7, generator=g) < 0.4
+    grad.view(-1)[:10] = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf")] * 2)
+    inside.view(-1)[:10] = torch.tensor([False] * 5 + [True] * 5)
+    if channels_last:
+        grad, inside = (t.contiguous(memory_format=torch.channels_last) for t in (grad, inside))
+    with torch.no_grad():
+        out = cpu_kernel.band_gradient(grad, inside)
+        assert out is not None and out.stride() == grad.stride()
+        assert bit_equal(out, torch.where(inside, 0.0, grad))
+        other_layout = inside.contiguous() if channels_last else inside.contiguous(memory_format=torch.channels_last)
+        assert cpu_kernel.band_gradient(grad, other_layout) is None
+        assert cpu_kernel.band_gradient(grad.double(), inside) is None
+    assert cpu_kernel.band_gradient(grad, inside) is None  # grad mode on: a double backward needs where's graph
+
+
+def test_the_exact_backward_runs_the_loop(monkeypatch, kernel_calls):
+    if not cpu_kernel.available():
+        pytest.skip(f"the C++ kernel did not build: {cpu_kernel.unavailable_reason()}")
+    calls = []
+    real = cpu_kernel._grad_op
+    monkeypatch.setattr(cpu_kernel, "_grad_op", lambda *a: calls.append(a[0].shape) or real(*a))
+    op = random_op(6, 1, 0.9)
+    x = tricky_input((2, 6, 5, 7), 1, op).nan_to_num(0.0, 0.0, 0.0)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad((op(xg) * w).sum(), xg)
+    xp = x.clone().requires_grad_()
+    (g_plain,) = torch.autograd.grad((plain(op, xp) * w).sum(), xp)
+    assert calls == [x.shape] and bit_equal(g, g_plain) and (g == 0).any()
+    xg = x.clone().requires_grad_()  # a double backward keeps where's differentiable graph
+    (g2,) = torch.autograd.grad((op(xg) * w).sum(), xg, create_graph=True)
+    assert calls == [x.shape] and bit_equal(g2.detach(), g_plain)
+
+
 @pytest.mark.parametrize("mode", ["exact", "straight_through"])
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_fused_gradient_is_the_composition(act, mode):
