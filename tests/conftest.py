@@ -122,6 +122,30 @@ def parity_net(parity_source) -> torch.nn.Module:
     return net.eval()
 
 
+@pytest.fixture()
+def masked(parity_net, parity_source) -> torch.nn.Module:
+    """The parity net with a calibrated MeanSparse on its logits, α = 1: on two classes a large α sends many
+    near-boundary samples onto the channel means, where the exact gradient is zero (gradient masking)."""
+    import copy
+
+    import graphsparse as gs
+    from graphsparse.data import load_dataset
+    from graphsparse.ops import MeanSparse
+
+    model = torch.nn.Sequential(*copy.deepcopy(parity_net), MeanSparse(2, site_id="logits")).eval()
+    gs.calibrate(model, [load_dataset(parity_source, split="train").tensors])
+    gs.set_alpha(model, 1.0)
+    return model
+
+
+@pytest.fixture()
+def test_split(parity_source):
+    """The parity data's test split."""
+    from graphsparse.data import load_dataset
+
+    return load_dataset(parity_source, split="test")
+
+
 # --- hypothesis profiles (property tests: tests/test_properties.py) -----------------------------------
 # `ci` (the default): a fixed example budget and a derandomised seed, so CI runs are reproducible and
 # the property suite stays within ~3 minutes on 2 cores. `thorough` for local runs:

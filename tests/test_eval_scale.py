@@ -20,7 +20,7 @@ from torch import nn
 import graphsparse as gs
 from graphsparse.data import load_dataset
 from graphsparse.errors import EvaluationError
-from graphsparse.ops import MeanSparse, operators
+from graphsparse.ops import operators
 from graphsparse.robust import attack_cache
 from graphsparse.robust.evaluate import evaluate
 from graphsparse.robust.per_sample import PerSample, pack_bits, unpack_bits
@@ -29,19 +29,6 @@ from graphsparse.robust.samples import pick_samples
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"eps": 0.2, "n": 16, "steps": 2, "batch_size": 8}
-
-
-@pytest.fixture()
-def masked(parity_net, parity_source) -> nn.Module:
-    model = nn.Sequential(*copy.deepcopy(parity_net), MeanSparse(2, site_id="logits")).eval()
-    gs.calibrate(model, [load_dataset(parity_source, split="train").tensors])
-    gs.set_alpha(model, 1.0)
-    return model
-
-
-@pytest.fixture()
-def test_split(parity_source):
-    return load_dataset(parity_source, split="test")
 
 
 def _variant_of(model: nn.Module) -> str:

@@ -39,20 +39,6 @@ def trained(parity_net) -> nn.Module:
     return parity_net
 
 
-@pytest.fixture()
-def masked(trained, parity_source) -> nn.Module:
-    """The trained net with a calibrated MeanSparse on its logits, α = 1."""
-    model = nn.Sequential(*copy.deepcopy(trained), MeanSparse(2, site_id="logits")).eval()
-    gs.calibrate(model, [load_dataset(parity_source, split="train").tensors])
-    gs.set_alpha(model, 1.0)
-    return model
-
-
-@pytest.fixture()
-def test_split(parity_source):
-    return load_dataset(parity_source, split="test")
-
-
 # --------------------------------------------------------------------------------- exact versus BPDA
 
 
