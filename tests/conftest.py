@@ -35,17 +35,18 @@ def kernel_calls(monkeypatch):
         calls.record(key[0], "compiled")
         return run(fn, key, *args)
 
-    def spy(module, backend):
-        launch = module.launch
+    def spy(module, backend, name="launch"):
+        launch = getattr(module, name)
 
         def spied(kind, *args):
             calls.record(kind, backend)
             return launch(kind, *args)
 
-        monkeypatch.setattr(module, "launch", spied)
+        monkeypatch.setattr(module, name, spied)
 
     monkeypatch.setattr(fast, "run_kernel", spy_compiled)
     spy(cpu_kernel, "cpp")
+    spy(cpu_kernel, "cpp", "launch_autograd")  # under autograd: the same kernel, the backward in C++ too
     spy(triton_kernel, "triton")
     monkeypatch.setattr(fast, "MIN_NUMEL", 1)
     with fast.enabled(True):

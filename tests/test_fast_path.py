@@ -381,46 +381,99 @@ def test_gradients_equal_the_plain_ops(mode, backend, kernel_calls):
     assert (grads[1][1] == w).all() == (mode == "straight_through")
 
 
+SPECIAL = [-0.0, 0.0, float("nan"), float("inf"), -float("inf")]
+
+
+def _special_weights(shape, seed: int = 3) -> torch.Tensor:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    w.view(-1)[: 4 * len(SPECIAL)] = torch.tensor(SPECIAL * 4)
+    return w
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grad", "held_grad"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_the_exact_gradient_loop_is_where_bit_for_bit(channels_last):
+def test_the_cpp_exact_gradient_is_where_bit_for_bit(channels_last, fresh, kernel_calls):
     """The C++ backward writes what torch.where(inside, 0.0, grad) writes: +0.0 inside the band, the gradient's
-    own bits (-0.0, NaN, inf) outside; it declines what it cannot run, and the fallback computes it."""
-    if not cpu_kernel.available():
-        pytest.skip(f"the C++ kernel did not build: {cpu_kernel.unavailable_reason()}")
-    g = torch.Generator().manual_seed(3)
-    grad = torch.randn(3, 6, 5, 7, generator=g)
-    inside = torch.rand(3, 6, 5, 7, generator=g) < 0.4
-    grad.view(-1)[:10] = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf")] * 2)
-    inside.view(-1)[:10] = torch.tensor([False] * 5 + [True] * 5)
+    own bits (-0.0, NaN, inf) outside; into a fresh gradient (nothing else holds it) or into a new tensor
+    (the caller's grad_outputs, which must stay as they were)."""
+    op = random_op(6, 1, 0.9)
+    x = tricky_input((3, 6, 5, 7), 1, op).nan_to_num(0.0, 0.0, 0.0)
+    w = _special_weights(x.shape)
     if channels_last:
-        grad, inside = (t.contiguous(memory_format=torch.channels_last) for t in (grad, inside))
-    with torch.no_grad():
-        out = cpu_kernel.band_gradient(grad, inside)
-        assert out is not None and out.stride() == grad.stride()
-        assert bit_equal(out, torch.where(inside, 0.0, grad))
-        other_layout = inside.contiguous() if channels_last else inside.contiguous(memory_format=torch.channels_last)
-        assert cpu_kernel.band_gradient(grad, other_layout) is None
-        assert cpu_kernel.band_gradient(grad.double(), inside) is None
-    assert cpu_kernel.band_gradient(grad, inside) is None  # grad mode on: a double backward needs where's graph
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+    kept = w.clone()
+    grads = []
+    for enabled in (False, True):
+        xg = x.clone().requires_grad_()
+        with fast.enabled(enabled):
+            y = op(xg)
+        # fresh: MulBackward's product (w's bits) reaches the operator alone; held: the caller's tensor
+        (g,) = torch.autograd.grad((y * w).sum(), xg) if fresh else torch.autograd.grad(y, xg, w)
+        grads.append(g)
+    assert kernel_calls == ["forward_mask"] and kernel_calls.backends == ["cpp"]
+    assert bit_equal(grads[0], grads[1]) and grads[1].stride() == x.stride()
+    assert bit_equal(w, kept)
+    assert (grads[1] == 0).any() and grads[1].isnan().any()
 
 
-def test_the_exact_backward_runs_the_loop(monkeypatch, kernel_calls):
-    if not cpu_kernel.available():
-        pytest.skip(f"the C++ kernel did not build: {cpu_kernel.unavailable_reason()}")
-    calls = []
-    real = cpu_kernel._grad_op
-    monkeypatch.setattr(cpu_kernel, "_grad_op", lambda *a: calls.append(a[0].shape) or real(*a))
+def test_a_gradient_shared_by_two_operators_is_not_overwritten(kernel_calls):
+    """``a + b`` hands one gradient tensor to both operands: the first operator's backward must not write its
+    band into it, or the second would read zeros."""
+    op1, op2 = random_op(6, 1, 0.9, seed=0), random_op(6, 1, 0.9, seed=5)
+    x = tricky_input((2, 6, 5, 7), 1, op1).nan_to_num(0.0, 0.0, 0.0)
+    w = _special_weights(x.shape)
+    grads = []
+    for enabled in (False, True):
+        x1, x2 = x.clone().requires_grad_(), x.flip(0).clone().requires_grad_()
+        with fast.enabled(enabled):
+            z = op1(x1) + op2(x2)
+        grads.append(torch.autograd.grad((z * w).sum(), [x1, x2]))
+    assert kernel_calls == ["forward_mask"] * 2
+    assert all(bit_equal(a, b) for a, b in zip(grads[0], grads[1]))
+
+
+def test_a_double_backward_through_the_cpp_gradient_is_differentiable(kernel_calls):
     op = random_op(6, 1, 0.9)
     x = tricky_input((2, 6, 5, 7), 1, op).nan_to_num(0.0, 0.0, 0.0)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
-    xg = x.clone().requires_grad_()
-    (g,) = torch.autograd.grad((op(xg) * w).sum(), xg)
-    xp = x.clone().requires_grad_()
-    (g_plain,) = torch.autograd.grad((plain(op, xp) * w).sum(), xp)
-    assert calls == [x.shape] and bit_equal(g, g_plain) and (g == 0).any()
-    xg = x.clone().requires_grad_()  # a double backward keeps where's differentiable graph
-    (g2,) = torch.autograd.grad((op(xg) * w).sum(), xg, create_graph=True)
-    assert calls == [x.shape] and bit_equal(g2.detach(), g_plain)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    seconds = []
+    for enabled in (False, True):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with fast.enabled(enabled):
+            (g,) = torch.autograd.grad((op(xg) * wg).sum(), xg, create_graph=True)
+        seconds.append((g.detach(), *torch.autograd.grad((g * v).sum(), wg)))  # d/dw where(inside, 0, w)
+    assert kernel_calls == ["forward_mask"]
+    assert bit_equal(seconds[0][0], seconds[1][0]) and bit_equal(seconds[0][1], seconds[1][1])
+    assert (seconds[1][1] == 0).any() and (seconds[1][1] == v).any()
+
+
+@pytest.mark.parametrize("mode", ["exact", "straight_through"])
+def test_an_inplace_operator_overwrites_a_computed_input_under_autograd(mode, kernel_calls):
+    """Under autograd the C++ path writes into x when the operator may (its input is read by nothing else):
+    same output and gradient, no new tensor; never into a leaf or a view; and autograd's version check
+    refuses a backward that still needs the overwritten values."""
+    op = random_op(6, 1, 0.7)
+    op.backward_mode, op.inplace = mode, True
+    x = tricky_input((2, 6, 5, 7), 1, op).nan_to_num(0.0, 0.0, 0.0)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    leaf = x.clone().requires_grad_()
+    computed = leaf * 1.0
+    y = op(computed)
+    assert y.data_ptr() == computed.data_ptr() and bit_equal(y.detach(), plain(op, x))
+    (g,) = torch.autograd.grad((y * w).sum(), leaf)
+    reference = x.clone().requires_grad_()
+    (g_plain,) = torch.autograd.grad((plain(op, reference) * w).sum(), reference)
+    assert bit_equal(g, g_plain)
+    assert bit_equal(op(leaf).detach(), plain(op, x)) and bit_equal(leaf.detach(), x)  # a leaf: left alone
+    base = torch.cat([x, x]).requires_grad_() * 1.0
+    view = base[2:]
+    assert op(view).data_ptr() != view.data_ptr() and bit_equal(base[2:].detach(), x)  # a view: left alone
+    saved = leaf.exp()  # exp's backward needs its output
+    out = op(saved)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    assert kernel_calls == ["forward_mask" if mode == "exact" else "forward_out"] * 4
 
 
 @pytest.mark.parametrize("mode", ["exact", "straight_through"])
@@ -842,6 +895,43 @@ def test_fusion_makes_residual_adds_in_place_only_where_nothing_else_reads_the_o
     hooked.bn.register_forward_hook(lambda m, i, o: None)  # a hook may keep the output: left alone
     fuse_activations(hooked)
     assert [str(n.args[n.args[2]].target) for n in _residual_adds(hooked)] == ["conv3"]
+
+
+def test_operators_after_a_sum_that_nothing_else_reads_overwrite_it(kernel_calls):
+    """The demo model's after_addition operators write into their sums, under autograd too (the C++ path):
+    outputs and input gradients bit-equal to the unfused model's, which makes new tensors."""
+    from graphsparse.demo.models import load_demo_model
+
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    unfused = gs.rewrite(load_demo_model().eval(), "after_addition", x, fuse=False)
+    _randomise(unfused, alpha=0.4)
+    fused = copy.deepcopy(unfused)
+    fuse_activations(fused)
+    assert [op.inplace for op in gs.operators(fused).values()] == [True] * 6
+    assert not any(op.inplace for op in gs.operators(unfused).values())
+    overwrote = []
+    for op in gs.operators(fused).values():
+        op.register_forward_hook(lambda m, args, out: overwrote.append(out.data_ptr() == args[0].data_ptr()))
+    results = []
+    for model in (unfused, fused):
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        results.append((out.detach(), *torch.autograd.grad(out.square().sum(), leaf)))
+    assert overwrote == [True] * 6 and kernel_calls.backends == ["cpp"] * 12
+    assert bit_equal(results[0][0], results[1][0]) and bit_equal(results[0][1], results[1][1])
+
+
+def test_an_operator_keeps_a_sum_that_something_else_reads():
+    root = nn.Module()
+    root.first, root.second = MeanSparse(4, 1, 0.5), MeanSparse(4, 1, 0.5)
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    read_once, read_twice = graph.call_function(torch.add, (a, b)), graph.call_function(torch.add, (a, b))
+    first, second = graph.call_module("first", (read_once,)), graph.call_module("second", (read_twice,))
+    graph.output((first, graph.call_function(torch.mul, (second, read_twice))))
+    gm = torch.fx.GraphModule(root, graph)
+    fuse_activations(gm)
+    assert gm.first.inplace and not gm.second.inplace
 
 
 def test_residual_add_writes_into_its_operand_only_without_autograd():

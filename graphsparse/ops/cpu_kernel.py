@@ -1,4 +1,5 @@
-"""The MeanSparse CPU kernel: a C++ loop, built on first use, registered as ``graphsparse::mean_sparse_cpu``.
+"""The MeanSparse CPU kernel: a C++ loop, built on first use, registered as ``graphsparse::mean_sparse_cpu``;
+under autograd, forward and backward as one C++ autograd function (:func:`launch_autograd`).
 
 The fast path (:mod:`graphsparse.ops.fast`) runs float32 CPU tensors through this kernel, CUDA tensors
 through a Triton kernel (:mod:`graphsparse.ops.triton_kernel`) and half precision on CPU through its
@@ -35,11 +36,11 @@ from graphsparse.ops.switch import Switch
 __all__ = [
     "ACTIVATIONS",
     "available",
-    "band_gradient",
     "enabled",
     "handles",
     "is_enabled",
     "launch",
+    "launch_autograd",
     "set_enabled",
     "unavailable_reason",
 ]
@@ -55,7 +56,7 @@ _ISA_FLAGS = {
 _log = logging.getLogger(__name__)
 _switch = Switch("GRAPHSPARSE_CPU_KERNEL")
 _op = None  # torch.ops.graphsparse.mean_sparse_cpu.default, once loaded
-_grad_op = None  # torch.ops.graphsparse.mean_sparse_cpu_grad.default
+_autograd_op = None  # torch.ops.graphsparse.mean_sparse_cpu_autograd.default
 _failure: str | None = None
 
 
@@ -93,7 +94,7 @@ _quiet_cuda_home_notice()
 
 
 def _build() -> None:
-    global _op, _grad_op, _failure
+    global _op, _autograd_op, _failure
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
@@ -109,13 +110,13 @@ def _build() -> None:
         cpp_extension.load(
             name=f"graphsparse_meansparse_cpu_{digest}_{capability.lower()}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", *isa, *openmp],
+            extra_cflags=["-O3", "-fopenmp-simd", *isa, *openmp],
             extra_ldflags=openmp,
             is_python_module=False,
             verbose=False,
         )
         _op = torch.ops.graphsparse.mean_sparse_cpu.default
-        _grad_op = torch.ops.graphsparse.mean_sparse_cpu_grad.default
+        _autograd_op = torch.ops.graphsparse.mean_sparse_cpu_autograd.default
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: use the compiled kernel
         lines = str(e).strip().splitlines() or [type(e).__name__]
         _failure = f"{type(e).__name__}: {lines[0][:200]}"
@@ -162,22 +163,17 @@ def launch(
     return out
 
 
-def band_gradient(grad: torch.Tensor, inside: torch.Tensor) -> torch.Tensor | None:
-    """The exact gradient ``torch.where(inside, 0.0, grad)``, bit for bit, by the C++ loop (ATen's CPU ``where``
-    with a bool condition is 9-23× slower on float32 maps; ``python tools/bench_backward.py``); None where the loop does
-    not apply: another dtype or device, another layout than the band mask's, the kernel switched off or not
-    built, or a double backward (grad mode on), which needs a differentiable result."""
-    if not (
-        _switch.on
-        and grad.is_cpu
-        and grad.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and grad.shape == inside.shape
-        and grad.stride() == inside.stride()
-        and (grad.is_contiguous() or (grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last)))
-        and available()
-    ):
-        return None
-    out = torch.empty_like(grad)
-    _grad_op(grad, inside, out)
-    return out
+def launch_autograd(
+    kind: str, x: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor, axis: int, inplace: bool = False
+) -> torch.Tensor:
+    """MeanSparse of ``x`` under autograd, forward and backward in C++ (``graphsparse::mean_sparse_cpu_autograd``).
+
+    ``kind`` ``forward_mask`` records the exact gradient, ``forward_out`` the straight-through one (identity).
+    The exact gradient is ``torch.where(inside, 0.0, grad)`` bit for bit (-0.0, NaN and inf included), by a
+    branch-free loop (``graphsparse::mean_sparse_cpu_grad``; ATen's CPU ``where`` with a bool condition is
+    9-23× slower on float32 maps, ``python tools/bench_backward.py``), written into the incoming gradient when
+    nothing else holds it; a double backward gets ``where`` itself, which is differentiable. ``inplace``
+    writes the output into ``x`` (the caller checks that ``x`` is neither a leaf nor a view; autograd's
+    version counter catches a backward that would still need it). Only for inputs :func:`handles` (with no
+    activation) in a layout :func:`~graphsparse.ops.fast.channels_view` can view."""
+    return _autograd_op(x, mu, thr, axis, kind == "forward_out", inplace)

@@ -20,7 +20,9 @@ All three are bit-equal to the plain formula: the same operations on the same pe
 the original bits, and (compiled) float16/bfloat16 compared and selected on their bits (``_in_band``,
 ``_select``), so that ``x − μ`` rounds as in eager mode on every torch release, plus
 ``emulate_precision_casts`` for the activations' intermediates. Gradients: exact (zero inside the band,
-from the band mask saved by the kernel) or straight-through (identity), as the plain path.
+from the band mask saved by the kernel) or straight-through (identity), as the plain path; for float32 on
+CPU, forward and backward are one C++ autograd function
+(:func:`graphsparse.ops.cpu_kernel.launch_autograd`).
 
 The path applies in eager mode to plain tensors of at least :data:`MIN_NUMEL` elements, contiguous or
 channels-last with the channel axis 1. Whenever ``torch.compile``, ``torch.export``, ``torch.jit`` or a
@@ -270,7 +272,8 @@ def applies(x: torch.Tensor) -> bool:
 
 class _FastMeanSparse(torch.autograd.Function):
     """The kernel with an autograd rule: exact (zero inside the band, from the saved band mask, as the
-    plain formula's ``where`` does) or straight-through (identity)."""
+    plain formula's ``where`` does) or straight-through (identity). Float32 CPU tensors take the same rule in
+    C++ instead (:func:`graphsparse.ops.cpu_kernel.launch_autograd`)."""
 
     @staticmethod
     def forward(ctx, x, mu, thr, axis: int, straight_through: bool):
@@ -292,8 +295,7 @@ class _FastMeanSparse(torch.autograd.Function):
         if ctx.straight_through:
             return grad, None, None, None, None
         (inside,) = ctx.saved_tensors
-        by_kernel = cpu_kernel.band_gradient(grad, inside)  # float32 on CPU: 9-23x faster than where
-        return by_kernel if by_kernel is not None else torch.where(inside, 0.0, grad), None, None, None, None
+        return torch.where(inside, 0.0, grad), None, None, None, None
 
 
 def mean_sparse(
@@ -316,8 +318,10 @@ def mean_sparse(
         axis: the channel axis of ``x``, in ``[0, x.dim())``.
         straight_through: identity gradient (BPDA) instead of the exact one.
         activation: applied to the result; inside the kernel for :data:`~graphsparse.ops.fused.KERNEL_EXACT`.
-        inplace: ``x`` may be overwritten (when no gradient is recorded): MeanSparse's result is written
-            into it, and the activation (if any and not in the kernel) then runs in place where it can.
+        inplace: ``x`` may be overwritten: MeanSparse's result is written into it, and the activation (if
+            any and not in the kernel) then runs in place where it can. When no gradient is recorded; under
+            autograd too on the C++ kernel's path (float32 on CPU) when ``x`` is neither a leaf nor a view,
+            autograd's version counter then guarding any backward that still needs ``x``.
         activation_inplace: under autograd, apply the activation in place on the kernel's output (as an
             unfused in-place activation would; see :attr:`~graphsparse.ops.MeanSparse.activation_inplace`).
     """
@@ -328,7 +332,12 @@ def mean_sparse(
         return None
     grad_mode = torch.is_grad_enabled()
     if grad_mode and x.requires_grad:
-        y = _FastMeanSparse.apply(x, mu, thr, axis, straight_through)
+        if cpu_kernel.handles(flat, None):  # the autograd rule in C++ too
+            kind = "forward_out" if straight_through else "forward_mask"
+            # not into a leaf (autograd forbids it) or a view (its base would have to be rewritten)
+            y = cpu_kernel.launch_autograd(kind, x, mu, thr, axis, inplace and not x.is_leaf and x._base is None)
+        else:
+            y = _FastMeanSparse.apply(x, mu, thr, axis, straight_through)
         return y if activation is None else apply_activation(activation, y, inplace=activation_inplace)
     in_kernel = activation if activation is not None and activation[0] in KERNEL_EXACT else None
     # no_grad: one compiled variant (dynamo guards on grad mode); skipped when already off (~1 µs a call)

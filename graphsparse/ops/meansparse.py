@@ -322,9 +322,10 @@ class MeanSparse(nn.Module):
             operator applies to its own output (the fused form, see :func:`graphsparse.planning.fuse.fuse_activations`).
             Its gradient is the activation's at the operator's output times MeanSparse's (identity under
             ``straight_through``), i.e. the gradient of the unfused pair.
-        inplace: the operator may overwrite its input (as ``nn.ReLU(inplace=True)`` does), when no gradient
-            is recorded. Set by the fusion pass where the activation it absorbs was in place, or where its
-            input is the fresh output of a module that nothing else reads.
+        inplace: the operator may overwrite its input (as ``nn.ReLU(inplace=True)`` does): when no gradient
+            is recorded, and under autograd on float32 CPU tensors that are neither leaves nor views (the
+            C++ kernel's path). Set by the fusion pass where the activation it absorbs was in place, or where
+            its input is the fresh output of a module, or a sum, that nothing else reads.
         activation_inplace: the absorbed activation was in place, so it is applied in place under autograd
             too, where the unfused graph applied it to the operator's output: ELU, CELU and SELU compute an
             in-place call's gradient from their output, an out-of-place call's from their input, which
