@@ -14,8 +14,11 @@ iterations, one batch size), side by side in one process, one thread:
 
 Each is timed ``--rounds`` times, interleaved, after a warm-up of each; the median is reported with its ratio
 to ``plain``. Then ``--processes 2`` runs the same evaluation (empty cache) in 1 and in 2 gloo processes started
-by this script (``--worker``), and reports the slowest rank's ``evaluate`` time of each and the speed-up (the
-reports are checked equal). Other load on the machine moves every figure; compare ratios measured together.
+by this script (``--worker``), ``--rounds`` times interleaved, and reports the median of the slowest rank's
+``evaluate`` time of each and the speed-up (the reports are checked equal). The ranks start ``evaluate``
+together, after a barrier: without it, the rank whose set-up (calibration) finished first counted its wait
+for the other at the first collective. Other load on the machine moves every figure; compare ratios measured
+together.
 
     python tools/bench_eval.py --n 64 --steps 10 --batch-size 32 --rounds 2
 """
@@ -81,6 +84,8 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     _, model, eps = build(args.alpha)
     test = load_dataset("mnist5k", split="test")
+    if torch.distributed.is_initialized():  # start together: a rank that waits for another's set-up is not evaluating
+        torch.distributed.barrier()
     t = time.perf_counter()
     report = gs.evaluate(model, test, eps=eps, n=args.n, steps=args.steps, batch_size=args.batch_size)
     seconds = time.perf_counter() - t
@@ -157,12 +162,17 @@ def main() -> None:
         extra = f"   {m / floors[k]:5.2f}x its attacks alone" if k in floors else ""
         print(f"  {k:24s} {m:7.2f} s   {m / base:5.2f}x plain{extra}")
     if args.processes > 1:
-        one, r1 = _processes(args, 1)
-        many, rn = _processes(args, args.processes)
-        same = "equal" if r1 == rn else "DIFFERENT"
+        ones, manys, same = [], [], True
+        for _ in range(args.rounds):  # interleaved, as above
+            one, r1 = _processes(args, 1)
+            many, rn = _processes(args, args.processes)
+            ones.append(one)
+            manys.append(many)
+            same = same and r1 == rn
+        one, many = statistics.median(ones), statistics.median(manys)
         print(f"  evaluate, 1 process      {one:7.2f} s")
         print(f"  evaluate, {args.processes} processes    {many:7.2f} s   speed-up {one / many:4.2f}x "
-              f"(reports {same})")
+              f"(reports {'equal' if same else 'DIFFERENT'}; slowest rank, timed from a barrier)")
 
 
 if __name__ == "__main__":
