@@ -12,13 +12,13 @@ iterations, one batch size), side by side in one process, one thread:
   exact and BPDA: three attacks, plus the clean and zero-gradient passes), with an empty attack cache;
 - ``evaluate (base cached)``: the same with the original model's results already in the cache.
 
-Each is timed ``--rounds`` times, interleaved, after a warm-up of each; the median is reported with its ratio
-to ``plain``. Then ``--processes 2`` runs the same evaluation (empty cache) in 1 and in 2 gloo processes started
-by this script (``--worker``), ``--rounds`` times interleaved, and reports the median of the slowest rank's
-``evaluate`` time of each and the speed-up (the reports are checked equal). The ranks start ``evaluate``
-together, after a barrier: without it, the rank whose set-up (calibration) finished first counted its wait
-for the other at the first collective. Other load on the machine moves every figure; compare ratios measured
-together.
+Each is timed ``--rounds`` times, interleaved, after a warm-up of each; each time is divided by that round's
+``plain`` (or its attacks alone), and the median of those ratios is reported with their range. Then
+``--processes 2`` runs the same evaluation (empty cache) in 1 and in 2 gloo processes started by this script
+(``--worker``), ``--rounds`` times interleaved, and reports the median of the slowest rank's ``evaluate`` time
+of each and of the speed-ups (the reports are checked equal). The ranks start ``evaluate`` together, after a
+barrier: without it, the rank whose set-up (calibration) finished first counted its wait for the other at the
+first collective. Other load on the machine moves every figure; compare ratios measured together.
 
     python tools/bench_eval.py --n 64 --steps 10 --batch-size 32 --rounds 2
 """
@@ -72,6 +72,13 @@ def bpda_run(model, x, y, eps: float, steps: int, batch_size: int) -> int:
 
     with gs.straight_through(model):
         return plain_run(model, x, y, eps, steps, batch_size)
+
+
+def _ratio(times: list[float], bases: list[float]) -> str:
+    """The median of per-round ratios, and their range: a round's runs follow one another, so slow drifts of the
+    machine's speed cancel in a ratio and not in a ratio of medians."""
+    ratios = sorted(t / b for t, b in zip(times, bases))
+    return f"{statistics.median(ratios):5.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -150,29 +157,33 @@ def main() -> None:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    base = statistics.median(times["plain"])
     print(f"demo model, {args.n} MNIST-5k test samples, APGD-CE {args.steps} steps, batch {args.batch_size}, "
-          f"alpha {args.alpha:g}, 1 thread, median of {args.rounds}")
-    med = {k: statistics.median(ts) for k, ts in times.items()}
-    floors = {  # what evaluate's attacks cost by themselves: plain AutoAttack runs of each variant
-        "evaluate (first)": med["plain"] + med["plain, rewritten model"] + med["plain, rewritten, BPDA"],
-        "evaluate (base cached)": med["plain, rewritten model"] + med["plain, rewritten, BPDA"],
+          f"alpha {args.alpha:g}, 1 thread; medians of {args.rounds} rounds, ratios taken within each round "
+          "[their range]")
+    rounds = range(args.rounds)
+    plain = times["plain"]
+    floors = {  # what evaluate's attacks cost by themselves, per round: plain AutoAttack runs of each variant
+        "evaluate (first)": [plain[r] + times["plain, rewritten model"][r] + times["plain, rewritten, BPDA"][r]
+                             for r in rounds],
+        "evaluate (base cached)": [times["plain, rewritten model"][r] + times["plain, rewritten, BPDA"][r]
+                                   for r in rounds],
     }
-    for k, m in med.items():
-        extra = f"   {m / floors[k]:5.2f}x its attacks alone" if k in floors else ""
-        print(f"  {k:24s} {m:7.2f} s   {m / base:5.2f}x plain{extra}")
+    for k, ts in times.items():
+        line = f"  {k:24s} {statistics.median(ts):7.2f} s   {_ratio(ts, plain)} plain"
+        if k in floors:
+            line += f"   {_ratio(ts, floors[k])} its attacks alone"
+        print(line)
     if args.processes > 1:
         ones, manys, same = [], [], True
-        for _ in range(args.rounds):  # interleaved, as above
+        for _ in rounds:  # interleaved, as above
             one, r1 = _processes(args, 1)
             many, rn = _processes(args, args.processes)
             ones.append(one)
             manys.append(many)
             same = same and r1 == rn
-        one, many = statistics.median(ones), statistics.median(manys)
-        print(f"  evaluate, 1 process      {one:7.2f} s")
-        print(f"  evaluate, {args.processes} processes    {many:7.2f} s   speed-up {one / many:4.2f}x "
-              f"(reports {'equal' if same else 'DIFFERENT'}; slowest rank, timed from a barrier)")
+        print(f"  evaluate, 1 process      {statistics.median(ones):7.2f} s")
+        print(f"  evaluate, {args.processes} processes    {statistics.median(manys):7.2f} s   speed-up "
+              f"{_ratio(ones, manys)} (reports {'equal' if same else 'DIFFERENT'}; slowest rank, from a barrier)")
 
 
 if __name__ == "__main__":
