@@ -1,17 +1,19 @@
-"""Atomic file writes (nothing is ever half-written), and reading back the JSON files graphsparse writes."""
+"""Atomic file writes (nothing is ever half-written), reading back the JSON files graphsparse writes, and a lock
+for files that several processes update."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from graphsparse.errors import GraphsparseError
 
-__all__ = ["atomic_write", "read_json_file"]
+__all__ = ["atomic_write", "file_lock", "read_json_file"]
 
 
 def _umask() -> int:
@@ -60,3 +62,23 @@ def read_json_file(
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise error(foreign)
     return data
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``<path>.lock`` (created beside ``path`` and left there) for the block:
+    processes that update ``path`` by read, merge, :func:`atomic_write` take turns. The lock is on a file of
+    its own because an atomic write replaces ``path`` itself. Without ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms CI runs
+        yield
+        return
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

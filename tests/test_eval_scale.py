@@ -204,6 +204,40 @@ def test_a_damaged_cache_is_refused_with_a_hint(masked, test_split, tmp_path):
         evaluate(masked, test_split, cache=path, **SMALL)
 
 
+def test_caches_opened_on_one_file_keep_each_others_entries(tmp_path):
+    path = tmp_path / "cache.json"
+    first, second = attack_cache.AttackCache(path), attack_cache.AttackCache(path)  # opened before any write
+    first.put_attack("a", np.array([True, False]), [])
+    second.put_clean("b", np.array([False, True, True]), 2)
+    reread = attack_cache.AttackCache(path)
+    assert reread.get_attack("a", 2)[0].tolist() == [True, False]
+    assert reread.get_clean("b", 3)[0].tolist() == [False, True, True] and reread.get_clean("b", 3)[1] == 2
+    assert first.get_clean("b", 3)[1] == 2  # a miss reads what another process wrote since
+    assert first.get_attack("c", 2) is None
+
+
+def _put_many(path, worker: int, count: int) -> None:
+    cache = attack_cache.AttackCache(path)
+    for i in range(count):
+        cache.put_attack(f"{worker}-{i}", np.array([i % 2 == 0]), [])
+
+
+def test_processes_writing_one_cache_at_once_lose_nothing(tmp_path):
+    """Writers take the lock, read, merge and write: every entry of every process is in the file at the end."""
+    import multiprocessing
+
+    path = tmp_path / "cache.json"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_put_many, args=(path, w, 25)) for w in range(3)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0, 0, 0]
+    entries = json.loads(path.read_text())["entries"]
+    assert sorted(entries) == sorted(f"{w}-{i}" for w in range(3) for i in range(25))
+
+
 # ----------------------------------------------------------------------------------------------- resume
 
 

@@ -15,8 +15,9 @@ gradient) under a key of everything they depend on: a digest of the model's weig
 operators (:func:`model_digest`), a digest of the samples' pixels and labels, the attack, ε, norm, seed,
 steps, batch size, device type, the pyautoattack version and :data:`SCHEME`. A second ``graphsparse eval``
 of the same model, or tuning's α = 0 point on the same samples, reads them instead of attacking again.
-The cache file is JSON, rewritten atomically; two processes writing it at once may lose each other's new
-entries (never corrupt the file).
+The cache file is JSON, rewritten atomically. Several processes may share it (a sweep of ``graphsparse eval``
+jobs): each write takes a lock (``<file>.lock``, beside it) and merges the entries on disk, so no process drops
+another's, and a lookup that misses reads the file again when another process has changed it since.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphsparse._files import atomic_write, read_json_file
+from graphsparse._files import atomic_write, file_lock, read_json_file
 from graphsparse.distributed import comm_device, rank_and_size
 from graphsparse.errors import EvaluationError
 from graphsparse.ops import MeanSparse, operators
@@ -109,17 +110,37 @@ class AttackCache:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = None if path is None else Path(path)
         self.entries: dict[str, dict[str, Any]] = {}
+        self._seen: tuple[int, int] | None = None  # (mtime, size) of the file when this object last read it
         if self.path is not None and self.path.exists():
-            data = read_json_file(
-                self.path, _FORMAT, error=EvaluationError,
-                what=f"attack cache {self.path}", unreadable_hint="delete it; it only saves time",
-                foreign=f"{self.path} is not a graphsparse attack cache. Hint: give another --cache path, or delete it",
-            )
-            self.entries = dict(data.get("entries", {}))
+            self.entries = self._read()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        assert self.path is not None
+        seen = self.path.stat()  # before reading: a file replaced meanwhile is then read again next time
+        data = read_json_file(
+            self.path, _FORMAT, error=EvaluationError,
+            what=f"attack cache {self.path}", unreadable_hint="delete it; it only saves time",
+            foreign=f"{self.path} is not a graphsparse attack cache. Hint: give another --cache path, or delete it",
+        )
+        self._seen = (seen.st_mtime_ns, seen.st_size)
+        return dict(data.get("entries", {}))
+
+    def _entry(self, key: str) -> dict[str, Any] | None:
+        """The entry under ``key``; on a miss, after reading what other processes wrote since the last read."""
+        e = self.entries.get(key)
+        if e is None and self.path is not None:
+            try:
+                now = self.path.stat()
+            except FileNotFoundError:
+                return None
+            if (now.st_mtime_ns, now.st_size) != self._seen:
+                self.entries = {**self._read(), **self.entries}
+                e = self.entries.get(key)
+        return e
 
     def get_attack(self, key: str, n: int) -> tuple[np.ndarray, list[str]] | None:
         """``(robust flags, messages)`` stored under ``key``, or None."""
-        e = self.entries.get(key)
+        e = self._entry(key)
         if e is None or e.get("n") != n or "robust" not in e:
             return None
         return unpack_bits(e["robust"], n), list(e.get("messages", []))
@@ -130,7 +151,7 @@ class AttackCache:
 
     def get_clean(self, key: str, n: int) -> tuple[np.ndarray, int] | None:
         """``(clean-correct flags, zero-gradient count)`` stored under ``key``, or None."""
-        e = self.entries.get(key)
+        e = self._entry(key)
         if e is None or e.get("n") != n or "clean" not in e:
             return None
         return unpack_bits(e["clean"], n), int(e["zero"])
@@ -140,8 +161,14 @@ class AttackCache:
         self._write()
 
     def _write(self) -> None:
-        if self.path is not None and rank_and_size()[0] == 0:  # every rank holds the entries; one writes
+        if self.path is None or rank_and_size()[0] != 0:  # every rank holds the entries; one writes
+            return
+        with file_lock(self.path):  # read, merge, write: what other processes wrote meanwhile is kept
+            if self.path.exists():
+                self.entries = {**self._read(), **self.entries}
             atomic_write(self.path, json.dumps({"format": _FORMAT, "entries": self.entries}, sort_keys=True) + "\n")
+            now = self.path.stat()
+            self._seen = (now.st_mtime_ns, now.st_size)
 
 
 def _chunk(s: Samples, a: int, b: int) -> Samples:
