@@ -82,41 +82,30 @@ def kernel_tables(repeats: int) -> None:
         print(_mask_row(shape, repeats))
 
 
-class _PythonFunction(torch.autograd.Function):
-    """How float32 CPU ran before its C++ autograd function: a Python ``autograd.Function`` around the same
-    kernel, a new output tensor, and the C++ loop's gradient into a new tensor."""
+def _python_function() -> type[torch.autograd.Function]:
+    """How float32 CPU ran before its C++ autograd function: the Python ``autograd.Function`` that CUDA tensors
+    still use (the same kernel, a new output tensor), with the C++ loop's gradient into a new tensor."""
+    from graphsparse.ops import fast
 
-    @staticmethod
-    def forward(ctx, x, mu, thr, axis: int, straight_through: bool):
-        from graphsparse.ops import fast
+    class PythonFunction(fast._FastMeanSparse):
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.straight_through:
+                return grad, None, None, None, None
+            (inside,) = ctx.saved_tensors
+            out = torch.empty_like(grad)
+            torch.ops.graphsparse.mean_sparse_cpu_grad.default(grad, inside, out)
+            return out, None, None, None, None
 
-        ctx.straight_through = straight_through
-        y = torch.empty_like(x)
-        flat, out = fast.channels_view(x.detach(), axis), fast.channels_view(y, axis)
-        if straight_through:
-            fast._launch("forward_out", flat, mu, thr, None, out)
-            return y
-        inside = torch.empty_like(x, dtype=torch.bool)
-        fast._launch("forward_mask", flat, mu, thr, None, out, fast.channels_view(inside, axis))
-        ctx.save_for_backward(inside)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.straight_through:
-            return grad, None, None, None, None
-        (inside,) = ctx.saved_tensors
-        out = torch.empty_like(grad)
-        torch.ops.graphsparse.mean_sparse_cpu_grad.default(grad, inside, out)
-        return out, None, None, None, None
+    return PythonFunction
 
 
 @contextlib.contextmanager
 def python_autograd() -> Iterator[None]:
     from graphsparse.ops import cpu_kernel
 
-    native = cpu_kernel.launch_autograd
-    cpu_kernel.launch_autograd = lambda kind, x, mu, thr, axis, inplace=False: _PythonFunction.apply(
+    native, function = cpu_kernel.launch_autograd, _python_function()
+    cpu_kernel.launch_autograd = lambda kind, x, mu, thr, axis, inplace=False: function.apply(
         x, mu, thr, axis, kind == "forward_out"
     )
     try:
