@@ -31,9 +31,9 @@ inline float element(float v, float m, float t, float slope, bool& in_band) {
 }
 
 // A loop that writes the band mask is vectorised by whole vectors of one-byte flags, 64 elements at a time
-// with AVX-512, so a row shorter than that ran as scalar code: a 7x7 map's rows of 49 took 8x the time of the
-// same rows without the mask. Short rows are vectorised 16 elements at a time instead (a row of 49: 106 -> 18
-// us per 100k elements; rows of 196 and more are faster the default way). -fopenmp-simd enables the pragma.
+// with AVX-512, so a row shorter than that ran as scalar code: the 49-element rows of a 32x64x7x7 map took
+// 0.102 ms with the mask, 0.012 ms without. Short rows are vectorised 16 elements at a time instead (0.028 ms;
+// rows of 196 and more are faster the default way). -fopenmp-simd enables the pragma.
 constexpr int64_t kShortRow = 128;
 
 #define GRAPHSPARSE_ROW_LOOP(N, BODY)               \
@@ -244,7 +244,8 @@ TORCH_LIBRARY_FRAGMENT(graphsparse, m) {
   m.def("mean_sparse_cpu(Tensor x, Tensor mu, Tensor thr, Tensor(a!) out, Tensor(b!)? inside, int activation, "
         "float slope) -> ()");
   m.def("mean_sparse_cpu_grad(Tensor grad, Tensor inside, Tensor(a!) out) -> ()");
-  m.def("mean_sparse_cpu_autograd(Tensor(a!) x, Tensor mu, Tensor thr, int axis, bool straight_through, bool inplace) -> Tensor");
+  m.def("mean_sparse_cpu_autograd(Tensor(a!) x, Tensor mu, Tensor thr, int axis, bool straight_through, "
+        "bool inplace) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(graphsparse, CPU, m) {
