@@ -262,14 +262,100 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_report(masked, t
     assert exact.tolist() == resumed.per_sample.robust["exact"]["apgd-ce"].tolist()
 
 
-def test_autoattacks_randomised_model_check_runs_once_per_attack_not_per_chunk(masked, test_split, monkeypatch):
-    from pyautoattack import checks
+def test_autoattack_runs_no_forward_of_a_clean_chunk_that_evaluate_has_already_run(masked, test_split):
+    """AutoAttack's checks of the forward pass (5 forwards for a randomised defence, 1 for a dynamic one) run on
+    the first chunk of base and exact (bpda has exact's forward pass); its clean pass and output-range check of
+    every chunk read evaluate's clean logits. Counted: forwards of a whole clean chunk other than evaluate's clean
+    pass (which takes the input gradient) and the attack's own (APGD starts with one)."""
+    import sys
 
+    picked = pick_samples(test_split, 24, 0)
+    chunks = [picked.x[a : a + 8] for a in range(0, 24, 8)]
+    seen: list[tuple[str, int]] = []
+
+    def count(module, args):
+        x = args[0]
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_filename.endswith("autopgd_base.py"):
+                return  # the attack's own forward
+            frame = frame.f_back
+        if not x.requires_grad:  # not evaluate's clean pass, which takes the gradient
+            for c, chunk in enumerate(chunks):
+                if x.shape == chunk.shape and torch.equal(x, chunk):
+                    seen.append((_variant_of(module), c))
+
+    hook = masked.register_forward_pre_hook(count)
+    try:
+        evaluate(masked, test_split, **dict(SMALL, n=24))  # 3 chunks of 8, three variants
+    finally:
+        hook.remove()
+    assert sorted(seen) == [("base", 0)] * 6 + [("exact", 0)] * 6
+
+
+def test_clean_logits_handed_to_autoattack_change_no_outcome(masked, test_split, monkeypatch):
+    """The same evaluation with AutoAttack running every clean forward itself (and the re-check forwarding
+    every sample): the same report, per-sample records and messages included."""
+    from graphsparse.robust import attacks
+
+    served = evaluate(masked, test_split, **dict(SMALL, n=24))
     calls = []
-    check = checks.check_randomized
-    monkeypatch.setattr(checks, "check_randomized", lambda *a, **k: calls.append(1) or check(*a, **k))
-    evaluate(masked, test_split, **dict(SMALL, n=24))  # 3 chunks of 8, three variants
-    assert len(calls) == 3
+
+    class Unserved:
+        def __init__(self, model, x, logits, device):
+            self.model = model
+
+        def __call__(self, x):
+            calls.append(1)
+            return self.model(x)
+
+    monkeypatch.setattr(attacks, "_CleanLogits", Unserved)
+    monkeypatch.setattr(attacks, "forward_batches", lambda model, x, batch_size, device: _all_forwarded(model, x))
+    unserved = evaluate(masked, test_split, **dict(SMALL, n=24))
+    assert calls  # the stand-in ran
+    a, b = served.to_dict(), unserved.to_dict()
+    a.pop("date"), b.pop("date")
+    assert a == b
+
+
+def _all_forwarded(model, x):
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+class _Noisy(nn.Module):
+    """A randomised defence: noise on the logits at every forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * torch.randn_like(x)
+
+
+class _Dynamic(nn.Module):
+    """A dynamic defence: the forward pass computes a gradient (of its input's norm) and steps along it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(z.norm(), [z])
+        return x + 1e-3 * g
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        (_Noisy(), "randomized defense"),
+        (_Dynamic(), "dynamic defense"),
+        (nn.Softmax(dim=1), "probability distribution"),
+    ],
+)
+def test_autoattacks_model_checks_still_speak(masked, test_split, tail, expected):
+    """The checks AutoAttack runs on the model (randomised, dynamic, probabilities instead of logits) still
+    reach the report, for base and exact, with clean logits handed to AutoAttack."""
+    model = nn.Sequential(*copy.deepcopy(masked), tail).eval()
+    report = evaluate(model, test_split, **dict(SMALL, n=16))
+    for v in ("base", "exact"):
+        said = [w for w in report.warnings if w.startswith(f"{v}/apgd-ce: AutoAttack:")]
+        assert any(expected in w for w in said), report.warnings
 
 
 def test_a_chunks_outcome_does_not_depend_on_the_other_chunks(masked, test_split):

@@ -191,10 +191,15 @@ def attack_chunks(
     done: dict[int, tuple[np.ndarray, list[str]]] | None = None,
     on_chunk: Callable[[int, np.ndarray, list[str]], None] | None = None,
     after: Callable[[int, int], None] | None = None,
+    clean: torch.Tensor | None = None,
+    model_checks: bool = True,
 ) -> tuple[np.ndarray, list[str]]:
     """Run ``attack`` on ``model`` as it is now, chunk by chunk (see the module docstring).
 
     Args:
+        clean: the logits of ``s`` from the clean pass (CPU), or None (see :func:`run_attack`).
+        model_checks: run AutoAttack's randomised and dynamic defence checks on the first chunk (they look at
+            the forward pass only: once per model and attack, not per chunk).
         done: chunk index -> ``(robust flags, messages)`` already known (from a saved state): not run again.
         on_chunk: called as ``on_chunk(index, robust, messages)`` after each chunk that ran.
         after: called as ``after(samples, robust)`` after each of this rank's chunks, with the counts of its
@@ -218,7 +223,8 @@ def attack_chunks(
         else:
             mask, msgs = run_attack(
                 model, _chunk(s, a, b), attack, eps=eps, norm=norm, batch_size=batch_size, seed=seed,
-                device=device, n_classes=n_classes, steps=steps, check_randomized=c == 0,  # a model check
+                device=device, n_classes=n_classes, steps=steps, model_checks=model_checks and c == 0,
+                clean=None if clean is None else clean[a:b],
             )
             flags = mask.numpy().astype(bool)
             if on_chunk is not None:
@@ -286,10 +292,11 @@ def measure_variant(
     digest = model_digest(model, without_meansparse=identity)
     clean_key = job_key(digest, samples, "clean", variant=tag, batch_size=batch_size, device=device.type)
     hit = cache.get_clean(clean_key, n) if identity else None
+    logits = None  # the clean logits, when this call computed them: AutoAttack's clean passes read them
     if hit is not None:
         clean, zero = hit
     else:
-        correct, zero = clean_and_zero_gradient(model, s, batch_size, device)
+        correct, zero, logits = clean_and_zero_gradient(model, s, batch_size, device)
         clean = correct.numpy().astype(bool)
         if identity:
             cache.put_clean(clean_key, clean, zero)
@@ -305,7 +312,8 @@ def measure_variant(
             keep = None if state is None else (lambda c, f, m, job=job: state.put(job, c, f, m))
             tick = None if progress is None else (lambda k, r, key=key: progress(f"{label}: {key}", k, r, False))
             found = attack_chunks(
-                model, s, entry, device=device, n_classes=n_classes, done=done, on_chunk=keep, after=tick, **settings
+                model, s, entry, device=device, n_classes=n_classes, done=done, on_chunk=keep, after=tick,
+                clean=logits, model_checks=label != "bpda", **settings,  # bpda's forward pass is exact's
             )
             if identity:
                 cache.put_attack(job, *found)

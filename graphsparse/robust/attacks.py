@@ -149,11 +149,13 @@ def forward_batches(model: nn.Module, x: torch.Tensor, batch_size: int, device: 
 
 def clean_and_zero_gradient(
     model: nn.Module, s: Samples, batch_size: int, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """Per sample, whether ``model`` classifies it correctly (bool, CPU), and how many samples have an input
-    gradient of the cross-entropy loss that is exactly zero everywhere: one forward and backward pass (the
-    logits the gradient needs are the clean predictions; a separate clean pass would repeat the forward)."""
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Per sample, whether ``model`` classifies it correctly (bool, CPU), how many samples have an input gradient
+    of the cross-entropy loss that is exactly zero everywhere, and the logits (CPU): one forward and backward
+    pass (the logits the gradient needs are the clean predictions; a separate clean pass would repeat the
+    forward, and :func:`run_attack` hands these logits to AutoAttack's own clean pass)."""
     correct = []
+    logits_cpu = []
     count = 0
     for i in range(0, s.x.shape[0], batch_size):
         x = s.x[i : i + batch_size].to(device).requires_grad_(True)
@@ -162,12 +164,14 @@ def clean_and_zero_gradient(
             logits = model(x)
             loss = F.cross_entropy(logits, y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, [x], allow_unused=True)
-        correct.append((logits.detach().argmax(1) == y).cpu())
+        logits = logits.detach()
+        correct.append((logits.argmax(1) == y).cpu())
+        logits_cpu.append(logits.cpu())
         if grad is None:
             count += x.shape[0]
         else:
             count += int((grad.reshape(grad.shape[0], -1).abs().sum(1) == 0).sum())
-    return torch.cat(correct), count
+    return torch.cat(correct), count, torch.cat(logits_cpu)
 
 
 # ------------------------------------------------------------------------------------------ attacks
@@ -229,6 +233,38 @@ def _reset_dynamic_check() -> None:
             funcs[k] = 0
 
 
+class _CleanLogits:
+    """The model as AutoAttack's own passes over a clean chunk see it: for that chunk, bit for bit, the logits
+    evaluate's clean pass computed (:func:`clean_and_zero_gradient`); for any other input, the model.
+
+    AutoAttack runs, before every attack, a clean pass over its input, an output-range check and a
+    dynamic-defence check, each one forward of the same clean samples: 3 forwards a chunk that evaluate has
+    already done. Its attacks (APGD, FAB, Square) keep their own reference to the model and never see this."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, device: torch.device) -> None:
+        self.model = model
+        self.x = x.to(device)
+        self.logits = logits.to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape == self.x.shape and x.dtype == self.x.dtype and torch.equal(x, self.x):
+            return self.logits.clone()
+        return self.model(x)
+
+
+def _model_checks(aa: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, dynamic: bool) -> None:
+    """AutoAttack's checks that need forward passes of their own, as its ``run_standard_evaluation`` runs them,
+    on the model itself: a randomised defence (five forwards of the same batch must agree) and, with
+    ``dynamic``, a dynamic one (the forward pass must not compute gradients)."""
+    from pyautoattack import checks
+
+    checks.check_randomized(model, x, y, bs=batch_size, logger=aa.logger)
+    if dynamic:
+        _reset_dynamic_check()
+        checks.check_dynamic(model, x, False, logger=aa.logger)
+        _reset_dynamic_check()  # or the check AutoAttack repeats on the clean logits would report it again
+
+
 def import_autoattack() -> Any:
     """pyautoattack's ``AutoAttack`` class; an :class:`EvaluationError` with the install hint when it is missing."""
     try:
@@ -269,16 +305,22 @@ def run_attack(
     device: torch.device,
     n_classes: int,
     steps: int | None = None,
-    check_randomized: bool = True,
+    model_checks: bool = True,
+    clean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Run one attack entry through AutoAttack on ``model`` as it is now.
+
+    Args:
+        model_checks: run AutoAttack's checks for a randomised or dynamic defence (six forward passes of the
+            first batch; repeated for every chunk they were 11% of an evaluation of the demo model at 10 steps).
+            Its output-range check runs on every call.
+        clean: the logits of ``s`` from evaluate's clean pass (CPU): AutoAttack's own clean pass and range check
+            read them instead of running the model again, and the re-check of the adversarial examples
+            re-evaluates only the inputs the attack changed. ``None`` runs those forwards.
 
     Returns:
         ``(robust, messages)``: per sample (bool, CPU), still classified correctly after the attack; the
         warnings AutoAttack (or anything it called) raised, plus graphsparse's checks of its output.
-
-    ``check_randomized=False`` skips AutoAttack's check for a randomised model (two forward passes of the first
-    batch, repeated for every chunk otherwise: 11% of an evaluation of the demo model at 10 steps).
     """
     AutoAttack = import_autoattack()
     parts = _attack_parts(attack)
@@ -298,22 +340,35 @@ def run_attack(
             set_steps(aa.apgd, steps)
             set_steps(aa.apgd_targeted, steps)
             aa.fab.n_iter = steps
-        if not check_randomized:
-            aa.version = "rand"  # after __init__, 'rand' only skips that check (pyautoattack 0.2)
+        aa.version = "rand"  # after __init__, 'rand' only skips check_randomized (pyautoattack 0.2): _model_checks
         _reset_dynamic_check()
+        if model_checks:
+            head = slice(0, batch_size)
+            # without clean logits AutoAttack runs its dynamic check on the model, for every chunk
+            _model_checks(aa, model, s.x[head].to(device), s.y[head].to(device), batch_size, clean is not None)
+        if clean is not None:  # after the checks, which need the model itself; the attacks hold their own reference
+            aa.model = _CleanLogits(model, s.x, clean, device)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # AutoAttack reseeds the global generator
             x_adv, y_adv = aa.run_standard_evaluation(s.x, s.y, batch_size=batch_size)
     robust = y_adv.cpu() == s.y
     count = int(robust.sum())
-    delta = (x_adv.cpu() - s.x).reshape(s.x.shape[0], -1)
+    x_adv = x_adv.cpu()
+    delta = (x_adv - s.x).reshape(s.x.shape[0], -1)
     size = {"Linf": delta.abs().amax(1), "L2": delta.norm(dim=1), "L1": delta.abs().sum(1)}[norm]
     if bool((size > eps * (1 + 1e-4) + 1e-6).any()) or float(x_adv.min()) < 0 or float(x_adv.max()) > 1:
         messages.append(
             f"graphsparse: adversarial examples leave the {norm} ball of radius {eps:g} or [0, 1] "
             f"(largest perturbation {float(size.max()):.6g})"
         )
-    recheck = int((forward_batches(model, x_adv.cpu(), batch_size, device) == s.y).sum())
+    if clean is None:
+        again = forward_batches(model, x_adv, batch_size, device) == s.y
+    else:  # an input the attack left as it was is a clean sample, whose prediction the clean pass made
+        again = clean.argmax(1) == s.y
+        changed = (x_adv != s.x).reshape(x_adv.shape[0], -1).any(1)
+        if bool(changed.any()):
+            again[changed] = forward_batches(model, x_adv[changed], batch_size, device) == s.y[changed]
+    recheck = int(again.sum())
     if recheck != count:
         messages.append(
             f"graphsparse: re-evaluating AutoAttack's adversarial examples gives {recheck} robust samples, "

@@ -15,7 +15,9 @@ under BPDA or vanishes (gradient masking). AutoAttack's own check warnings (zero
 or dynamic defence, probabilities instead of logits, ...) are captured from its logger and from
 ``warnings`` and listed in :attr:`EvalReport.warnings`, together with graphsparse's own check: the share
 of samples whose input gradient of the cross-entropy loss is exactly zero (AutoAttack only checks this
-for its DLR losses).
+for its DLR losses). AutoAttack's checks of the forward pass (a randomised or dynamic defence) run once per
+attack, on its first chunk, for base and exact (bpda has exact's forward pass); its clean pass and output-range
+check of each chunk read the logits of evaluate's own clean pass instead of running the model again.
 
 Attack names (``attacks=``): each entry is one evaluation.
 
