@@ -105,16 +105,22 @@ def _worker(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.distributed.init_process_group("gloo")
-    torch.set_num_threads(1)
-    _, model, eps = build(args.alpha)
-    test = load_dataset("mnist5k", split="test")
-    if torch.distributed.is_initialized():  # start together: a rank that waits for another's set-up is not evaluating
-        torch.distributed.barrier()
-    t = time.perf_counter()
-    report = gs.evaluate(model, test, eps=eps, n=args.n, steps=args.steps, batch_size=args.batch_size)
-    seconds = time.perf_counter() - t
-    d = {k: v for k, v in report.to_dict().items() if k != "date"}
-    Path(args.worker, f"rank{rank}.json").write_text(json.dumps({"seconds": seconds, "report": d}))
+    try:
+        torch.set_num_threads(1)
+        _, model, eps = build(args.alpha)
+        test = load_dataset("mnist5k", split="test")
+        if torch.distributed.is_initialized():  # start together: a rank waiting for another's set-up is not evaluating
+            torch.distributed.barrier()
+        t = time.perf_counter()
+        report = gs.evaluate(model, test, eps=eps, n=args.n, steps=args.steps, batch_size=args.batch_size)
+        seconds = time.perf_counter() - t
+        d = {k: v for k, v in report.to_dict().items() if k != "date"}
+        Path(args.worker, f"rank{rank}.json").write_text(json.dumps({"seconds": seconds, "report": d}))
+        if torch.distributed.is_initialized():  # leave together: a rank tearing gloo down early aborted the other
+            torch.distributed.barrier()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _processes(args: argparse.Namespace, world_size: int) -> tuple[float, dict]:
@@ -127,8 +133,9 @@ def _processes(args: argparse.Namespace, world_size: int) -> tuple[float, dict]:
         cmd = [sys.executable, __file__, "--worker", out, "--n", str(args.n), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--alpha", str(args.alpha)]
         procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world_size)]
-        if any(p.wait() != 0 for p in procs):
-            raise SystemExit("a worker failed")
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise SystemExit(f"a worker failed: exit codes {codes} (ranks 0..{world_size - 1})")
         runs = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world_size)]
     if any(r["report"] != runs[0]["report"] for r in runs):
         raise SystemExit("the ranks' reports differ")
