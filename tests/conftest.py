@@ -47,6 +47,7 @@ def kernel_calls(monkeypatch):
     monkeypatch.setattr(fast, "run_kernel", spy_compiled)
     spy(cpu_kernel, "cpp")
     spy(cpu_kernel, "cpp", "launch_autograd")  # under autograd: the same kernel, the backward in C++ too
+    spy(cpu_kernel, "cpp_add", "launch_add")  # a residual sum and its operator (graphsparse.planning.fuse_residual)
     spy(triton_kernel, "triton")
     monkeypatch.setattr(fast, "MIN_NUMEL", 1)
     with fast.enabled(True):

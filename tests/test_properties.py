@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import graphsparse
 from graphsparse import RuleError, calibrate, find_sites, fuse_activations, make_plan, operators, parse_rules, rewrite
 from graphsparse.ops import MeanSparse, backward_mode, fast
+from graphsparse.planning.fuse_residual import fuse_residual_operators
 from graphsparse.planning.plan import Plan
 from graphsparse.planning.rewrite import rewrite_info
 from graphsparse.testing import Architecture, random_architectures
@@ -285,7 +286,8 @@ def _fast_path_on_tiny_maps(on: bool):
 def test_fusion_keeps_outputs_and_gradients_bit_for_bit(arch, rule, seed, mode, kernels):
     """``fuse_activations`` (operators absorbing the activation after them, in place where nothing else reads
     their input, in-place residual additions) changes no output bit, no gradient bit in either backward mode,
-    and no state; on the kernels' path and on the plain formula's."""
+    and no state; on the kernels' path and on the plain formula's. Nor does the attack view of the fused model
+    (``fuse_residual_operators``: a residual addition and its operator in one kernel pass)."""
     _note(arch)
     note(f"rule: {rule}, backward mode: {mode}, kernels on tiny maps: {kernels}")
     assume(not _rule_raises(rule, arch.truth))
@@ -296,18 +298,21 @@ def test_fusion_keeps_outputs_and_gradients_bit_for_bit(arch, rule, seed, mode, 
     assert list(fused.state_dict()) == list(model.state_dict())
     x = arch.example_input(seed=seed + 1, batch=3)
     w = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(seed))
+    view = fuse_residual_operators(fused)
     with _fast_path_on_tiny_maps(kernels), backward_mode(model, mode), backward_mode(fused, mode):
         with torch.no_grad():
             expected = model(x.clone())
             assert torch.equal(_bits(fused(x.clone())), _bits(expected))
+            assert torch.equal(_bits(view(x.clone())), _bits(expected))
         grads = []
-        for net in (model, fused):
+        for net in (model, fused, view):
             leaf = x.clone().requires_grad_()
             y = net(leaf)
             (grad,) = torch.autograd.grad((y * w).sum(), leaf)
             assert torch.equal(_bits(y.detach()), _bits(expected))
             grads.append(grad)
     assert torch.equal(_bits(grads[1]), _bits(grads[0]))
+    assert torch.equal(_bits(grads[2]), _bits(grads[0]))
 
 
 # ------------------------------------------------------------------------------------------ calibration

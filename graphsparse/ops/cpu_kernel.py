@@ -40,6 +40,7 @@ __all__ = [
     "handles",
     "is_enabled",
     "launch",
+    "launch_add",
     "launch_autograd",
     "set_enabled",
     "unavailable_reason",
@@ -57,6 +58,7 @@ _log = logging.getLogger(__name__)
 _switch = Switch("GRAPHSPARSE_CPU_KERNEL")
 _op = None  # torch.ops.graphsparse.mean_sparse_cpu.default, once loaded
 _autograd_op = None  # torch.ops.graphsparse.mean_sparse_cpu_autograd.default
+_add_op = None  # torch.ops.graphsparse.mean_sparse_cpu_add_autograd.default
 _failure: str | None = None
 
 
@@ -94,7 +96,7 @@ _quiet_cuda_home_notice()
 
 
 def _build() -> None:
-    global _op, _autograd_op, _failure
+    global _op, _autograd_op, _add_op, _failure
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
@@ -117,6 +119,7 @@ def _build() -> None:
         )
         _op = torch.ops.graphsparse.mean_sparse_cpu.default
         _autograd_op = torch.ops.graphsparse.mean_sparse_cpu_autograd.default
+        _add_op = torch.ops.graphsparse.mean_sparse_cpu_add_autograd.default
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: use the compiled kernel
         lines = str(e).strip().splitlines() or [type(e).__name__]
         _failure = f"{type(e).__name__}: {lines[0][:200]}"
@@ -177,3 +180,23 @@ def launch_autograd(
     version counter catches a backward that would still need it). Only for inputs :func:`handles` (with no
     activation) in a layout :func:`~graphsparse.ops.fast.channels_view` can view."""
     return _autograd_op(x, mu, thr, axis, kind == "forward_out", inplace)
+
+
+def launch_add(
+    kind: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mu: torch.Tensor,
+    thr: torch.Tensor,
+    axis: int,
+    into: int,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """MeanSparse of the residual sum ``a + b`` in one pass (``graphsparse::mean_sparse_cpu_add_autograd``), with
+    :func:`launch_autograd`'s autograd rule when autograd records; the sum's gradient goes to both operands.
+
+    ``kind`` as for :func:`launch_autograd` (``forward``/``forward_inplace`` when nothing records). ``inplace``
+    writes the result into operand ``into`` (0: ``a``, 1: ``b``), which the caller has checked that nothing
+    else reads and, under autograd, that no backward needs. ``a`` and ``b``: float32 CPU tensors of one shape
+    and layout that :func:`~graphsparse.ops.fast.channels_view` can view."""
+    return _add_op(a, b, mu, thr, axis, into, kind == "forward_out", inplace)

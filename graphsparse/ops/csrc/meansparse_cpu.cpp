@@ -76,6 +76,28 @@ void position_row(const float* x, float* y, bool* in, int64_t c, const float* __
   })
 }
 
+// The residual sum, then MeanSparse (no activation), in one pass: y = where(|s - mu| <= thr, mu, s), s = a + b
+// added in float32 as eager PyTorch adds (operands in that order). y may be a or b (the sum written into its
+// fresh operand), so no pointer is restrict-qualified: each element is read from both before it is written.
+template <bool Mask>
+void add_channel_row(const float* a, const float* b, float* y, bool* in, int64_t n, float m, float t) {
+  GRAPHSPARSE_ROW_LOOP(n, {
+    bool band;
+    y[i] = element<kNone>(a[i] + b[i], m, t, 0.0f, band);
+    if constexpr (Mask) in[i] = band;
+  })
+}
+
+template <bool Mask>
+void add_position_row(const float* a, const float* b, float* y, bool* in, int64_t c, const float* m,
+                      const float* t) {
+  GRAPHSPARSE_ROW_LOOP(c, {
+    bool band;
+    y[i] = element<kNone>(a[i] + b[i], m[i], t[i], 0.0f, band);
+    if constexpr (Mask) in[i] = band;
+  })
+}
+
 template <Activation A, bool Mask>
 void run(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& thr, const at::Tensor& out,
          const c10::optional<at::Tensor>& inside, double slope_) {
@@ -141,6 +163,55 @@ void mean_sparse_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor
   }
 }
 
+template <bool Mask>
+void run_add(const at::Tensor& a, const at::Tensor& b, const at::Tensor& mu, const at::Tensor& thr,
+             const at::Tensor& out, const c10::optional<at::Tensor>& inside) {
+  const float* ap = a.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  bool* ip = Mask ? inside->mutable_data_ptr<bool>() : nullptr;
+  const float* mp = mu.const_data_ptr<float>();
+  const float* tp = thr.const_data_ptr<float>();
+  if (a.dim() == 3) {  // (N, C, L)
+    const int64_t channels = a.size(1), length = a.size(2), rows = a.size(0) * channels;
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, length));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r * length;
+        add_channel_row<Mask>(ap + o, bp + o, yp + o, Mask ? ip + o : nullptr, length, mp[r % channels],
+                              tp[r % channels]);
+      }
+    });
+  } else {  // (M, C)
+    const int64_t channels = a.size(1), rows = a.size(0);
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, channels));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r * channels;
+        add_position_row<Mask>(ap + o, bp + o, yp + o, Mask ? ip + o : nullptr, channels, mp, tp);
+      }
+    });
+  }
+}
+
+// MeanSparse of a + b into out, and the band mask into inside when given: flat views of one layout.
+void mean_sparse_cpu_add(const at::Tensor& a, const at::Tensor& b, const at::Tensor& mu, const at::Tensor& thr,
+                         const at::Tensor& out, const c10::optional<at::Tensor>& inside) {
+  TORCH_CHECK(a.dim() == 2 || a.dim() == 3, "graphsparse::mean_sparse_cpu_add: a must be (M, C) or (N, C, L)");
+  check(a, "a", at::kFloat, -1);
+  TORCH_CHECK(b.sizes() == a.sizes(), "graphsparse::mean_sparse_cpu_add: a and b must have one shape");
+  check(b, "b", at::kFloat, a.numel());
+  check(mu, "mu", at::kFloat, a.size(1));
+  check(thr, "thr", at::kFloat, a.size(1));
+  check(out, "out", at::kFloat, a.numel());
+  if (inside.has_value()) {
+    check(*inside, "inside", at::kBool, a.numel());
+    run_add<true>(a, b, mu, thr, out, inside);
+  } else {
+    run_add<false>(a, b, mu, thr, out, inside);
+  }
+}
+
 // The exact gradient: out = inside ? +0.0 : grad, bit for bit what torch.where(inside, 0.0, grad) gives (-0.0,
 // NaN and inf included), on the bits and without a branch so that it vectorises: a bool is 0 or 1, so in - 1 is
 // all ones outside the band. ATen's CPU where with a bool condition is 9-23x slower on float32 maps (most of
@@ -183,6 +254,22 @@ at::Tensor channels_view(const at::Tensor& t, int64_t axis) {
   return t.permute({0, 2, 3, 1}).view({-1, channels});
 }
 
+// The gradient at MeanSparse's input from the one at its output (see MeanSparseFunction below).
+at::Tensor band_gradient(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list& grads) {
+  at::Tensor grad = grads[0];
+  if (ctx->saved_data["straight_through"].toBool()) return grad;
+  const at::Tensor inside = ctx->get_saved_variables()[0];
+  if (!at::GradMode::is_enabled() && grad.scalar_type() == at::kFloat && grad.sizes() == inside.sizes() &&
+      grad.strides() == inside.strides() && grad.is_non_overlapping_and_dense()) {
+    grads[0].reset();  // the list's reference: `grad` is then the only one when nothing else holds it
+    const bool owned = grad.use_count() == 1 && !grad.is_view() && grad.storage().use_count() == 1;
+    at::Tensor grad_x = owned ? grad : at::empty_like(grad);
+    mean_sparse_cpu_grad(grad, inside, grad_x);
+    return grad_x;
+  }
+  return at::where(inside, at::Scalar(0.0), grad);
+}
+
 // MeanSparse with its autograd rule in C++: the kernel above (output and band mask in one pass), then the exact
 // gradient by the loop above or the identity (straight-through, BPDA). `inplace` writes the output into x (the
 // caller has checked that x is neither a leaf nor a view, and that nothing else reads it): autograd then knows
@@ -213,29 +300,61 @@ struct MeanSparseFunction : public torch::autograd::Function<MeanSparseFunction>
   // would double, and in-place use needs to see that nothing else holds it
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list& grads) {
-    at::Tensor grad = grads[0];
-    at::Tensor grad_x;
-    if (ctx->saved_data["straight_through"].toBool()) {
-      grad_x = grad;
-    } else {
-      const at::Tensor inside = ctx->get_saved_variables()[0];
-      if (!at::GradMode::is_enabled() && grad.scalar_type() == at::kFloat && grad.sizes() == inside.sizes() &&
-          grad.strides() == inside.strides() && grad.is_non_overlapping_and_dense()) {
-        grads[0].reset();  // the list's reference: `grad` is then the only one when nothing else holds it
-        const bool owned = grad.use_count() == 1 && !grad.is_view() && grad.storage().use_count() == 1;
-        grad_x = owned ? grad : at::empty_like(grad);
-        mean_sparse_cpu_grad(grad, inside, grad_x);
-      } else {
-        grad_x = at::where(inside, at::Scalar(0.0), grad);
-      }
-    }
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {band_gradient(ctx, grads), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor mean_sparse_cpu_autograd(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& thr, int64_t axis,
                                     bool straight_through, bool inplace) {
   return MeanSparseFunction::apply(x, mu, thr, axis, straight_through, inplace);
+}
+
+// The residual addition and MeanSparse as one function: y = MeanSparse(a + b), written into operand `into` when
+// `inplace` (the caller has checked that operand as MeanSparseFunction's x is checked). The sum's gradient goes
+// to both operands, as an addition's does: the same tensor twice, as autograd's AddBackward passes it.
+struct MeanSparseAddFunction : public torch::autograd::Function<MeanSparseAddFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
+                            const at::Tensor& mu, const at::Tensor& thr, int64_t axis, int64_t into,
+                            bool straight_through, bool inplace) {
+    const at::Tensor& fresh = into == 0 ? a : b;
+    at::Tensor y = inplace ? fresh : at::empty_like(a);
+    ctx->saved_data["straight_through"] = straight_through;
+    if (straight_through) {
+      mean_sparse_cpu_add(channels_view(a, axis), channels_view(b, axis), mu, thr, channels_view(y, axis),
+                          c10::nullopt);
+    } else {
+      at::Tensor inside = at::empty_like(a, a.options().dtype(at::kBool));
+      mean_sparse_cpu_add(channels_view(a, axis), channels_view(b, axis), mu, thr, channels_view(y, axis),
+                          channels_view(inside, axis));
+      ctx->save_for_backward({inside});
+    }
+    if (inplace) ctx->mark_dirty({fresh});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list& grads) {
+    const at::Tensor grad = band_gradient(ctx, grads);
+    return {grad, grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Without autograd recording (grad mode off, or neither operand requiring a gradient), the kernel alone: into
+// the fresh operand when `inplace`, its version bumped as an in-place op bumps it.
+at::Tensor mean_sparse_cpu_add_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& mu,
+                                        const at::Tensor& thr, int64_t axis, int64_t into, bool straight_through,
+                                        bool inplace) {
+  TORCH_CHECK(into == 0 || into == 1, "graphsparse::mean_sparse_cpu_add_autograd: into must be 0 or 1");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.strides() == b.strides(),
+              "graphsparse::mean_sparse_cpu_add_autograd: a and b must share one shape and layout");
+  if (at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad())) {
+    return MeanSparseAddFunction::apply(a, b, mu, thr, axis, into, straight_through, inplace);
+  }
+  const at::Tensor& fresh = into == 0 ? a : b;
+  at::Tensor y = inplace ? fresh : at::empty_like(a);
+  mean_sparse_cpu_add(channels_view(a, axis), channels_view(b, axis), mu, thr, channels_view(y, axis), c10::nullopt);
+  if (inplace && !fresh.is_inference()) fresh.unsafeGetTensorImpl()->bump_version();
+  return y;
 }
 
 }  // namespace
@@ -246,6 +365,8 @@ TORCH_LIBRARY_FRAGMENT(graphsparse, m) {
   m.def("mean_sparse_cpu_grad(Tensor grad, Tensor inside, Tensor(a!) out) -> ()");
   m.def("mean_sparse_cpu_autograd(Tensor(a!) x, Tensor mu, Tensor thr, int axis, bool straight_through, "
         "bool inplace) -> Tensor");
+  m.def("mean_sparse_cpu_add_autograd(Tensor(a!) a, Tensor(b!) b, Tensor mu, Tensor thr, int axis, int into, "
+        "bool straight_through, bool inplace) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(graphsparse, CPU, m) {
@@ -256,4 +377,5 @@ TORCH_LIBRARY_IMPL(graphsparse, CPU, m) {
 // Above autograd, as a Python autograd.Function runs: the function records its own backward node.
 TORCH_LIBRARY_IMPL(graphsparse, CompositeImplicitAutograd, m) {
   m.impl("mean_sparse_cpu_autograd", &mean_sparse_cpu_autograd);
+  m.impl("mean_sparse_cpu_add_autograd", &mean_sparse_cpu_add_autograd);
 }
