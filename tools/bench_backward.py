@@ -10,9 +10,10 @@ Three tables, one process, float32, ``--threads`` torch threads (default 1, as a
 - the forward kernel writing the band mask, per map: rows of a 7x7 map used to run as scalar code;
 - the demo model's forward and backward at batch 32 (what one APGD step costs), exact and straight-through
   (BPDA): the original model; the rewritten one (α = 0.2, calibrated) as it runs (forward and backward in
-  C++, in place where the fusion pass allows); and the same through a Python ``autograd.Function`` around the
-  same kernels, writing new tensors (how float32 CPU ran before), each against the original, interleaved
-  rounds.
+  C++, in place where the fusion pass allows); the same through a Python ``autograd.Function`` around the
+  same kernels, writing new tensors (how float32 CPU ran before); and the view evaluate attacks (each residual
+  addition and its operator in one pass, :mod:`graphsparse.planning.fuse_residual`), each against the original,
+  interleaved rounds.
 
     python tools/bench_backward.py
 """
@@ -118,6 +119,7 @@ def model_table(rounds: int) -> None:
     import graphsparse as gs
     from graphsparse.data import load_dataset, make_loader
     from graphsparse.demo.models import load_demo_model
+    from graphsparse.planning.fuse_residual import fuse_residual_operators
 
     original = load_demo_model().eval()
     rewritten = gs.rewrite(load_demo_model().eval(), "after_addition", torch.zeros(1, 1, 28, 28))
@@ -131,10 +133,12 @@ def model_table(rounds: int) -> None:
             xx = x.clone().requires_grad_(True)
             torch.autograd.grad(torch.nn.functional.cross_entropy(model(xx), y), [xx])
 
+    view = fuse_residual_operators(rewritten)
     cases = {"original": (original, "exact", False)}
     for mode in ("exact", "bpda"):
         cases[f"rewritten, {mode}"] = (rewritten, mode, False)
         cases[f"rewritten, {mode}, Python"] = (rewritten, mode, True)
+        cases[f"rewritten, {mode}, attack view"] = (view, mode, False)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(3):
         for case in cases.values():
@@ -148,7 +152,7 @@ def model_table(rounds: int) -> None:
     print("demo model, forward and backward at batch 32 (median ms)")
     for k, ts in times.items():
         m = statistics.median(ts)
-        print(f"  {k:26s} {m * 1000:7.2f}   {m / base:5.3f}x original")
+        print(f"  {k:31s} {m * 1000:7.2f}   {m / base:5.3f}x original")
 
 
 def main() -> None:

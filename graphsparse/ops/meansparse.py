@@ -406,6 +406,15 @@ class MeanSparse(nn.Module):
         as it computes them), -1 where the band is empty."""
         return _compute_mean_and_threshold(self.mean, self.var, self.alpha, dtype)
 
+    @torch.jit.unused
+    def eager_band(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """What the eager forward pass compares with, for callers running the kernels themselves (the attack view,
+        :mod:`graphsparse.planning.fuse_residual`): the mean and the threshold per channel in ``dtype`` (-1 where
+        the band is empty), and whether every band is empty. Cached until a buffer changes; for plain tensors
+        outside any tracing (the caller checks)."""
+        buffers = self._buffers
+        return _cached_mean_and_threshold(buffers["mean"], buffers["var"], buffers["alpha"], dtype)
+
     def _scripted(self, x: torch.Tensor) -> torch.Tensor:
         """The forward pass as TorchScript compiles it: the plain formula on the same per-channel mean and
         threshold (bit-equal to eager mode), then the fused activation; the gradient is the exact one."""

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from graphsparse.ops import cpu_kernel, fast
-from graphsparse.ops.meansparse import MeanSparse, _cached_mean_and_threshold
+from graphsparse.ops.meansparse import MeanSparse
 from graphsparse.planning.fuse import residual_add
 
 __all__ = ["fuse_residual_operators", "residual_mean_sparse"]
@@ -88,7 +88,7 @@ def residual_mean_sparse(a: torch.Tensor, b: torch.Tensor, into: int, op: MeanSp
         or a.shape[axis] != mean.shape[0]
     ):
         return op(residual_add(a, b, into))
-    mu, thr, empty = _cached_mean_and_threshold(mean, var, alpha, torch.float32)
+    mu, thr, empty = op.eager_band(torch.float32)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         kind = "forward_out" if op._backward_mode == "straight_through" else "forward_mask"
         # not into a leaf or a view, nor a tensor its producer's backward reads (a sigmoid saves its result)
