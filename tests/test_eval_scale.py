@@ -452,3 +452,34 @@ def test_graphsparse_eval_under_torchrun_prints_and_writes_once_the_one_process_
     for report in (one, two):
         report.pop("date")
     assert one == two
+
+
+def test_commands_leave_the_process_group_they_joined_only_after_succeeding(tmp_path, monkeypatch):
+    """A command that joined torchrun's group destroys it when it returns (gloo's threads left to the interpreter's
+    shutdown abort a rank at exit); after an error, and for a group the user made, the group is left alone."""
+    import torch.distributed as dist
+
+    from graphsparse.cli import _dist
+
+    def group(name: str) -> None:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / name), 1))
+
+    @_dist.leaves_torchrun
+    def command(fail: bool) -> str:
+        if fail:
+            raise RuntimeError("boom")
+        return "done"
+
+    try:
+        group("user")
+        assert command(False) == "done" and dist.is_initialized()  # not ours: left alone
+        dist.destroy_process_group()
+        group("ours")
+        monkeypatch.setattr(_dist, "_joined", True)
+        with pytest.raises(RuntimeError, match="boom"):
+            command(True)
+        assert dist.is_initialized()  # after an error: no barrier the other ranks may never reach
+        assert command(False) == "done" and not dist.is_initialized() and not _dist._joined
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -7,7 +7,7 @@ import contextlib
 import click
 
 from graphsparse.cli._data import POSITIVE, data_options, open_dataset, print_stale, progress_bar, sample_count
-from graphsparse.cli._dist import join_torchrun
+from graphsparse.cli._dist import join_torchrun, leaves_torchrun
 from graphsparse.cli._term import console, print_json, table
 
 _LABELS = {"base": "base (α = 0)", "exact": "rewritten, exact gradient", "bpda": "rewritten, BPDA gradient"}
@@ -62,6 +62,7 @@ def report_table(report: dict) -> list:
 )
 @click.option("--no-cache", is_flag=True, help="Attack the original model again; keep no cache file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@leaves_torchrun
 def command(
     artifact,
     data_source,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from graphsparse.cli._data import POSITIVE, data_options, open_dataset, progress_bar, sample_count
-from graphsparse.cli._dist import join_torchrun
+from graphsparse.cli._dist import join_torchrun, leaves_torchrun
 from graphsparse.cli._term import console, print_next, table
 
 
@@ -32,6 +32,7 @@ from graphsparse.cli._term import console, print_next, table
     default=None,
     help="Where to write the curve (CSV, JSON, PNG); default beside the artifact.",
 )
+@leaves_torchrun
 def command(
     artifact,
     data_source,
