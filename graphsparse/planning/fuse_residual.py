@@ -56,25 +56,19 @@ def residual_mean_sparse(a: torch.Tensor, b: torch.Tensor, into: int, op: MeanSp
     the rest, as for any in-place op)."""
     fresh = b if into else a
     if (
-        fast.tracing()
-        or type(a) is not torch.Tensor
+        not fast.applies(a)  # eager mode, a plain tensor, no functorch, dispatch mode or autocast; large enough
         or type(b) is not torch.Tensor
         or a.dtype is not torch.float32
         or b.dtype is not torch.float32
         or not (a.is_cpu and b.is_cpu)
         or cpu_kernel._add_op is None
-        or not (fast._switch.on and cpu_kernel._switch.on)
+        or not cpu_kernel._switch.on
         or op._activation is not None
         or _hooked(op)
         or a.shape != b.shape
         or a.stride() != b.stride()
         or not a.is_contiguous()
         or a.dim() < 2
-        or a.numel() < fast.MIN_NUMEL
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._len_torch_dispatch_stack()
-        or torch.is_autocast_enabled("cpu")
-        or "cpu" in fast._broken
     ):
         return op(residual_add(a, b, into))
     buffers = op._buffers
